@@ -1,0 +1,42 @@
+# Source stage: the demo mirror (demo only) and one fetch job per dataset.
+
+
+rule demo_mirror:
+    output:
+        truth=f"{config['source']['root']}/ground_truth/ground_truth.json",
+    params:
+        root=config["source"]["root"],
+        seed=config["demo"]["seed"],
+        resolution=config["demo"]["resolution"],
+        inject_faults=config["demo"]["inject_faults"],
+    log:
+        "logs/demo/demo_mirror.log",
+    benchmark:
+        "logs/benchmarks/demo/demo_mirror.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/build_demo.py"
+
+
+rule fetch_dataset:
+    input:
+        unpack(fetch_inputs),
+    output:
+        manifest="data/raw/{source}/{dataset}/download_manifest.json",
+        rejected="results/qc/parts/fetch/{source}/{dataset}.tsv",
+    params:
+        source=config["source"],
+        snapshot=snapshot_of,
+        dest=subpath(output.manifest, parent=True),
+    resources:
+        mem_mb=config["resources"]["fetch"]["mem_mb"],
+        runtime=config["resources"]["fetch"]["runtime"],
+    log:
+        "logs/fetch/{source}/{dataset}.log",
+    benchmark:
+        "logs/benchmarks/fetch/{source}/{dataset}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/fetch_dataset.py"

@@ -1,0 +1,3 @@
+from openmind_bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""BIDS parsing and the per-dataset image index."""

@@ -1,0 +1,129 @@
+"""Config loading and validation shared by the Snakefile and the CLI.
+
+The schema (`config/schema.yaml`) gives every key a description and a default; validation fills
+the defaults in place (as `snakemake.utils.validate(..., set_default=True)` does) and, unlike a raw
+jsonschema traceback, names the offending key and value in one line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+import yaml
+
+DATASET_ID = re.compile(r"^ds\d{6}$")
+TABLE_COLUMNS = ["dataset_id", "snapshot", "expected_images"]
+
+
+class ConfigError(ValueError):
+    """A config or table value that the workflow cannot run with."""
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    # copy so a mutable default is never shared between configs
+                    instance[name] = yaml.safe_load(yaml.safe_dump(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def _key_of(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "required":
+        missing = re.findall(r"'([^']+)' is a required property", error.message)
+        parts += missing[:1]
+    if error.validator == "additionalProperties":
+        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        parts += extra[:1]
+    return ".".join(parts) or "<top level>"
+
+
+def validate(config: dict, schema_path: str | Path) -> dict:
+    """Fill defaults into `config` in place and raise ConfigError naming the first bad key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            key = _key_of(e)
+            if e.validator in ("required", "additionalProperties"):
+                lines.append(f"config key '{key}': {e.message}")
+            else:
+                lines.append(f"config key '{key}': value {e.instance!r} is invalid: {e.message}")
+        raise ConfigError("invalid config (" + str(schema_path) + "):\n  " + "\n  ".join(lines))
+    return config
+
+
+def load(config_path: str | Path, schema_path: str | Path) -> dict:
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    return validate(config, schema_path)
+
+
+def read_datasets_table(path: str | Path) -> pd.DataFrame:
+    """The dataset table (`dataset_id, snapshot, expected_images`, more columns allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"datasets table {path} does not exist")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ConfigError(f"datasets table {path}: missing column(s) {missing}")
+    for i, row in table.iterrows():
+        line = i + 2  # header is line 1 (comment lines aside)
+        if not DATASET_ID.match(row.dataset_id):
+            raise ConfigError(
+                f"datasets table {path} row {line}: dataset_id {row.dataset_id!r} is not of the form dsNNNNNN"
+            )
+        if not row.snapshot:
+            raise ConfigError(f"datasets table {path} row {line}: snapshot is empty for {row.dataset_id}")
+        try:
+            n = int(row.expected_images)
+        except ValueError:
+            n = -1
+        if n < 1:
+            raise ConfigError(
+                f"datasets table {path} row {line}: expected_images {row.expected_images!r} "
+                f"for {row.dataset_id} is not a positive integer"
+            )
+    dup = table.dataset_id[table.dataset_id.duplicated()].tolist()
+    if dup:
+        raise ConfigError(f"datasets table {path}: duplicated dataset_id(s) {dup}")
+    table["expected_images"] = table.expected_images.astype(int)
+    return table.set_index("dataset_id", drop=False)
+
+
+def selected_datasets(config: dict, table: pd.DataFrame) -> list[str]:
+    """The datasets the run covers: `config['datasets']` if given, else every table row."""
+    wanted = config.get("datasets") or list(table.dataset_id)
+    unknown = [d for d in wanted if d not in table.index]
+    if unknown:
+        raise ConfigError(f"config key 'datasets': {unknown} not in the datasets table")
+    return list(wanted)
+
+
+def num_shards(expected_images: int, shard_size: int) -> int:
+    """K_d: known from the table before any data exists, so the DAG depends on config alone."""
+    return max(1, math.ceil(int(expected_images) / int(shard_size)))
+
+
+def get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

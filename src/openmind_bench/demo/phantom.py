@@ -1,0 +1,159 @@
+"""A head around the real MNI152 brain, in template space: tissue maps and contrast models.
+
+nilearn ships the ICBM 2009a template skull-stripped, with GM/WM probability maps and a brain
+mask. OpenMind's images are heads (skull, scalp, face) that are often defaced or skull-stripped,
+so the demo grows skull, scalp, face and neck layers around the real brain by distance from the
+brain mask. Inside the brain every contrast keeps the template's real anatomy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+# Relative tissue intensities (T1w, T2w, FLAIR, PDw); brain tissue in T1w comes from the template.
+CONTRAST = {
+    #            csf   gm    wm    skull scalp muscle eye   lesion
+    "T1w":     (0.10, 0.55, 0.80, 0.06, 0.85, 0.40, 0.08, 0.45),
+    "T2w":     (1.00, 0.55, 0.35, 0.05, 0.45, 0.30, 1.00, 0.85),
+    "FLAIR":   (0.06, 0.60, 0.42, 0.05, 0.50, 0.30, 0.05, 0.95),
+    "PDw":     (0.90, 0.75, 0.62, 0.08, 0.70, 0.50, 0.90, 0.80),
+}
+
+
+@dataclass
+class Head:
+    """Template-space volumes (all the same grid)."""
+
+    affine: np.ndarray
+    t1_brain: np.ndarray  # real template intensities, 0 outside the brain
+    gm: np.ndarray
+    wm: np.ndarray
+    brain: np.ndarray  # bool
+    csf: np.ndarray  # probability inside the brain mask, plus the outer CSF rim
+    skull: np.ndarray  # bool
+    scalp: np.ndarray  # bool
+    muscle: np.ndarray  # bool (face and neck soft tissue)
+    eyes: np.ndarray  # bool
+    head: np.ndarray  # bool: everything that is anatomy
+    face: np.ndarray  # bool: the region a defacing tool removes
+
+    @property
+    def shape(self):
+        return self.brain.shape
+
+
+def _pad(img: nib.Nifti1Image, before: tuple[int, int, int], after: tuple[int, int, int]):
+    data = np.pad(np.asarray(img.dataobj, dtype=np.float32), list(zip(before, after)))
+    affine = img.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.asarray(before, dtype=float)
+    return data, affine
+
+
+def build_head(resolution: int = 2) -> Head:
+    from nilearn import datasets
+
+    vox = float(resolution)
+    # room for face (anterior, +y) and neck (inferior, -z) that the brain-only template lacks
+    before = (int(14 / vox), int(14 / vox), int(40 / vox))
+    after = (int(14 / vox), int(34 / vox), int(12 / vox))
+    t1, affine = _pad(datasets.load_mni152_template(resolution=resolution), before, after)
+    gm, _ = _pad(datasets.load_mni152_gm_template(resolution=resolution), before, after)
+    wm, _ = _pad(datasets.load_mni152_wm_template(resolution=resolution), before, after)
+    mask, _ = _pad(datasets.load_mni152_brain_mask(resolution=resolution), before, after)
+    brain = mask > 0.5
+    gm, wm = np.clip(gm, 0, 1) * brain, np.clip(wm, 0, 1) * brain
+    csf_in = np.clip(1.0 - gm - wm, 0, 1) * brain
+
+    dist = ndimage.distance_transform_edt(~brain, sampling=vox)
+    ii, jj, kk = np.indices(brain.shape)
+    world = np.einsum("ij,jxyz->ixyz", affine[:3, :3], np.stack([ii, jj, kk]).astype(np.float32))
+    world += affine[:3, 3, None, None, None]
+    x, y, z = world
+
+    cranium = dist <= 12.0
+    # face: anterior-inferior ellipsoid in front of the frontal lobe, and a neck cylinder
+    face_blob = ((x / 62) ** 2 + ((y - 62) / 40) ** 2 + ((z + 38) / 46) ** 2) <= 1.0
+    neck = ((x / 48) ** 2 + ((y + 10) / 52) ** 2 <= 1.0) & (z < -30) & (z > -110)
+    head = cranium | face_blob | neck
+    head = ndimage.binary_closing(head, iterations=2) & (z > -118)
+    csf_rim = (dist > 0) & (dist <= 2.5)
+    skull = (dist > 2.5) & (dist <= 7.0) & head
+    scalp = head & ~brain & ~csf_rim & ~skull
+    eyes = (((x - 32) ** 2 + (y - 58) ** 2 + (z + 38) ** 2) <= 12**2) | (
+        ((x + 32) ** 2 + (y - 58) ** 2 + (z + 38) ** 2) <= 12**2
+    )
+    eyes &= head & ~brain
+    muscle = (face_blob | neck) & ~cranium & ~eyes
+    scalp &= ~muscle & ~eyes
+    # what pydeface-like tools remove: in front of and below a plane through the nasion region
+    face = head & ~brain & (y > 20 + 0.9 * (z + 10)) & (z < 30)
+    return Head(
+        affine=affine,
+        t1_brain=t1 * brain,
+        gm=gm,
+        wm=wm,
+        brain=brain,
+        csf=csf_in + csf_rim * ~brain,
+        skull=skull,
+        scalp=scalp,
+        muscle=muscle,
+        eyes=eyes,
+        head=head,
+        face=face,
+    )
+
+
+def lesion_map(head: Head, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Small smooth white-matter hyperintensities (as in a patient cohort)."""
+    out = np.zeros(head.shape, np.float32)
+    candidates = np.argwhere(head.wm > 0.9)
+    if n == 0 or len(candidates) == 0:
+        return out
+    for centre in candidates[rng.choice(len(candidates), size=n, replace=False)]:
+        blob = np.zeros(head.shape, np.float32)
+        blob[tuple(centre)] = 1.0
+        out += ndimage.gaussian_filter(blob, sigma=rng.uniform(1.0, 2.0))
+    return np.clip(out / max(out.max(), 1e-6), 0, 1) * (head.wm > 0.5)
+
+
+def contrast_image(head: Head, modality: str, lesions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    csf, gm, wm, skull, scalp, muscle, eye, lesion = CONTRAST[modality]
+    if modality == "T1w":
+        brain = head.t1_brain / max(head.t1_brain.max(), 1e-6)
+    else:
+        # keep the real anatomy: tissue probabilities of the template, not labels
+        brain = (head.csf * csf + head.gm * gm + head.wm * wm) * head.brain
+    img = brain + head.csf * (~head.brain) * csf
+    img = img * (1 - lesions) + lesions * lesion
+    texture = ndimage.gaussian_filter(rng.standard_normal(head.shape).astype(np.float32), 1.5)
+    soft = scalp * head.scalp + muscle * head.muscle + eye * head.eyes + skull * head.skull
+    img = img + soft * (1 + 0.15 * texture)
+    return np.clip(img, 0, None).astype(np.float32)
+
+
+def dwi_signal(
+    head: Head, bvals: np.ndarray, bvecs: np.ndarray, lesions: np.ndarray, s0_scale: float = 1.0
+) -> np.ndarray:
+    """Diffusion-tensor signal S0 * exp(-b g^T D g) from tissue maps; (x, y, z, n) float32."""
+    s0 = contrast_image(head, "T2w", lesions, np.random.default_rng(0)) * s0_scale
+    # WM fibres run along the WM sheet: principal direction orthogonal to the WM gradient
+    grad = np.stack(np.gradient(ndimage.gaussian_filter(head.wm, 2.0)), axis=-1)
+    e1 = np.cross(grad, np.array([0.0, 0.0, 1.0], np.float32))
+    norm = np.linalg.norm(e1, axis=-1, keepdims=True)
+    e1 = np.where(norm > 1e-6, e1 / np.maximum(norm, 1e-6), np.array([1.0, 0.0, 0.0], np.float32))
+    md = (0.8e-3 * head.gm + 3.0e-3 * head.csf + 0.75e-3 * head.wm).astype(np.float32)
+    md = np.where(head.brain | (head.csf > 0), md, 1.0e-3)
+    anis = np.clip(head.wm, 0, 1) * 0.7  # FA-like weight
+    lam_par = md * (1 + 2 * anis)
+    lam_perp = md * (1 - anis)
+    out = np.empty(head.shape + (len(bvals),), np.float32)
+    for n, (b, g) in enumerate(zip(bvals, bvecs.T)):
+        g = g / np.linalg.norm(g) if np.linalg.norm(g) > 0 else g
+        cos2 = np.clip(e1 @ g.astype(np.float32), -1, 1) ** 2
+        adc = lam_perp + (lam_par - lam_perp) * cos2
+        out[..., n] = s0 * np.exp(-b * adc)
+    return out

@@ -1,0 +1,1 @@
+"""Harmonised participant and acquisition metadata."""

@@ -1,0 +1,36 @@
+"""Where the raw BIDS trees come from.
+
+Every source kind implements one function, `fetch(dataset, snapshot, dest, options, rejections)`
+returning a `Manifest`; `fetch_dataset` below picks the kind from config, so the rules never
+know which source they run on. Kinds: `local` (a directory in OpenNeuro layout; the demo uses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from openmind_bench.qc import Rejections
+from openmind_bench.sources import local
+from openmind_bench.sources.base import Manifest, check_snapshot
+
+FETCHERS: dict[str, Callable[..., Manifest]] = {
+    "local": local.fetch,
+}
+
+
+def fetch_dataset(
+    source: dict,
+    dataset: str,
+    snapshot: str,
+    dest: str | Path,
+    manifest_path: str | Path,
+    rejections: Rejections,
+) -> Manifest:
+    kind = source["kind"]
+    if kind not in FETCHERS:
+        raise ValueError(f"source kind {kind!r} is not available; known: {sorted(FETCHERS)}")
+    manifest = FETCHERS[kind](dataset, snapshot, Path(dest), source, rejections)
+    check_snapshot(manifest, Path(dest), on_mismatch=source.get("on_snapshot_mismatch", "warn"))
+    manifest.write(manifest_path)
+    return manifest

@@ -1,0 +1,142 @@
+"""The pieces every source kind shares: file selection, path safety, checksums, the manifest."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+from openmind_bench import atomic
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("dataset_description.json",)
+_DOI_VERSION = re.compile(r"openneuro\.(ds\d{6})\.v?([0-9][\w.\-]*)", re.IGNORECASE)
+
+
+class SourceError(RuntimeError):
+    """The dataset cannot be fetched as a whole (not one bad file: those are recorded)."""
+
+
+def selected(relpath: str, include: list[str], exclude: list[str]) -> bool:
+    """Glob selection on the dataset-relative POSIX path; `*` also crosses `/`."""
+    if not any(fnmatch.fnmatchcase(relpath, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(relpath, p) for p in exclude)
+
+
+def unsafe_reason(relpath: str) -> str | None:
+    """Why a source-provided path must not be written below the target folder, or None."""
+    if not relpath or relpath.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relpath):
+        return "absolute path"
+    if "\\" in relpath or "\x00" in relpath:
+        return "backslash or NUL in path"
+    parts = PurePosixPath(relpath).parts
+    if any(p in ("..", ".") for p in parts) or relpath.endswith("/"):
+        return "path escapes the dataset folder ('..' or '.')"
+    return None
+
+
+def inside(path: Path, root: Path) -> bool:
+    """True if `path`, with every symlink resolved, lies below `root`."""
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def md5_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class FileRecord:
+    path: str
+    size: int
+    md5: str | None = None
+    etag: str | None = None
+    version_id: str | None = None
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    source: str
+    snapshot: str
+    files: list[FileRecord] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}: kept trying, gave up
+    refused: list[dict] = field(default_factory=list)  # {"path", "reason"}: never written
+    snapshot_found: str | None = None
+    dataset_doi: str | None = None
+    snapshot_match: bool | None = None
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    def write(self, path: str | Path) -> None:
+        atomic.write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        raw = json.loads(Path(path).read_text())
+        raw["files"] = [FileRecord(**f) for f in raw.get("files", [])]
+        return cls(**raw)
+
+    def record_of(self, relpath: str) -> FileRecord | None:
+        for f in self.files:
+            if f.path == relpath:
+                return f
+        return None
+
+
+def previous_manifest(path: Path) -> Manifest | None:
+    try:
+        return Manifest.read(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def snapshot_from_description(description: dict) -> tuple[str | None, str | None]:
+    """(version tag, DOI) from dataset_description.json; the tag comes from the DOI if present."""
+    doi = description.get("DatasetDOI")
+    if isinstance(doi, str):
+        m = _DOI_VERSION.search(doi)
+        if m:
+            return m.group(2), doi
+    version = description.get("DatasetVersion") or description.get("Version")
+    return (str(version) if version else None), doi if isinstance(doi, str) else None
+
+
+def check_snapshot(manifest: Manifest, dest: Path, on_mismatch: str = "warn") -> None:
+    """Compare the configured snapshot with the one the dataset declares; fail if asked to."""
+    missing = [f for f in REQUIRED_FILES if not (dest / f).is_file()]
+    if missing:
+        raise SourceError(f"{manifest.dataset}: required file(s) {missing} missing in {dest}")
+    try:
+        description = json.loads((dest / "dataset_description.json").read_text())
+    except ValueError as e:
+        raise SourceError(f"{dest / 'dataset_description.json'}: not valid JSON ({e})") from e
+    found, doi = snapshot_from_description(description)
+    manifest.snapshot_found, manifest.dataset_doi = found, doi
+    manifest.snapshot_match = found == manifest.snapshot if found else None
+    if manifest.snapshot_match is False:
+        msg = (
+            f"{manifest.dataset}: snapshot mismatch: config asks for {manifest.snapshot!r}, "
+            f"dataset_description.json declares {found!r} (DatasetDOI {doi!r})"
+        )
+        if on_mismatch == "fail":
+            raise SourceError(msg)
+        log.warning(msg)
+    elif manifest.snapshot_match is None:
+        log.warning("%s: dataset_description.json declares no version; snapshot unchecked", manifest.dataset)
