@@ -41,6 +41,23 @@ COLUMNS = {
 }
 
 
+# Written by sources that bring masks and quality scores along (the OpenMind release):
+# columns path, anat_mask, anon_mask (dataset-relative) and quality_score.
+RELEASE_TABLE = "openmind_release.tsv"
+
+
+def release_extras(raw_dir: Path) -> dict[str, dict]:
+    table = pd.read_csv(raw_dir / RELEASE_TABLE, sep="\t", dtype=str, keep_default_na=False)
+    out = {}
+    for row in table.itertuples(index=False):
+        out[row.path] = {
+            "anat_mask": (raw_dir / row.anat_mask).as_posix() if row.anat_mask else "",
+            "anon_mask": (raw_dir / row.anon_mask).as_posix() if row.anon_mask else "",
+            "quality_score": float(row.quality_score) if row.quality_score else math.nan,
+        }
+    return out
+
+
 def empty_index() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
 
@@ -173,6 +190,8 @@ def index_dataset(
             except Exception as e:
                 rejections.add(f"{dataset}/{rel}", f"malformed sessions file: {e}", dataset)
 
+    extras = release_extras(raw_dir) if RELEASE_TABLE in relpaths else {}
+
     rows = []
     skipped: dict[str, int] = {}
     for rel in relpaths:
@@ -237,7 +256,7 @@ def index_dataset(
                 **harmonise.acquisition_fields(sidecar),
                 "dataset_doi": doi or "",
                 "dataset_version": version or "",
-                "quality_score": math.nan,
+                **extras.get(rel, {}),
                 "sidecar": json.dumps(sidecar, sort_keys=True, default=str),
             }
         )
