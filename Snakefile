@@ -10,6 +10,7 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/index.smk"
 include: "rules/qc.smk"
+include: "rules/aggregate.smk"
 
 
 rule all:

@@ -1,0 +1,106 @@
+"""Aggregation: from per-case results to the benchmark table, rank stability and figures.
+
+`run` is the whole stage (what `openmind-bench aggregate` calls). It writes into `out`:
+
+- `benchmark_table.csv` (unrounded), `benchmark_table.md`, `benchmark_table.tex`
+- `ranks_bootstrap.csv`: per run and metric, how many datasets were resampled or held fixed, the
+  observed leaderboard position, its bootstrap mean, std and 95% interval, and the share of
+  samples at each position (`share_rank_k`)
+- `bootstrap_intervals.csv`: per run, metric and dataset, the value and its 95% bootstrap interval
+- `plots/`: `heatmap_{metric}.png`, `rank_stability_{metric}.png`, `bars_{metric}_{dataset}.png`
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from openmind_bench import atomic
+from openmind_bench.aggregate.registry import DEFAULT_PATH as DEFAULT_REGISTRY
+from openmind_bench.aggregate.registry import RegistryError
+from openmind_bench.aggregate.results import METRICS, ResultsFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_REGISTRY", "METRICS", "OUTPUT_NAMES", "RegistryError", "ResultsFormatError", "run"]
+
+OUTPUT_NAMES = {
+    "table_csv": "benchmark_table.csv",
+    "table_md": "benchmark_table.md",
+    "table_tex": "benchmark_table.tex",
+    "ranks": "ranks_bootstrap.csv",
+    "intervals": "bootstrap_intervals.csv",
+    "plots": "plots",
+}
+
+
+@dataclass
+class Outputs:
+    table_csv: Path
+    table_md: Path
+    table_tex: Path
+    ranks: Path
+    intervals: Path
+    plots: Path
+
+
+def _write_csv(path: Path, frame) -> None:
+    with atomic.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, encoding="utf-8")
+
+
+def _write_utf8(path: Path, text: str) -> None:
+    # Explicit: the Markdown has Δ and – and dataset names may not be ASCII, whatever the locale.
+    with atomic.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def run(
+    results: str | Path,
+    out: str | Path,
+    registry: str | Path | None = DEFAULT_REGISTRY,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> Outputs:
+    """Read RESULTS.csv and write every aggregation output into `out`."""
+    # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
+    from openmind_bench.aggregate import plots
+    from openmind_bench.aggregate.bootstrap import bootstrap
+    from openmind_bench.aggregate.registry import load_registry
+    from openmind_bench.aggregate.results import read_results
+    from openmind_bench.aggregate.table import STAT_COLUMNS, build_table, render_latex, render_markdown
+
+    out = Path(out)
+    paths = Outputs(**{k: out / v for k, v in OUTPUT_NAMES.items()})
+    frame = read_results(results)
+    datasets_registry = load_registry(registry)
+    log.info(
+        "%d result rows: %d runs, %d datasets, metrics %s",
+        len(frame),
+        len(frame[["method", "architecture", "strategy"]].drop_duplicates()),
+        frame.dataset.nunique(),
+        sorted(frame.metric.unique(), key=METRICS.index),
+    )
+
+    table = build_table(frame, datasets_registry)
+    _write_csv(paths.table_csv, table)
+    _write_utf8(paths.table_md, render_markdown(table))
+    _write_utf8(paths.table_tex, render_latex(table))
+
+    dataset_order = [c for c in table.columns[4:] if c not in STAT_COLUMNS]
+    log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
+    boot = bootstrap(frame, bootstrap_samples, seed, dataset_order=dataset_order)
+    _write_csv(paths.ranks, boot.ranks)
+    _write_csv(paths.intervals, boot.intervals)
+
+    # Built aside and swapped in whole, so no figure of an earlier run survives in plots/.
+    with atomic.atomic_path(paths.plots) as tmp:
+        tmp.mkdir()
+        written = plots.write_all(table, boot.ranks, boot.intervals, tmp)
+        if paths.plots.exists():
+            shutil.rmtree(paths.plots)
+    log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
+             paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
+    return paths

@@ -1,0 +1,391 @@
+"""Aggregation: table numbers, ranks, bootstrap, renderings, figures, input errors, collect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from openmind_bench.aggregate import ResultsFormatError
+from openmind_bench.aggregate.bootstrap import Draws, bootstrap, draw_cases, resampled_values
+from openmind_bench.aggregate.cli import register
+from openmind_bench.aggregate.collect import (
+    CollectError,
+    collect,
+    find_metrics_files,
+    if_exists,
+    metrics_on_disk,
+    write_results,
+)
+from openmind_bench.aggregate.ranking import average_rank, leaderboard_position
+from openmind_bench.aggregate.registry import RegistryError, load_registry
+from openmind_bench.aggregate.results import dataset_values, read_results
+from openmind_bench.aggregate.table import build_table, render_latex, render_markdown
+
+HEADER = "method,architecture,strategy,dataset,metric,value,fold,case\n"
+
+# Per-dataset values chosen so that the ranks are known by hand:
+#   d_1: A .8, B .8, C .6, scratch .7  -> A 1.5, B 1.5, scratch 3, C 4
+#   d_2: A .5, B .7, C .7, scratch .7  -> B, C, scratch 2 each, A 4
+TIES = """\
+A,cnn,ft,d_1,DSC,0.8,,
+B,cnn,ft,d_1,DSC,0.8,,
+C,cnn,ft,d_1,DSC,0.6,,
+scratch,cnn,none,d_1,DSC,0.7,,
+A,cnn,ft,d_2,DSC,0.5,,
+B,cnn,ft,d_2,DSC,0.7,,
+C,cnn,ft,d_2,DSC,0.7,,
+scratch,cnn,none,d_2,DSC,0.7,,
+"""
+
+
+def write(tmp_path, body: str, name: str = "results.csv", header: str = HEADER):
+    path = tmp_path / name
+    path.write_text(header + body)
+    return path
+
+
+def row(table: pd.DataFrame, method: str, metric: str = "DSC", architecture: str | None = None) -> pd.Series:
+    sel = (table.method == method) & (table.metric == metric)
+    if architecture is not None:
+        sel &= table.architecture == architecture
+    assert sel.sum() == 1, table[sel]
+    return table[sel].iloc[0]
+
+
+def registry_file(tmp_path, datasets: dict) -> str:
+    import yaml
+
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"datasets": datasets}, sort_keys=False))
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------- table
+
+
+def test_average_rank_with_ties_is_exact(tmp_path):
+    table = build_table(read_results(write(tmp_path, TIES)), {})
+    expected = {"A": 2.75, "B": 1.75, "C": 3.0, "scratch": 2.5}
+    for method, avg in expected.items():
+        assert row(table, method).avg_rank == pytest.approx(avg, abs=1e-12)
+    assert row(table, "B")["mean"] == pytest.approx(0.75)
+    assert row(table, "A")["mean"] == pytest.approx(0.65)
+
+
+def test_ranking_helpers_share_mean_rank_and_min_position():
+    values = np.array([[0.8, 0.5], [0.8, 0.7], [0.6, 0.7], [0.7, 0.7]])
+    np.testing.assert_allclose(average_rank(values), [2.75, 1.75, 3.0, 2.5])
+    np.testing.assert_array_equal(leaderboard_position(np.array([2.0, 1.0, 2.0, 3.5])), [2, 1, 2, 4])
+
+
+def test_delta_scratch_per_architecture(tmp_path):
+    body = TIES + "A,vit,ft,d_1,DSC,0.9,,\nscratch,vit,none,d_1,DSC,0.6,,\nA,other,ft,d_1,DSC,0.9,,\n"
+    table = build_table(read_results(write(tmp_path, body)), {})
+    assert row(table, "A", architecture="cnn").delta_scratch == pytest.approx(0.65 - 0.70)
+    assert row(table, "B", architecture="cnn").delta_scratch == pytest.approx(0.75 - 0.70)
+    assert row(table, "A", architecture="vit").delta_scratch == pytest.approx(0.3)
+    assert np.isnan(row(table, "A", architecture="other").delta_scratch)  # no scratch row there
+    assert np.isnan(row(table, "scratch", architecture="cnn").delta_scratch)  # the reference itself
+
+
+def test_mean_over_cases_then_folds(tmp_path):
+    # fold 0: mean .4 over three cases; fold 1: one case, 1.0 -> .7 (pooled over cases would be .55)
+    body = "".join(f"A,cnn,ft,d_1,DSC,{v},0,c{i}\n" for i, v in enumerate([0.2, 0.4, 0.6]))
+    body += "A,cnn,ft,d_1,DSC,1.0,1,c9\nB,cnn,ft,d_1,DSC,0.5,0,\nB,cnn,ft,d_1,DSC,0.7,1,\n"
+    table = build_table(read_results(write(tmp_path, body)), {})
+    assert row(table, "A").d_1 == pytest.approx(0.7)
+    assert row(table, "B").d_1 == pytest.approx(0.6)
+    assert row(table, "A").avg_rank == 1.0
+
+
+def test_missing_combination_excluded_and_named(tmp_path, caplog):
+    body = TIES.replace("C,cnn,ft,d_2,DSC,0.7,,\n", "")
+    with caplog.at_level(logging.WARNING):
+        table = build_table(read_results(write(tmp_path, body)), {})
+    c = row(table, "C")
+    assert np.isnan(c.d_2)
+    assert c["mean"] == pytest.approx(0.6)  # d_1 only
+    assert c.avg_rank == pytest.approx(4.0)  # its d_1 rank only
+    # d_2 without C: B and scratch tie for 1-2 (1.5 each), A is 3.
+    assert row(table, "A").avg_rank == pytest.approx((1.5 + 3) / 2)
+    assert row(table, "B").avg_rank == pytest.approx((1.5 + 1.5) / 2)
+    assert "C / cnn / ft on d_2" in caplog.text
+    md = render_markdown(table)
+    assert re.search(r"\| C \| cnn \| ft \| 60\.00 \| – \|", md)
+
+
+def test_id_ood_means_from_registry(tmp_path, caplog):
+    results = read_results(write(tmp_path, TIES))
+    reg = registry_file(tmp_path, {"d_2": {"task": "seg", "domain": "ood"}, "d_1": {"task": "seg", "domain": "id"}})
+    table = build_table(results, load_registry(reg))
+    a = row(table, "A")
+    assert (a.mean_id, a.mean_ood) == (pytest.approx(0.8), pytest.approx(0.5))
+    assert list(table.columns[4:6]) == ["d_2", "d_1"]  # registry order
+    # One dataset without a domain: both empty, with a warning naming it.
+    reg = registry_file(tmp_path, {"d_1": {"domain": "id"}, "d_2": {"task": "seg"}})
+    with caplog.at_level(logging.WARNING):
+        table = build_table(results, load_registry(reg))
+    assert table.mean_id.isna().all() and table.mean_ood.isna().all()
+    assert "d_2" in caplog.text
+    # No registry file at all.
+    table = build_table(results, load_registry(tmp_path / "absent.yaml"))
+    assert table.mean_id.isna().all()
+
+
+def test_registry_rejects_invalid_values(tmp_path):
+    with pytest.raises(RegistryError, match="d_1.domain"):
+        load_registry(registry_file(tmp_path, {"d_1": {"domain": "inside"}}))
+
+
+# ----------------------------------------------------------------------------------- renderings
+
+
+def _md_block(md: str, title_start: str) -> list[list[str]]:
+    block = md.split(f"## {title_start}")[1].split("\n## ")[0]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines[:1] + lines[2:]]
+
+
+def test_markdown_bolds_best_per_column(tmp_path):
+    table = build_table(read_results(write(tmp_path, TIES)), {})
+    rows = _md_block(render_markdown(table), "Dice")
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["Method", "Architecture", "Strategy", "d_1", "d_2"]
+    col = {h: i for i, h in enumerate(header)}
+    bold = {h: sorted(r[0] for r in body if r[col[h]].startswith("**")) for h in header[3:]}
+    assert bold["d_1"] == ["A", "B"]  # tie at 80.00
+    assert bold["d_2"] == ["B", "C", "scratch"]
+    assert bold["Mean"] == ["B"]
+    assert bold["Avg. rank"] == ["B"]  # lowest is best
+    assert bold["Δ scratch"] == ["B"]
+    b = next(r for r in body if r[0] == "B")
+    assert b[col["Mean"]] == "**75.00**" and b[col["Δ scratch"]] == "**+5.00**"
+
+
+def _unescaped(text: str, ch: str) -> int:
+    return len(re.findall(r"(?<!\\)" + re.escape(ch), text))
+
+
+def test_latex_structure(tmp_path):
+    body = TIES + "A,cnn,ft,c_1,balanced_accuracy,0.61,,\nB,cnn,ft,c_1,balanced_accuracy,0.6,,\n"
+    tex = render_latex(build_table(read_results(write(tmp_path, body)), {}))
+    assert _unescaped(tex, "{") == _unescaped(tex, "}")
+    assert tex.count(r"\begin{tabular}") == 2 == tex.count(r"\end{tabular}") == tex.count(r"\bottomrule")
+    for spec, body_ in re.findall(r"\\begin\{tabular\}\{([lr]+)\}\n(.*?)\\end\{tabular\}", tex, re.S):
+        rows = [ln for ln in body_.splitlines() if ln.endswith(r"\\")]
+        assert len(rows) >= 3
+        for line in rows:
+            assert _unescaped(line, "&") + 1 == len(spec), line
+    assert r"d\_1" in tex and "d_1" not in tex.replace(r"d\_1", "")
+    assert r"$-$5.00" in tex and not re.search(r"& -\d", tex)  # deltas of A and C: a real minus sign
+    assert r"\midrule" in tex and r"\toprule" in tex
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+
+
+def _cases_body(seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for method, shift in (("A", 0.0), ("B", 0.01), ("scratch", -0.01)):
+        strategy = "none" if method == "scratch" else "ft"
+        for dataset in ("d_1", "d_2"):
+            for fold in (0, 1):
+                for case in range(8):
+                    v = float(np.clip(0.6 + shift + rng.normal(0, 0.1), 0, 1))
+                    lines.append(f"{method},cnn,{strategy},{dataset},DSC,{v!r},{fold},{dataset}_{fold}_{case}")
+        lines.append(f"{method},cnn,{strategy},c_1,AUROC,{0.7 + shift},,")  # held fixed
+    return "\n".join(lines) + "\n"
+
+
+def test_bootstrap_is_reproducible_under_a_seed(tmp_path):
+    frame = read_results(write(tmp_path, _cases_body()))
+    first, again = bootstrap(frame, 200, seed=7), bootstrap(frame, 200, seed=7)
+    other = bootstrap(frame, 200, seed=8)
+    assert first.ranks.to_csv(index=False) == again.ranks.to_csv(index=False)
+    assert first.intervals.to_csv(index=False) == again.intervals.to_csv(index=False)
+    assert first.intervals.to_csv(index=False) != other.intervals.to_csv(index=False)
+
+
+def test_bootstrap_shares_and_fixed_datasets(tmp_path):
+    frame = read_results(write(tmp_path, _cases_body()))
+    result = bootstrap(frame, 300, seed=0)
+    ranks = result.ranks
+    shares = ranks.filter(like="share_rank_")
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    assert {"rank_mean", "rank_std", "rank_observed"} <= set(ranks.columns)
+    # AUROC has only per-dataset values: every sample equals the observed ranking.
+    auroc = ranks[ranks.metric == "AUROC"].set_index("method")
+    assert auroc.loc["B", "share_rank_1"] == 1.0 and auroc.loc["B", "rank_std"] == 0.0
+    assert (auroc.loc["B", "datasets_resampled"], auroc.loc["B", "datasets_fixed"]) == (0, 1)
+    assert (ranks[ranks.metric == "DSC"].datasets_resampled == 2).all()
+    fixed = result.intervals[result.intervals.metric == "AUROC"]
+    assert not fixed.resampled.any() and (fixed.ci_low == fixed.value).all()
+    dsc = result.intervals[result.intervals.metric == "DSC"]
+    assert dsc.resampled.all() and (dsc.ci_low < dsc.value).all() and (dsc.value < dsc.ci_high).all()
+
+
+def test_bootstrap_with_unit_counts_reproduces_the_table(tmp_path):
+    frame = read_results(write(tmp_path, _cases_body()))
+    draws = draw_cases(frame, 1, seed=0)
+    ones = Draws(1, {k: (units, np.ones_like(c)) for k, (units, c) in draws.counts.items()})
+    observed = dataset_values(frame).xs("DSC", level="metric").unstack("dataset")
+    runs, datasets = list(observed.index), list(observed.columns)
+    np.testing.assert_allclose(resampled_values(frame, "DSC", runs, datasets, ones)[0], observed.to_numpy())
+
+
+def test_bootstrap_clear_winner_always_first(tmp_path):
+    lines = [
+        f"{m},cnn,ft,d_1,DSC,{base + 0.01 * (i % 3)},0,k{i}"
+        for m, base in (("best", 0.9), ("worst", 0.1))
+        for i in range(10)
+    ]
+    frame = read_results(write(tmp_path, "\n".join(lines) + "\n"))
+    ranks = bootstrap(frame, 100, seed=1).ranks.set_index("method")
+    assert ranks.loc["best", "share_rank_1"] == 1.0 and ranks.loc["worst", "share_rank_2"] == 1.0
+
+
+# ------------------------------------------------------------------------- whole stage, figures
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_cli_writes_every_output_and_readable_figures(tmp_path):
+    body = "\n".join(ln for ln in _cases_body().splitlines() if ",d_2," not in ln) + "\n"
+    results = write(tmp_path, body)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["aggregate", "--results", str(results), "--out", str(out), "--bootstrap", "50"])
+    assert args.func(args) == 0
+    for name in ("benchmark_table.csv", "benchmark_table.md", "benchmark_table.tex", "ranks_bootstrap.csv"):
+        assert (out / name).stat().st_size > 100
+    pngs = sorted(p.name for p in (out / "plots").iterdir())
+    assert pngs == sorted(
+        [f"{kind}_{metric}.png" for kind in ("heatmap", "rank_stability") for metric in ("DSC", "AUROC")]
+        + ["bars_DSC_d_1.png", "bars_AUROC_c_1.png"]
+    )
+    for name in pngs:
+        path = out / "plots" / name
+        width, height = _png_size(path)
+        assert width >= 400 and height >= 300 and path.stat().st_size > 15_000, name
+    table = pd.read_csv(out / "benchmark_table.csv")
+    assert list(table.columns[:4]) == ["method", "architecture", "strategy", "metric"]
+    assert list(table.columns[-5:]) == ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch"]
+
+
+# ------------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize(
+    "body, header, message",
+    [
+        ("A,cnn,ft,d_1,DSC,0.5,,\nA,cnn,ft,d_2,DSC,abc,,\n", HEADER, r"line 3, column 'value': 'abc' is not"),
+        ("A,cnn,ft,d_1,Dice,0.5,,\n", HEADER, r"line 2, column 'metric': unknown metric 'Dice'"),
+        ("A,cnn,ft,d_1,DSC,,,\n", HEADER, r"line 2, column 'value'"),
+        ("A,cnn,ft,d_1,DSC,85.1,,\n", HEADER, r"line 2, column 'value': 85.1 is outside \[0, 1\]"),
+        ("A,cnn,,d_1,DSC,0.5,,\n", HEADER, r"line 2, column 'strategy': empty value"),
+        (
+            "A,cnn,ft,d_1,0.5\n",
+            "method,architecture,strategy,dataset,value\n",
+            r"line 1: missing required column\(s\) \['metric'\]",
+        ),
+        ("A,cnn,ft,d_1,DSC,0.5,0,x\nA,cnn,ft,d_1,DSC,0.6,0,x\n", HEADER, r"line 3, column 'case': duplicate of line 2"),
+        ("A,cnn,ft,d_1,DSC,0.5,0,x\nA,cnn,ft,d_1,DSC,0.6,0,\n", HEADER, r"line 3, column 'case': summary row"),
+        ("A,cnn,ft,d_1,DSC,0.5,,\n\nA,cnn,ft,d_2,DSC,0.5,,\n", HEADER, r"line 3, column 'method': blank line"),
+    ],
+)
+def test_malformed_results_name_line_and_column(tmp_path, body, header, message):
+    with pytest.raises(ResultsFormatError, match=message):
+        read_results(write(tmp_path, body, header=header))
+
+
+def test_cli_reports_malformed_input_and_fails(tmp_path, capsys):
+    results = write(tmp_path, "A,cnn,ft,d_1,DSC,oops,,\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["aggregate", "--results", str(results), "--out", str(tmp_path / "o")])
+    assert args.func(args) == 2
+    assert "line 2, column 'value'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "benchmark_table.csv").exists()
+
+
+# ---------------------------------------------------------------------------------- collect
+
+
+def _metrics_json(root, dataset, run, fold, **doc):
+    path = root / dataset / run / f"fold_{fold}" / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"dataset": dataset, "run": run, "fold": fold, **doc}))
+    return path
+
+
+def test_collect_round_trip(tmp_path):
+    root = tmp_path / "results" / "downstream"
+    mae = dict(method="mae", architecture="resenc_l", strategy="sawtooth", selection="om", epochs=150)
+    scratch = dict(method="scratch", architecture="resenc_l", epochs=150)  # no strategy: "none"
+    _metrics_json(root, "seg_a", "mae__resenc_l__om__sawtooth__150", 0, **mae,
+                  cases=[{"case": "s1", "DSC": 0.5, "NSD": 0.6, "DSC_per_class": [0.5]},
+                         {"case": "s2", "DSC": 0.7, "NSD": None}],
+                  summary={"DSC": 0.99, "NSD": 0.6})  # summary ignored when cases exist
+    _metrics_json(root, "seg_a", "mae__resenc_l__om__sawtooth__150", 1, **mae, cases=[{"case": "s3", "DSC": 0.9}])
+    _metrics_json(root, "seg_a", "scratch__resenc_l__150", 0, **scratch, cases=[{"case": "s1", "DSC": 0.4}])
+    _metrics_json(root, "cls_b", "scratch__resenc_l__150", 0, **scratch,
+                  summary={"balanced_accuracy": 0.55, "AUROC": 0.61, "loss": 3.2})
+    files = find_metrics_files(root)
+    assert len(files) == 4
+    assert metrics_on_disk(root)(None) == [str(f) for f in files]  # the rule's input function
+    assert if_exists(files[0])(None) == [str(files[0])] and if_exists(root / "absent.yaml")(None) == []
+    out = tmp_path / "long.csv"
+    write_results(files, out)
+    values = dataset_values(read_results(out))
+    assert values[("mae", "resenc_l", "sawtooth", "DSC", "seg_a")] == pytest.approx((0.6 + 0.9) / 2)
+    assert values[("mae", "resenc_l", "sawtooth", "NSD", "seg_a")] == pytest.approx(0.6)  # null skipped
+    assert values[("scratch", "resenc_l", "none", "AUROC", "cls_b")] == pytest.approx(0.61)
+    long = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert set(long[long.metric == "AUROC"].case) == {""}
+    assert set(long.metric) == {"DSC", "NSD", "balanced_accuracy", "AUROC"}
+
+
+def test_collect_folds_varying_epochs_and_selection_into_labels(tmp_path):
+    root = tmp_path / "d"
+    for epochs in (150, 1000):
+        _metrics_json(root, "seg_a", f"scratch__cnn__{epochs}", 0, method="scratch", architecture="cnn",
+                      epochs=epochs, cases=[{"case": "x", "DSC": 0.5}])
+    for selection in ("all", "t1"):
+        _metrics_json(root, "seg_a", f"mae__cnn__{selection}__ft__150", 0, method="mae", architecture="cnn",
+                      strategy="ft", selection=selection, epochs=150, cases=[{"case": "x", "DSC": 0.6}])
+    long = collect(find_metrics_files(root))
+    runs = set(zip(long.method, long.architecture, long.strategy))
+    assert runs == {("scratch", "cnn (150 ep)", "none"), ("scratch", "cnn (1000 ep)", "none"),
+                    ("mae [all]", "cnn (150 ep)", "ft"), ("mae [t1]", "cnn (150 ep)", "ft")}
+
+
+def test_collect_errors_name_the_file(tmp_path):
+    root = tmp_path / "d"
+    bad = _metrics_json(root, "seg_a", "r", 0, method="mae", architecture="cnn", cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match=re.escape(str(bad)) + ".*strategy"):
+        collect([bad])
+    out_of_range = _metrics_json(root, "seg_b", "r", 0, method="mae", architecture="cnn", strategy="ft",
+                                 cases=[{"case": "x", "DSC": 81.0}])
+    with pytest.raises(CollectError, match=r"cases\[0\]\.DSC = 81.0 is outside"):
+        collect([out_of_range])
+    one = _metrics_json(root, "seg_c", "r1", 0, method="mae", architecture="cnn", strategy="ft",
+                        cases=[{"case": "x", "DSC": 0.5}])
+    two = _metrics_json(root, "seg_c", "r2", 0, method="mae", architecture="cnn", strategy="ft",
+                        cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match="both hold"):
+        collect([one, two])
+    with pytest.raises(CollectError, match="no metrics.json"):
+        collect([])
