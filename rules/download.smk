@@ -5,7 +5,7 @@ rule demo_mirror:
     output:
         truth=f"{config['source']['root']}/ground_truth/ground_truth.json",
     params:
-        root=config["source"]["root"],
+        root=subpath(output.truth, ancestor=2),
         seed=config["demo"]["seed"],
         resolution=config["demo"]["resolution"],
         inject_faults=config["demo"]["inject_faults"],

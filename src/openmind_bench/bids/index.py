@@ -66,7 +66,7 @@ def conform(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else empty_index()
     for column, dtype in COLUMNS.items():
         if dtype == "string":
-            frame[column] = frame[column].fillna("").astype("string")
+            frame[column] = frame[column].astype("string").fillna("")
         elif dtype == "int64":
             frame[column] = frame[column].fillna(-1).astype("int64")
         else:

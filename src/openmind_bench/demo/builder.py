@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from openmind_bench import atomic
-from openmind_bench.demo.phantom import Head, build_head, contrast_image, dwi_signal, lesion_map
+from openmind_bench.demo.phantom import Head, build_head, contrast_image, dwi_signal, lesion_map, tensor_fields
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ class DemoBuilder:
         self.seed = seed
         self.inject_faults = inject_faults
         self.head = build_head(resolution)
+        self._tensor_fields: dict | None = None
         self.truth: dict = {"seed": seed, "snapshot": SNAPSHOT, "images": {}, "participants": {},
                             "expected_rejections": [], "datasets": {}}
 
@@ -369,10 +370,14 @@ class DemoBuilder:
             bvals, bvecs = np.loadtxt(fbval), np.loadtxt(fbvec)
             pick = np.r_[0:17]  # b0 + 16 directions keep the demo fast; a real table all the same
             bvals, bvecs = bvals[pick], bvecs[:, pick]
-            signal = dwi_signal(self.head, bvals, bvecs, lesions)
             affine, shape = subject_grid(self.head, rotation, shift, [3.0, 3.0, 3.0])
             dwi_rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), 7])
-            data = resample(signal, self.head.affine, affine, shape, 1)
+            # tensor model evaluated on the (coarse) DWI grid, not the template's
+            if self._tensor_fields is None:
+                self._tensor_fields = tensor_fields(self.head)
+            fields = {k: resample(v, self.head.affine, affine, shape, 1) for k, v in self._tensor_fields.items()}
+            s0 = resample(contrast_image(self.head, "T2w", lesions, dwi_rng), self.head.affine, affine, shape, 1)
+            data = dwi_signal(s0, fields, bvals, bvecs)
             data = rician(data, 0.02 * float(data[..., 0].max()), dwi_rng)
             _save(data, affine, out / f"{name}.nii.gz", scale=1000.0 / max(float(data.max()), 1e-6))
             origin = "synthetic tensor model on the MNI152 tissue maps, dipy 55dir_grad table"

@@ -135,11 +135,8 @@ def contrast_image(head: Head, modality: str, lesions: np.ndarray, rng: np.rando
     return np.clip(img, 0, None).astype(np.float32)
 
 
-def dwi_signal(
-    head: Head, bvals: np.ndarray, bvecs: np.ndarray, lesions: np.ndarray, s0_scale: float = 1.0
-) -> np.ndarray:
-    """Diffusion-tensor signal S0 * exp(-b g^T D g) from tissue maps; (x, y, z, n) float32."""
-    s0 = contrast_image(head, "T2w", lesions, np.random.default_rng(0)) * s0_scale
+def tensor_fields(head: Head) -> dict[str, np.ndarray]:
+    """Diffusion tensor of each voxel as principal direction and eigenvalues (mm^2/s)."""
     # WM fibres run along the WM sheet: principal direction orthogonal to the WM gradient
     grad = np.stack(np.gradient(ndimage.gaussian_filter(head.wm, 2.0)), axis=-1)
     e1 = np.cross(grad, np.array([0.0, 0.0, 1.0], np.float32))
@@ -148,12 +145,18 @@ def dwi_signal(
     md = (0.8e-3 * head.gm + 3.0e-3 * head.csf + 0.75e-3 * head.wm).astype(np.float32)
     md = np.where(head.brain | (head.csf > 0), md, 1.0e-3)
     anis = np.clip(head.wm, 0, 1) * 0.7  # FA-like weight
-    lam_par = md * (1 + 2 * anis)
-    lam_perp = md * (1 - anis)
-    out = np.empty(head.shape + (len(bvals),), np.float32)
+    return {"e1_x": e1[..., 0], "e1_y": e1[..., 1], "e1_z": e1[..., 2],
+            "lam_par": md * (1 + 2 * anis), "lam_perp": md * (1 - anis)}
+
+
+def dwi_signal(s0: np.ndarray, fields: dict[str, np.ndarray], bvals: np.ndarray, bvecs: np.ndarray) -> np.ndarray:
+    """S0 * exp(-b g^T D g) on the grid of `s0` and `fields`; (x, y, z, n) float32."""
+    e1 = np.stack([fields["e1_x"], fields["e1_y"], fields["e1_z"]], axis=-1)
+    e1 /= np.maximum(np.linalg.norm(e1, axis=-1, keepdims=True), 1e-6)
+    lam_par, lam_perp = fields["lam_par"], fields["lam_perp"]
+    out = np.empty(s0.shape + (len(bvals),), np.float32)
     for n, (b, g) in enumerate(zip(bvals, bvecs.T)):
         g = g / np.linalg.norm(g) if np.linalg.norm(g) > 0 else g
         cos2 = np.clip(e1 @ g.astype(np.float32), -1, 1) ** 2
-        adc = lam_perp + (lam_par - lam_perp) * cos2
-        out[..., n] = s0 * np.exp(-b * adc)
+        out[..., n] = s0 * np.exp(-b * (lam_perp + (lam_par - lam_perp) * cos2))
     return out

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from openmind_bench import atomic
 
@@ -37,9 +37,9 @@ def unsafe_reason(relpath: str) -> str | None:
         return "absolute path"
     if "\\" in relpath or "\x00" in relpath:
         return "backslash or NUL in path"
-    parts = PurePosixPath(relpath).parts
-    if any(p in ("..", ".") for p in parts) or relpath.endswith("/"):
-        return "path escapes the dataset folder ('..' or '.')"
+    # split by hand: PurePosixPath would silently drop '.' and empty segments
+    if any(p in ("..", ".", "") for p in relpath.split("/")):
+        return "path escapes the dataset folder ('..', '.' or an empty segment)"
     return None
 
 

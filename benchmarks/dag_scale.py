@@ -1,0 +1,70 @@
+"""How long Snakemake takes to build the whole benchmark's DAG, and how many jobs it has.
+
+Writes a synthetic dataset table of 800 datasets holding 114k images in total (sizes drawn
+from a heavy-tailed distribution like OpenNeuro's) into a temporary work directory, then times
+`snakemake -n all` on it. Target (issue 3): under 30 s and under 10k jobs.
+
+    python benchmarks/dag_scale.py [--datasets 800] [--images 114000] [--shard-size 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_table(path: Path, n_datasets: int, n_images: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(mean=0.0, sigma=1.5, size=n_datasets)
+    counts = np.maximum(1, np.round(weights / weights.sum() * n_images)).astype(int)
+    lines = ["dataset_id\tsnapshot\texpected_images"]
+    lines += [f"ds{i + 1:06d}\t1.0.0\t{c}" for i, c in enumerate(counts)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", type=int, default=800)
+    parser.add_argument("--images", type=int, default=114_000)
+    parser.add_argument("--shard-size", type=int, default=200)
+    args = parser.parse_args()
+
+    snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "config").mkdir()
+        synthetic_table(work / "config" / "datasets.tsv", args.datasets, args.images)
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        config.update(datasets_table="config/datasets.tsv", shard_size=args.shard_size)
+        (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+        cmd = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(work), "-n", "all", "--quiet", "rules"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        total = re.search(r"^total\s+(\d+)", proc.stdout + proc.stderr, re.MULTILINE)
+        jobs = int(total.group(1)) if total else -1
+        stats = re.search(r"Job stats:\n(.*?)\n\n", proc.stdout + proc.stderr, re.DOTALL)
+        table = [line.split("\t") for line in (work / "config" / "datasets.tsv").read_text().splitlines()[1:]]
+        shards = sum(-(-int(n) // args.shard_size) for _, _, n in table)
+        print(f"datasets={args.datasets} images={args.images} shard_size={args.shard_size} shards={shards}")
+        print(stats.group(1) if stats else proc.stdout[-2000:])
+        print(f"jobs={jobs} seconds={seconds:.1f} (targets: < 10000 jobs, < 30 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
