@@ -1,0 +1,43 @@
+"""pyproject.toml and envs/openmind.yaml list the same run-time packages with the same bounds."""
+
+import re
+import tomllib
+
+import yaml
+
+# PyPI name -> conda-forge name, where they differ
+CONDA_NAME = {"torch": "pytorch", "simpleitk": "simpleitk", "blosc2": "python-blosc2"}
+
+
+def _split(requirement: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", requirement)
+    return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
+
+
+def test_env_file_matches_pyproject(repo):
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((repo / "envs" / "openmind.yaml").read_text())
+    conda, pip = {}, {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            pip.update(_split(d) for d in dep["pip"])
+        else:
+            name, spec = _split(dep)
+            conda[name] = spec
+    for requirement in project["dependencies"]:
+        name, spec = _split(requirement)
+        if name in pip:
+            assert pip[name] == spec, f"{name}: pyproject {spec!r}, env pip {pip[name]!r}"
+        else:
+            conda_name = CONDA_NAME.get(name, name)
+            assert conda_name in conda, f"{name} missing from envs/openmind.yaml"
+            assert conda[conda_name] == spec, f"{name}: pyproject {spec!r}, env {conda[conda_name]!r}"
+    listed = {_split(r)[0] for r in project["dependencies"]}
+    extra = {n for n in conda if n not in {"python", "pip"} and n not in {CONDA_NAME.get(x, x) for x in listed}}
+    assert not extra, f"envs/openmind.yaml lists packages pyproject does not: {extra}"
+
+
+def test_torch_is_a_range_not_a_pin(repo):
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    torch = [d for d in project["dependencies"] if d.startswith("torch")]
+    assert torch == ["torch>=2.4"], torch

@@ -1,0 +1,59 @@
+"""The SLURM profile on a real single-node cluster (Debian slurm-wlm + munge, on localhost)."""
+
+import re
+import socket
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_snakemake
+from slurm_cluster import SlurmCluster, available
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(not available(), reason="slurm-wlm and munge are not installed")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # short path: the munge socket path must fit in a sockaddr_un
+    root = tmp_path_factory.mktemp("slurm")
+    c = SlurmCluster(root, _free_port(), _free_port()).start()
+    yield c
+    c.stop()
+
+
+def test_profile_runs_targets_through_sbatch(tmp_path, repo, cluster, demo_mirror):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config").symlink_to(repo / "config")
+    overlay = work / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}}))
+    target = "results/index/datasets/ds990002.parquet"
+    proc = run_snakemake(
+        work, "--profile", str(repo / "profiles" / "slurm"),
+        "--configfile", str(repo / "config" / "demo.yaml"), str(overlay),
+        # no accounting database on the test cluster: squeue, and quick status polls
+        "--slurm-status-command", "squeue", "--seconds-between-status-checks", "2",
+        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "4", "--latency-wait", "5",
+        target, timeout=600, env=cluster.env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:] + cluster.logs()
+    images = pd.read_parquet(work / target)
+    assert set(images.dataset) == {"ds990002"} and len(images) == 7
+
+    # both jobs (fetch, index) went through sbatch: the IDs Snakemake reports are the ones
+    # slurmctld accepted as batch jobs
+    submitted = set(re.findall(r"submitted with SLURM jobid (\d+)", out))
+    ctld = (cluster.root / "slurmctld.log").read_text()
+    accepted = set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", ctld))
+    assert len(submitted) == 2, out[-3000:]
+    assert submitted <= accepted, ctld[-3000:]
+    assert re.search(r"rule fetch_dataset", out) and re.search(r"rule index_dataset", out)
