@@ -18,6 +18,7 @@ from openmind_bench.logs import log_to
 STAGES = [
     "openmind_bench.demo.cli",
     "openmind_bench.sources.cli",
+    "openmind_bench.sources.s3_mirror",
     "openmind_bench.bids.cli",
     "openmind_bench.qc_cli",
     "openmind_bench.aggregate.cli",

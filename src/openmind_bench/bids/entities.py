@@ -45,6 +45,14 @@ MODALITY_OF_SUFFIX = {
     "MTS": "MTS",
     "MTR": "MTR",
     "FLASH": "FLASH",
+    "SWI": "SWI",
+    "minIP": "minIP",
+    "UNIT1denoised": "UNIT1",
+    # DWI-derived 3D maps, as the OpenMind release ships them (our DWI stage writes desc-* names)
+    "FA": "FA",
+    "MD": "MD",
+    "ADC": "ADC",
+    "TRACE": "TRACE",
     "dwi": "DWI",
     "pet": "PET",
 }

@@ -42,7 +42,7 @@ COLUMNS = {
 
 
 # Written by sources that bring masks and quality scores along (the OpenMind release):
-# columns path, anat_mask, anon_mask (dataset-relative) and quality_score.
+# columns path, anat_mask, anon_mask (dataset-relative), quality_score and optionally derived_from.
 RELEASE_TABLE = "openmind_release.tsv"
 
 
@@ -54,6 +54,8 @@ def release_extras(raw_dir: Path) -> dict[str, dict]:
             "anat_mask": (raw_dir / row.anat_mask).as_posix() if row.anat_mask else "",
             "anon_mask": (raw_dir / row.anon_mask).as_posix() if row.anon_mask else "",
             "quality_score": float(row.quality_score) if row.quality_score else math.nan,
+            # image id of the DWI a derived map was computed from, where the release says
+            "derived_from": getattr(row, "derived_from", "") or "",
         }
     return out
 
@@ -244,7 +246,7 @@ def index_dataset(
                 "modality": modality,
                 "entities": json.dumps(name.entities, sort_keys=True),
                 "path": (raw_dir / rel).as_posix(),
-                "derived_from": "",
+                "derived_from": "",  # release rows overwrite it through `extras` below
                 "bval": (raw_dir / bval).as_posix() if bval else "",
                 "bvec": (raw_dir / bvec).as_posix() if bvec else "",
                 **geometry,

@@ -2,7 +2,9 @@
 
 Every source kind implements one function, `fetch(dataset, snapshot, dest, options, rejections)`
 returning a `Manifest`; `fetch_dataset` below picks the kind from config, so the rules never
-know which source they run on. Kinds: `local` (a directory in OpenNeuro layout; the demo uses it).
+know which source they run on. Kinds: `local` (a directory in OpenNeuro layout; the demo uses it),
+`openneuro` (the public S3 bucket: anonymous, versioned, resumable, fault tolerant) and
+`openmind_release` (the OpenMind release from Hugging Face on disk, masks and quality scores included).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 from openmind_bench.qc import Rejections
-from openmind_bench.sources import local
+from openmind_bench.sources import local, openmind_release, openneuro
 from openmind_bench.sources.base import Manifest, check_snapshot
 
 FETCHERS: dict[str, Callable[..., Manifest]] = {
     "local": local.fetch,
+    "openneuro": openneuro.fetch,
+    "openmind_release": openmind_release.fetch,
 }
 
 
