@@ -9,6 +9,8 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/index.smk"
+include: "rules/preprocess.smk"
+include: "rules/curate.smk"
 include: "rules/qc.smk"
 include: "rules/aggregate.smk"
 

@@ -53,7 +53,39 @@ def rejection_parts():
     """Every per-job rejection record of the stages in this run (known from config alone)."""
     parts = [f"results/qc/parts/fetch/{SOURCE}/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
+    parts += [f"results/qc/parts/preprocess/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
     return parts
+
+
+# ---- preprocessing and curation
+PREPROCESS_ROOT = "results/preprocessed"
+
+
+def preprocess_index_tables(wildcards):
+    """Index tables whose rows are preprocessed (stages that add rows or mask paths extend this)."""
+    return ["results/index/images.parquet"]
+
+
+def preprocess_manifests(wildcards=None):
+    """Every shard manifest of the run (known from config alone)."""
+    return [f"{PREPROCESS_ROOT}/{d}/shard-{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
+
+
+SELECTIONS = {s["name"]: s for s in config["selections"]}
+
+
+def selection_settings(wildcards):
+    return SELECTIONS[wildcards.selection]
+
+
+def selection_collection_index(wildcards):
+    """Position of the selection in the config list, nnssl's collection_index (1-based)."""
+    return list(SELECTIONS).index(wildcards.selection) + 1
+
+
+def quality_tables(wildcards):
+    """Tables of image quality scores (image_id, quality_score) overriding the index's; none yet."""
+    return []
 
 
 def get_final_output():
@@ -62,4 +94,6 @@ def get_final_output():
         "results/index/images.parquet",
         "results/index/shards.tsv",
         "results/qc/rejected.tsv",
+        *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),
+        *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
     ]

@@ -20,6 +20,8 @@ STAGES = [
     "openmind_bench.sources.cli",
     "openmind_bench.sources.s3_mirror",
     "openmind_bench.bids.cli",
+    "openmind_bench.preprocess.cli",
+    "openmind_bench.curation.cli",
     "openmind_bench.qc_cli",
     "openmind_bench.aggregate.cli",
 ]

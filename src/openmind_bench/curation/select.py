@@ -1,0 +1,117 @@
+"""Named selections of pre-training images, written as nnssl `pretrain_data.json` files.
+
+A selection filters the preprocessed images (every image a shard manifest lists) by dataset,
+modality and image quality score (OpenMind's 1-5 scale, lower is better). Each selection gets:
+
+- `pretrain_data.json`: the raw images (index paths, NIfTI) and their index masks, as nnssl's
+  own preprocessing would take them;
+- `pretrain_data__preprocessed.json`: its preprocessed twin, the same collection pointing at our
+  `.b2nd` files (nnssl names its twin `pretrain_data__{configuration}.json`);
+- `images.tsv`: one row per selected image, for people and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from openmind_bench import atomic
+from openmind_bench.curation.pretrain_data import build_collection
+from openmind_bench.preprocess.shard import read_manifests
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["image_id", "path", "derived_from", "age", "sex", "handedness", "health_status", "diagnosis",
+                 "manufacturer", "model", "field_strength", "repetition_time", "echo_time", "inversion_time",
+                 "phase_encoding_direction", "dataset_doi", "dataset_version", "anat_mask", "anon_mask",
+                 "quality_score"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One entry of the config list `selections`."""
+
+    name: str
+    modalities: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    max_quality_score: float | None = None
+    keep_unscored: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Selection":
+        if "name" not in cfg:
+            raise ValueError(f"selection {cfg!r} has no name")
+        unknown = set(cfg) - {"name", "modalities", "datasets", "max_quality_score", "keep_unscored"}
+        if unknown:
+            raise ValueError(f"selection {cfg['name']!r}: unknown key(s) {sorted(unknown)}")
+        mqs = cfg.get("max_quality_score")
+        return cls(name=str(cfg["name"]), modalities=tuple(cfg.get("modalities") or ()),
+                   datasets=tuple(cfg.get("datasets") or ()),
+                   max_quality_score=None if mqs is None else float(mqs),
+                   keep_unscored=bool(cfg.get("keep_unscored", True)))
+
+    def apply(self, images: pd.DataFrame) -> pd.DataFrame:
+        keep = pd.Series(True, index=images.index)
+        if self.datasets:
+            keep &= images.dataset.isin(self.datasets)
+        if self.modalities:
+            keep &= images.modality.isin(self.modalities)
+        if self.max_quality_score is not None:
+            score = pd.to_numeric(images.quality_score, errors="coerce")
+            keep &= (score <= self.max_quality_score) | (score.isna() & self.keep_unscored)
+        return images[keep]
+
+
+def load_images(index_tables: Sequence[str | Path], manifests: Sequence[str | Path],
+                quality_tables: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Every preprocessed image (the manifests) with its index fields; quality tables
+    (columns image_id, quality_score) override the index's scores."""
+    written = read_manifests(manifests)
+    index = pd.concat([pd.read_parquet(t, columns=INDEX_COLUMNS) for t in index_tables], ignore_index=True)
+    index = index.drop_duplicates("image_id", keep="last")
+    images = written.merge(index, on="image_id", how="left", validate="one_to_one")
+    missing = images.path.isna()
+    if missing.any():
+        raise ValueError(f"preprocessed image(s) not in the index tables: {images.image_id[missing].tolist()[:5]}")
+    for table in quality_tables:
+        scores = pd.read_parquet(table) if str(table).endswith(".parquet") else pd.read_csv(table, sep="\t")
+        if not {"image_id", "quality_score"} <= set(scores.columns):
+            raise ValueError(f"quality table {table} needs columns image_id and quality_score")
+        override = scores.set_index("image_id").quality_score
+        hit = images.image_id.isin(override.index)
+        images.loc[hit, "quality_score"] = images.loc[hit, "image_id"].map(override)
+    return images
+
+
+def run_selection(
+    selection_cfg: dict,
+    collection_index: int,
+    index_tables: Sequence[str | Path],
+    manifests: Sequence[str | Path],
+    out_raw: str | Path,
+    out_preprocessed: str | Path,
+    out_table: str | Path,
+    quality_tables: Sequence[str | Path] = (),
+) -> pd.DataFrame:
+    """Write one selection's raw pretrain_data.json, its preprocessed twin and images.tsv."""
+    selection = Selection.from_config(selection_cfg)
+    images = load_images(index_tables, manifests, quality_tables)
+    chosen = selection.apply(images).sort_values(["dataset", "subject", "session", "image_id"], kind="stable")
+    if chosen.empty:
+        raise ValueError(
+            f"selection {selection.name!r} matches none of the {len(images)} preprocessed images "
+            f"(datasets {list(selection.datasets) or 'all'}, modalities {list(selection.modalities) or 'all'}, "
+            f"max_quality_score {selection.max_quality_score})"
+        )
+    raw = build_collection(chosen, collection_index, selection.name, "path", "anon_mask", "anat_mask")
+    twin = build_collection(chosen, collection_index, selection.name, "image", "anon", "anat")
+    atomic.write_json(out_raw, raw)
+    atomic.write_json(out_preprocessed, twin)
+    atomic.write_tsv(out_table, chosen)
+    log.info("selection %s: %d of %d preprocessed images (%s)", selection.name, len(chosen), len(images),
+             ", ".join(f"{m}: {n}" for m, n in chosen.modality.value_counts().sort_index().items()))
+    return chosen

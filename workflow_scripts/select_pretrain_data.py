@@ -1,0 +1,20 @@
+"""Snakemake adapter: rule select_pretrain_data -> openmind_bench.curation.select.run_selection."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
+
+from openmind_bench.curation.select import run_selection
+from openmind_bench.logs import log_to
+
+with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    run_selection(
+        dict(snakemake.params.selection),
+        snakemake.params.collection_index,
+        list(snakemake.input.index),
+        list(snakemake.input.manifests),
+        snakemake.output.raw,
+        snakemake.output.preprocessed,
+        snakemake.output.table,
+        quality_tables=list(snakemake.input.quality),
+    )
