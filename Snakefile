@@ -11,6 +11,7 @@ include: "rules/download.smk"
 include: "rules/index.smk"
 include: "rules/preprocess.smk"
 include: "rules/curate.smk"
+include: "rules/pretrain.smk"
 include: "rules/qc.smk"
 include: "rules/aggregate.smk"
 

@@ -72,6 +72,11 @@ def preprocess_manifests(wildcards=None):
 
 
 SELECTIONS = {s["name"]: s for s in config["selections"]}
+_unknown = [s for s in config["pretrain"]["selections"] if s not in SELECTIONS]
+if _unknown:
+    raise omb_config.ConfigError(
+        f"config key 'pretrain.selections': {_unknown} are not among the selections {list(SELECTIONS)}"
+    )
 
 
 def selection_settings(wildcards):
@@ -88,6 +93,47 @@ def quality_tables(wildcards):
     return []
 
 
+# ---- pre-training
+from openmind_bench import nets as omb_nets  # noqa: E402
+from openmind_bench import ssl as omb_ssl  # noqa: E402
+from openmind_bench.train import settings as omb_pretrain  # noqa: E402
+
+PRETRAIN = omb_pretrain.merged(config.get("pretrain"))
+
+
+def pretrain_runs():
+    """`{method}__{arch}__{selection}` of every run the config asks for (torch is not imported)."""
+    runs = []
+    for selection in PRETRAIN["selections"]:
+        for arch in PRETRAIN["architectures"]:
+            family = omb_nets.resolve(arch, PRETRAIN["architecture_presets"]).family
+            runs += [f"{m}__{arch}__{selection}" for m in PRETRAIN["methods"] if omb_ssl.compatible(m, family)]
+    return runs
+
+
+def pretrain_targets():
+    return expand("results/pretrain/{run}/checkpoint_final.pt", run=pretrain_runs())
+
+
+def pretrain_settings(wildcards, input, output):
+    """The run's resolved engine settings: a job reruns when its own settings change, not another's."""
+    return omb_pretrain.resolve(
+        config.get("pretrain"),
+        wildcards.method,
+        wildcards.arch,
+        out_dir=str(Path(output.checkpoint).parent),
+        train_data=input.train,
+        val_data=input.val,
+        selection=wildcards.selection,
+    ).to_dict()
+
+
+def pretrain_threads(wildcards):
+    """CPU threads of the job: cpus_per_gpu per process (one process on a CPU)."""
+    resources = PRETRAIN["resources"]
+    return max(1, resources["gpu"]) * resources["cpus_per_gpu"]
+
+
 def get_final_output():
     """What `all` builds; each stage adds its outputs here as it lands."""
     return [
@@ -96,4 +142,5 @@ def get_final_output():
         "results/qc/rejected.tsv",
         *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),
         *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
+        *pretrain_targets(),
     ]

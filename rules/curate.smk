@@ -11,6 +11,8 @@ rule select_pretrain_data:
         raw="results/selections/{selection}/pretrain_data.json",
         preprocessed="results/selections/{selection}/pretrain_data__preprocessed.json",
         table="results/selections/{selection}/images.tsv",
+        train="results/selections/{selection}/pretrain_data__preprocessed_train.json",
+        val="results/selections/{selection}/pretrain_data__preprocessed_val.json",
     wildcard_constraints:
         selection=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     params:

@@ -17,4 +17,6 @@ with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         snakemake.output.preprocessed,
         snakemake.output.table,
         quality_tables=list(snakemake.input.quality),
+        out_train=snakemake.output.train,
+        out_val=snakemake.output.val,
     )

@@ -21,6 +21,7 @@ import pandas as pd
 
 from openmind_bench import atomic
 from openmind_bench.curation.pretrain_data import build_collection
+from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Selection:
     def from_config(cls, cfg: dict) -> "Selection":
         if "name" not in cfg:
             raise ValueError(f"selection {cfg!r} has no name")
-        unknown = set(cfg) - {"name", "modalities", "datasets", "max_quality_score", "keep_unscored"}
+        unknown = set(cfg) - {"name", "modalities", "datasets", "max_quality_score", "keep_unscored", "validation"}
         if unknown:
             raise ValueError(f"selection {cfg['name']!r}: unknown key(s) {sorted(unknown)}")
         mqs = cfg.get("max_quality_score")
@@ -96,8 +97,14 @@ def run_selection(
     out_preprocessed: str | Path,
     out_table: str | Path,
     quality_tables: Sequence[str | Path] = (),
+    out_train: str | Path | None = None,
+    out_val: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write one selection's raw pretrain_data.json, its preprocessed twin and images.tsv."""
+    """Write one selection's raw pretrain_data.json, its preprocessed twin and images.tsv.
+
+    With `out_train`/`out_val`, also the preprocessed twin split into training and held-out
+    validation subjects (`validation` settings of the selection, see curation.split).
+    """
     selection = Selection.from_config(selection_cfg)
     images = load_images(index_tables, manifests, quality_tables)
     chosen = selection.apply(images).sort_values(["dataset", "subject", "session", "image_id"], kind="stable")
@@ -112,6 +119,10 @@ def run_selection(
     atomic.write_json(out_raw, raw)
     atomic.write_json(out_preprocessed, twin)
     atomic.write_tsv(out_table, chosen)
+    if out_train is not None and out_val is not None:
+        train, val = split_images(chosen, selection_cfg.get("validation"))
+        atomic.write_json(out_train, build_collection(train, collection_index, selection.name, "image", "anon", "anat"))
+        atomic.write_json(out_val, build_collection(val, collection_index, selection.name, "image", "anon", "anat"))
     log.info("selection %s: %d of %d preprocessed images (%s)", selection.name, len(chosen), len(images),
              ", ".join(f"{m}: {n}" for m, n in chosen.modality.value_counts().sort_index().items()))
     return chosen

@@ -1,0 +1,30 @@
+# Pre-training: one job per method x architecture x selection of `pretrain` in the config (pairs
+# without an implementation, e.g. spark3d on Primus, are left out), torchrun inside the job.
+# Logic: openmind_bench.train; the engine's settings per run come from openmind_bench.train.settings.
+rule pretrain:
+    input:
+        # The preprocessing stage's training subjects and held-out subjects (validation loss).
+        train=rules.select_pretrain_data.output.train,
+        val=rules.select_pretrain_data.output.val,
+    output:
+        checkpoint="results/pretrain/{method}__{arch}__{selection}/checkpoint_final.pt",
+    wildcard_constraints:
+        method=r"[a-z0-9]+(_[a-z0-9]+)*",
+        arch=r"[A-Za-z0-9]+",
+        selection=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
+    params:
+        settings=pretrain_settings,
+    threads: pretrain_threads
+    resources:
+        gpu=PRETRAIN["resources"]["gpu"],
+        cpus_per_gpu=PRETRAIN["resources"]["cpus_per_gpu"],
+        mem_mb=PRETRAIN["resources"]["mem_mb"],
+        runtime=PRETRAIN["resources"]["runtime"],
+    log:
+        "logs/pretrain/{method}__{arch}__{selection}.log",
+    benchmark:
+        "logs/benchmarks/pretrain/{method}__{arch}__{selection}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/pretrain.py"

@@ -1,0 +1,1 @@
+"""The pre-training engine: settings, trainer (DDP, checkpoints, resume, preemption), torchrun launcher."""

@@ -1,0 +1,86 @@
+"""Start pre-training under torchrun (`--standalone --nproc-per-node N`; one process on a CPU) and
+stand between it and the scheduler: SIGTERM / SIGUSR1 / SIGINT reach the workers as SIGTERM (torchrun
+by default does not handle SIGUSR1, whose default action would kill it), and the exit code says
+whether the run finished (0), was preempted after a checkpoint (`preemption_exit_code`) or failed
+(RuntimeError)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openmind_bench
+from openmind_bench.train import checkpoint
+from openmind_bench.train.settings import PretrainSettings
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("openmind_bench.train.workers")
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def torchrun_command(settings_path: str | Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
+            "-m", "openmind_bench.train.worker", str(settings_path)]
+
+
+def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0) -> int:
+    """Run pre-training to the end (or to a preemption) in `nproc` torchrun processes.
+
+    `threads`: CPU threads for the whole job, split over the processes (torch and OpenMP)."""
+    nproc = max(1, int(nproc))
+    out = Path(settings.out_dir)
+    if (out / checkpoint.FINAL).exists():
+        log.info("%s exists: nothing to do", out / checkpoint.FINAL)
+        return 0
+    if threads:
+        settings.threads = max(1, int(threads) // nproc)
+    settings_path = out / "settings.json"
+    settings.write(settings_path)
+    src = str(Path(openmind_bench.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        # torchrun options as environment (older torch ignores them): pass SIGUSR1 on too (SLURM's
+        # `--signal=USR1@...` reaches every process of the step, torchrun included), and give the
+        # workers time to write their checkpoint before torchrun kills them.
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "PET_SHUTDOWN_TIMEOUT": os.environ.get("PET_SHUTDOWN_TIMEOUT", "120"),
+    }
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
+    relay = not sys.stderr.isatty()
+    started = time.time()
+    cmd = torchrun_command(settings_path, nproc)
+    log.info("starting %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if relay else None,
+                            stderr=subprocess.STDOUT if relay else None, text=True, bufsize=1)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        if relay:
+            for line in proc.stdout:
+                worker_log.info("%s", line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if (out / checkpoint.FINAL).exists():
+        return 0
+    marker = out / checkpoint.PREEMPTED
+    if marker.exists() and marker.stat().st_mtime >= started - 1:
+        log.warning("pre-training stopped by %s after a checkpoint; rerun to continue",
+                    signal.Signals(received[0]).name if received else "a signal")
+        return settings.preemption_exit_code
+    raise RuntimeError(f"pre-training into {out} failed (torchrun exit code {code}); see the log above")

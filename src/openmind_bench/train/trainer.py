@@ -1,0 +1,284 @@
+"""The pre-training engine: one flat loop for every method (the method makes its view of the batch and
+returns its loss), DDP over torchrun's processes, bf16 autocast on CUDA, per-family optimiser and
+schedule, a validation loss on held-out subjects, atomic checkpoints, resume, and SIGTERM/SIGUSR1 =
+checkpoint and exit cleanly.
+
+Reproducibility: every random draw is a function of the run seed and the position in the run
+(epoch, step, the sample's global index), never of the process history. A run killed at any point
+(kill -9, node failure) and resumed from its last periodic checkpoint therefore ends with the weights
+of an uninterrupted run; so does one preempted mid-epoch when its batch source can seek (see
+train.batches). A batch split over DDP ranks draws the masks one process would draw for it whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from openmind_bench import atomic, ssl
+from openmind_bench.train import batches as batch_sources
+from openmind_bench.train import checkpoint, distributed, optimisation
+from openmind_bench.train.logger import RunLogger
+from openmind_bench.train.settings import PretrainSettings
+
+log = logging.getLogger(__name__)
+
+# Streams of random numbers, kept apart by a tag in the seed derivation.
+_TAG_INIT, _TAG_DATA, _TAG_SAMPLE, _TAG_TORCH, _TAG_VAL_DATA, _TAG_VAL_SAMPLE = range(6)
+
+
+def derive_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def sample_seeds(run_seed: int, tag: int, epoch: int, step: int, first_index: int, n: int) -> list[int]:
+    return [derive_seed(run_seed, tag, epoch, step, first_index + i) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "finished", "preempted" or "already_done"
+    epochs_done: int
+    checkpoint: Path
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, time limit, torchrun shutting down) set a flag; the loop
+    checkpoints at the next step boundary and returns."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def to_device(view: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in view.items()}
+
+
+def autocast(settings: PretrainSettings, device: torch.device):
+    if device.type == "cuda" and settings.amp:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[settings.amp_dtype]
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def train_step(model, view: dict, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
+    """Forward, one collective that agrees on (loss not finite, stop requested) over all ranks, then
+    backward, clip and step. Returns (loss, stop_requested)."""
+    optimizer.zero_grad(set_to_none=True)
+    with amp_context:
+        loss = model(view)
+    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop and stop.requested else 0.0],
+                         device=loss.device)
+    distributed.all_reduce_max(flags, ctx)
+    if flags[0] > 0:
+        raise FloatingPointError(f"non-finite loss ({float(loss.detach())} on rank {ctx.rank})")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        optimizer.step()
+    return loss.detach(), bool(flags[1] > 0)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (Snakemake logs get one line per epoch)
+    return tqdm(iterable, total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+
+
+def validate(model, method, source, settings: PretrainSettings, ctx, local_batch: int, amp_context) -> float:
+    """Mean loss over `val_steps` held-out batches; the same patches and masks every epoch."""
+    if settings.val_steps <= 0:
+        return math.nan
+    batches = source.val(steps=settings.val_steps, rank=ctx.rank, world_size=ctx.world_size, batch_size=local_batch,
+                         seed=derive_seed(settings.seed, _TAG_VAL_DATA))
+    if batches is None:
+        return math.nan
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for step, batch in zip(range(settings.val_steps), batches):
+                n = batch["image"].shape[0]
+                seeds = sample_seeds(settings.seed, _TAG_VAL_SAMPLE, 0, step, ctx.rank * local_batch, n)
+                view = to_device(method.make_view(batch, seeds), ctx.device)
+                with amp_context:
+                    sums[0] += model(view).double()
+                sums[1] += 1
+    finally:
+        model.train()
+    distributed.all_reduce_sum(sums, ctx)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+
+
+def run(settings: PretrainSettings, source: batch_sources.BatchSource | None = None) -> Outcome:
+    """Pre-train (or continue pre-training) into `settings.out_dir`; see the module docstring."""
+    ctx = distributed.init()
+    try:
+        return _run(settings, source if source is not None else batch_sources.resolve(settings), ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcome:
+    out = Path(settings.out_dir)
+    final, latest = out / checkpoint.FINAL, out / checkpoint.LATEST
+    if final.exists():
+        log.info("%s exists: pre-training already complete", final)
+        return Outcome("already_done", settings.epochs, final)
+    if settings.total_batch_size % ctx.world_size:
+        raise ValueError(f"total_batch_size {settings.total_batch_size} is not divisible by {ctx.world_size} processes")
+    if ctx.device.type == "cpu" and settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    local_batch = settings.total_batch_size // ctx.world_size
+    epochs, steps = settings.epochs, settings.steps_per_epoch
+
+    arch = settings.arch()
+    patch = [int(p) for p in settings.patch_size]
+    torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))  # same initial weights on every rank
+    backbone = arch.build(patch)
+    method_settings = ssl.settings_for(settings.method, arch.family, settings.method_settings)
+    method = ssl.build(settings.method, backbone, arch, patch, settings.method_settings).to(ctx.device)
+    optimizer = optimisation.build_optimizer(method.parameters(), settings.optimisation, ctx.device)
+    use_scaler = ctx.device.type == "cuda" and settings.amp and settings.amp_dtype == "float16"
+    grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    plan = checkpoint.adaptation_plan(arch, backbone, settings)
+
+    start_epoch, start_step, history, partial = 0, 0, [], [0.0, 0]
+    if latest.exists():
+        state = checkpoint.load(latest, map_location=ctx.device)
+        checkpoint.check_resumable(state, settings, latest)
+        checkpoint.restore(state, method, optimizer, grad_scaler)
+        start_epoch, start_step = state["current_epoch"], state["step_in_epoch"]
+        history, partial = state["history"], state.get("partial_epoch", [0.0, 0])
+        del state
+        log.info("resuming from %s at epoch %d, step %d", latest, start_epoch, start_step)
+    elif ctx.is_main:
+        settings.write(out / "settings.json")
+
+    model = method
+    if ctx.distributed:
+        # Decoders' deep-supervision heads exist (for loadable state dicts) but get no gradient.
+        model = DistributedDataParallel(method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                        find_unused_parameters=True)
+    if settings.compile:
+        model = torch.compile(model)
+    amp_context = autocast(settings, ctx.device)
+    logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
+    grad_clip = float(settings.optimisation.get("grad_clip", math.inf))
+
+    def save(path: Path, epochs_done: int, step_in_epoch: int, partial_epoch=None) -> None:
+        if ctx.is_main:
+            checkpoint.save(path, method=method, optimizer=optimizer, grad_scaler=grad_scaler,
+                            current_epoch=epochs_done, step_in_epoch=step_in_epoch, plan=plan, settings=settings,
+                            history=logger.history, partial_epoch=partial_epoch, method_settings=method_settings)
+        distributed.barrier(ctx)
+
+    def preempted(stop: StopRequest, epochs_done: int, step_in_epoch: int, partial_epoch) -> Outcome:
+        save(latest, epochs_done, step_in_epoch, partial_epoch)
+        if ctx.is_main:
+            name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
+            atomic.write_json(out / checkpoint.PREEMPTED, {"signal": name, "epoch": epochs_done,
+                                                         "step_in_epoch": step_in_epoch, "time": time.time()})
+            log.warning("%s: checkpoint at epoch %d step %d written to %s; exiting", name, epochs_done,
+                        step_in_epoch, latest)
+        logger.close()
+        return Outcome("preempted", epochs_done, latest)
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            first = start_step if epoch == start_epoch else 0
+            lr = optimisation.learning_rate(settings.optimisation, epoch, epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = torch.tensor(partial if epoch == start_epoch else [0.0, 0], dtype=torch.float64,
+                                device=ctx.device)
+            started, done_steps = time.time(), first
+            batches = source.train(epoch=epoch, first_step=first, steps=steps - first, rank=ctx.rank,
+                                   world_size=ctx.world_size, batch_size=local_batch,
+                                   seed=derive_seed(settings.seed, _TAG_DATA, epoch))
+            model.train()
+            for step, batch in _progress(zip(range(first, steps), batches), steps - first,
+                                         f"epoch {epoch + 1}/{epochs}", ctx.is_main):
+                seeds = sample_seeds(settings.seed, _TAG_SAMPLE, epoch, step, ctx.rank * local_batch,
+                                     batch["image"].shape[0])
+                view = to_device(method.make_view(batch, seeds), ctx.device)
+                # Global RNG (drop-path, dropout) seeded from the position in the run.
+                torch.manual_seed(derive_seed(settings.seed, _TAG_TORCH, epoch, step, ctx.rank))
+                loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
+                sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+                done_steps = step + 1
+                global_step = epoch * steps + done_steps
+                if settings.log_every_steps and global_step % settings.log_every_steps == 0:
+                    logger.step(global_step, float(loss))
+                if stop_now:
+                    return preempted(stop, epoch, done_steps, sums.tolist())
+            if done_steps < steps:
+                raise RuntimeError(f"the batch source ended after {done_steps} of {steps} steps in epoch {epoch}")
+            seconds = time.time() - started
+            val_loss = validate(model, method, source, settings, ctx, local_batch, amp_context)
+            distributed.all_reduce_sum(sums, ctx)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": float(sums[0] / sums[1]),
+                "val_loss": val_loss,
+                "lr": lr,
+                "epoch_seconds": round(seconds, 3),
+                "samples_per_second": round((steps - first) * settings.total_batch_size / max(seconds, 1e-9), 3),
+            }
+            logger.epoch(row)
+            if ctx.is_main:
+                log.info("epoch %d/%d: train loss %.5f, val loss %.5f, lr %.3g, %.1f s", epoch + 1, epochs,
+                         row["train_loss"], val_loss, lr, seconds)
+            epochs_done = epoch + 1
+            if epochs_done < epochs and epochs_done % max(settings.checkpoint_every, 1) == 0:
+                save(latest, epochs_done, 0)
+            if epochs_done < epochs:
+                flag = torch.tensor([1.0 if stop.requested else 0.0], device=ctx.device)
+                if distributed.all_reduce_max(flag, ctx)[0] > 0:
+                    return preempted(stop, epochs_done, 0, None)
+
+    save(final, epochs, 0)
+    if ctx.is_main:
+        latest.unlink(missing_ok=True)
+        (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
+        log.info("pre-training done: %s", final)
+    logger.close()
+    return Outcome("finished", epochs, final)

@@ -1,0 +1,272 @@
+"""The pre-training engine on the small networks and crops of the MNI152 template: schedules, logs,
+DDP over two gloo processes, exact resume after kill -9, and checkpoint-and-exit on SIGTERM/SIGUSR1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from openmind_bench.train import checkpoint, launch, optimisation, settings as run_settings, trainer
+from openmind_bench.train.batches import TemplateBatches
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+SMALL = {
+    "patch_size": [32, 32, 32],
+    "epochs": 3,
+    "steps_per_epoch": 3,
+    "val_steps": 1,
+    "total_batch_size": 2,
+    "checkpoint_every": 1,
+    "log_every_steps": 1,
+    "method_settings": {"mae_cnn": {"block_size": 8}, "spark3d": {"block_size": 8}},
+    "optimisation": {"transformer": {"warmup_epochs": 1}},
+}
+
+
+def small_settings(out_dir: Path, method: str = "mae", arch: str = "ResEncTiny", **overrides):
+    section = run_settings.deep_update(json.loads(json.dumps(SMALL)), overrides)
+    settings = run_settings.resolve(section, method, arch, out_dir=str(out_dir))
+    settings.batch_source = "openmind_bench.train.batches:template_batches"
+    settings.threads = 1
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def final_weights(out_dir: Path) -> dict:
+    state = checkpoint.load(Path(out_dir) / checkpoint.FINAL)
+    return {**state["network_weights"], **{f"pretext.{k}": v for k, v in state["pretext_weights"].items()}}
+
+
+def progress_rows(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "progress.csv"
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def worker_env() -> dict:
+    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+
+def test_schedules_follow_nnssl():
+    cnn = run_settings.DEFAULTS["optimisation"]["cnn"]
+    assert optimisation.learning_rate(cnn, 0, 1000) == pytest.approx(1e-2)
+    assert optimisation.learning_rate(cnn, 500, 1000) == pytest.approx(1e-2 * 0.5**0.9)
+    assert optimisation.learning_rate(cnn, 999, 1000) == pytest.approx(1e-2 * 0.001**0.9)
+    primus = run_settings.DEFAULTS["optimisation"]["transformer"]
+    assert optimisation.learning_rate(primus, 0, 1000) == pytest.approx(3e-4 / 50)
+    assert optimisation.learning_rate(primus, 49, 1000) == pytest.approx(3e-4)
+    assert optimisation.learning_rate(primus, 50, 1000) == pytest.approx(3e-4)
+    assert optimisation.learning_rate(primus, 525, 1000) == pytest.approx(3e-4 * 0.5**0.9)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        optimisation.learning_rate(primus, 0, 50)
+    sgd = optimisation.build_optimizer(torch.nn.Linear(2, 2).parameters(), cnn, torch.device("cpu"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.99
+    adamw = optimisation.build_optimizer(torch.nn.Linear(2, 2).parameters(), primus, torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.98)
+
+
+def test_settings_resolve_per_run(tmp_path):
+    s = run_settings.resolve({}, "spark3d_anat_anon", "ResEncL", out_dir=str(tmp_path), selection="sel")
+    assert s.optimisation["optimizer"] == "sgd" and s.optimisation["grad_clip"] == 12.0
+    assert s.method_settings == {}  # overrides only; DEFAULTS of the implementation apply in the job
+    assert run_settings.resolve({"method_settings": {"spark3d": {"block_size": 32}}}, "spark3d", "ResEncL",
+                                out_dir=str(tmp_path)).method_settings == {"block_size": 32}
+    assert s.anatomy_aware and s.epochs == 1000 and s.steps_per_epoch == 250 and s.total_batch_size == 8
+    assert run_settings.PretrainSettings.from_dict(s.to_dict()) == s
+    p = run_settings.resolve({"optimisation": {"transformer": {"warmup_epochs": 5}}}, "mae", "PrimusM",
+                             out_dir=str(tmp_path))
+    assert p.optimisation == {**run_settings.DEFAULTS["optimisation"]["transformer"], "warmup_epochs": 5}
+    with pytest.raises(ValueError, match="no implementation for transformer"):
+        run_settings.resolve({}, "spark3d", "PrimusM", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="token size"):
+        run_settings.resolve({"patch_size": [100, 100, 100]}, "mae", "PrimusM", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown key"):
+        run_settings.PretrainSettings.from_dict({**s.to_dict(), "epochz": 3})
+
+
+def test_schema_fragment_matches_the_defaults(repo):
+    """Once the workflow schema carries the `pretrain` section, its defaults are the engine's."""
+    schema = yaml.safe_load((repo / "config" / "schema.yaml").read_text())
+    section = schema["properties"].get("pretrain")
+    if section is None:
+        pytest.skip("config/schema.yaml has no pretrain section yet")
+    from openmind_bench import config as cfg
+
+    assert cfg.validate({}, repo / "config" / "schema.yaml")["pretrain"] == run_settings.DEFAULTS
+
+
+def test_run_logs_checkpoints_and_is_idempotent(tmp_path):
+    s = small_settings(tmp_path / "run", "spark3d_anon", epochs=2)
+    outcome = trainer.run(s)
+    assert outcome.status == "finished"
+    out = Path(s.out_dir)
+    assert (out / checkpoint.FINAL).exists() and not (out / checkpoint.LATEST).exists()
+    rows = progress_rows(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(float(r["val_loss"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "settings.json").read_text())["method"] == "spark3d_anon"
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
+    assert trainer.run(s).status == "already_done"
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 gloo processes (1 sample each) ends with the weights of 1 process on the
+    2-sample batch. Spark3D with anonymisation-aware loss: per-sample mask ratios and loss weights."""
+    one = small_settings(tmp_path / "one", "spark3d_anon", epochs=2, steps_per_epoch=2)
+    two = small_settings(tmp_path / "two", "spark3d_anon", epochs=2, steps_per_epoch=2)
+    assert launch.launch(two, nproc=2, threads=2) == 0
+    assert trainer.run(one).status == "finished"
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    torch.manual_seed(trainer.derive_seed(one.seed, 0))  # the engine's initial weights
+    initial = one.arch().build(one.patch_size).state_dict()
+    moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.allclose(v, a[k])]
+    assert len(moved) > 0.5 * len(initial)  # training happened: the equality is not the initial state's
+    rows_one, rows_two = progress_rows(tmp_path / "one"), progress_rows(tmp_path / "two")
+    for r1, r2 in zip(rows_one, rows_two):
+        assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-4)
+        assert float(r1["val_loss"]) == pytest.approx(float(r2["val_loss"]), rel=1e-4)
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
+    reference = small_settings(tmp_path / "reference", "mae_anon", "PrimusTiny", epochs=5, steps_per_epoch=4)
+    assert trainer.run(reference).status == "finished"
+
+    killed = small_settings(tmp_path / "killed", "mae_anon", "PrimusTiny", epochs=5, steps_per_epoch=4)
+    Path(killed.out_dir).mkdir(parents=True)
+    killed.write(Path(killed.out_dir) / "settings.json")
+    proc = subprocess.Popen([sys.executable, "-m", "openmind_bench.train.worker", str(Path(killed.out_dir) /
+                                                                                    "settings.json")],
+                            env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(progress_rows(killed.out_dir)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (Path(killed.out_dir) / checkpoint.FINAL).exists(), "the run ended before it was killed"
+    state = checkpoint.load(Path(killed.out_dir) / checkpoint.LATEST)
+    assert 1 <= state["current_epoch"] < 5 and state["step_in_epoch"] == 0
+
+    assert trainer.run(killed).status == "finished"
+    a, b = final_weights(tmp_path / "reference"), final_weights(tmp_path / "killed")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+    assert [r["epoch"] for r in progress_rows(killed.out_dir)] == [str(e) for e in range(1, 6)]
+
+
+def test_sigterm_mid_epoch_checkpoints_then_resumes_exactly(tmp_path):
+    """SIGTERM arriving at step 2 of epoch 2: the run checkpoints that step and returns; resumed, it
+    ends exactly where an uninterrupted run ends (the template source can seek)."""
+
+    class SignalAtStep(TemplateBatches):
+        def train(self, *, epoch, first_step, **kwargs):
+            for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+                if (epoch, step) == (1, 1):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    reference = small_settings(tmp_path / "reference", "simmim_anon", "PrimusTiny", epochs=3, steps_per_epoch=4)
+    assert trainer.run(reference).status == "finished"
+    s = small_settings(tmp_path / "stopped", "simmim_anon", "PrimusTiny", epochs=3, steps_per_epoch=4)
+    outcome = trainer.run(s, SignalAtStep(s))
+    assert outcome.status == "preempted"
+    out = Path(s.out_dir)
+    state = checkpoint.load(out / checkpoint.LATEST)
+    assert (state["current_epoch"], state["step_in_epoch"]) == (1, 2)
+    assert json.loads((out / checkpoint.PREEMPTED).read_text())["signal"] == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+
+    assert trainer.run(s, TemplateBatches(s)).status == "finished"
+    assert not (out / checkpoint.PREEMPTED).exists()
+    a, b = final_weights(tmp_path / "reference"), final_weights(out)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_launcher_turns_sigusr1_into_a_checkpoint_and_the_preemption_code(tmp_path, caplog):
+    """SLURM's warning signal (SIGUSR1) reaches the launcher, which torchrun would not survive: the
+    launcher passes SIGTERM on, the worker checkpoints and exits, and the launcher returns
+    `preemption_exit_code` (resuming is tested in-process above)."""
+    s = small_settings(tmp_path / "run", "simmim", "PrimusTiny", epochs=2, steps_per_epoch=25,
+                       preemption_exit_code=75)
+
+    def signal_after_first_epoch():
+        deadline = time.time() + 120
+        while not progress_rows(s.out_dir) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)  # to this process, where the launcher runs
+
+    watcher = threading.Thread(target=signal_after_first_epoch, daemon=True)
+    watcher.start()
+    with caplog.at_level(logging.INFO, logger="openmind_bench"):
+        code = launch.launch(s, nproc=1, threads=1)
+    watcher.join()
+    assert code == 75
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the launcher's handler is gone again
+    out = Path(s.out_dir)
+    assert not (out / checkpoint.FINAL).exists()
+    state = checkpoint.load(out / checkpoint.LATEST)
+    assert state["current_epoch"] >= 1 and state["nnssl_adaptation_plan"]["key_to_encoder"] == "eva"
+    assert "SIGTERM" in (out / checkpoint.PREEMPTED).read_text()
+    assert "stopped by SIGUSR1" in caplog.text
+    assert "epoch 1/2" in caplog.text  # the workers' log reaches the job's log through the launcher
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    s = small_settings(tmp_path / "run", "mae", epochs=1, steps_per_epoch=1)
+    trainer.run(s)
+    out = Path(s.out_dir)
+    (out / checkpoint.FINAL).rename(out / checkpoint.LATEST)
+    other = small_settings(tmp_path / "run", "mae_anon", epochs=2, steps_per_epoch=1)
+    with pytest.raises(ValueError, match=r"checkpoint_latest.pt was written by a run with other settings \(method\)"):
+        trainer.run(other)
+
+
+def test_a_short_batch_source_is_an_error(tmp_path):
+    class Short(TemplateBatches):
+        def train(self, *, steps, **kwargs):
+            return super().train(steps=steps - 1, **kwargs)
+
+    s = small_settings(tmp_path / "run", epochs=1)
+    with pytest.raises(RuntimeError, match="ended after 2 of 3 steps"):
+        trainer.run(s, Short(s))
+
+
+def test_cli_parses_overrides_into_the_pretrain_section():
+    import argparse
+
+    from openmind_bench.train import cli
+
+    assert cli._parse_set(["epochs=2", "optimisation.transformer.warmup_epochs=1", "patch_size=[32, 32, 32]"]) == {
+        "epochs": 2, "optimisation": {"transformer": {"warmup_epochs": 1}}, "patch_size": [32, 32, 32]}
+    with pytest.raises(ValueError, match="key=value"):
+        cli._parse_set(["epochs"])
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["pretrain", "--method", "mae", "--arch", "PrimusTiny", "--train-data", "t.json",
+                              "--out", "run", "--nproc", "2", "--set", "epochs=2"])
+    assert args.func is cli.run and args.nproc == 2 and args.set == ["epochs=2"]
