@@ -140,7 +140,7 @@ def dataset_ids() -> list[str]:
 # ---------------------------------------------------------------------------------- geometry
 
 
-def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -200,7 +200,7 @@ def rician(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarra
     return np.sqrt((img + n1) ** 2 + n2**2)
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.int16, scale: float = 1.0) -> None:
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.int16, scale: float = 1.0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = np.round(data * scale).astype(dtype) if dtype != np.uint8 else data.astype(np.uint8)
     img = nib.Nifti1Image(out, affine)
@@ -270,7 +270,7 @@ class DemoBuilder:
         sessions = s.sessions or [""]
         for ses in sessions:
             rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), int(ses or 0)])
-            rotation = _rotation(rng, 10.0)
+            rotation = random_rotation(rng, 10.0)
             shift = rng.uniform(-6, 6, 3)
             lesions = lesion_map(self.head, rng, n=4 if s.truth["health_status"] == "patient" else 0)
             flips = [(), (0,), (0, 1)][rng.integers(0, 3)]
@@ -342,7 +342,7 @@ class DemoBuilder:
         image, affine_out = flip_axes(image, affine, flips)
         folder, name = self._stem(s, ses, modality)
         rel = f"{folder}/anat/{name}.nii.gz"
-        _save(image, affine_out, self.root / spec.id / rel, scale=1000.0 / max(float(np.percentile(image, 99.5)), 1e-6))
+        save_nifti(image, affine_out, self.root / spec.id / rel, scale=1000.0 / max(float(np.percentile(image, 99.5)), 1e-6))
         side = self._sidecar(spec, modality, img_rng)
         if side is not None:
             atomic.write_json(self.root / spec.id / f"{folder}/anat/{name}.json", side)
@@ -350,7 +350,7 @@ class DemoBuilder:
         masks = {}
         for kind, mask in (("anon", anon), ("anat", anat), ("brain", brain_m)):
             data, aff = flip_axes(mask.astype(np.uint8), affine, flips)
-            _save(data, aff, gt / f"{name}_mask-{kind}.nii.gz", dtype=np.uint8)
+            save_nifti(data, aff, gt / f"{name}_mask-{kind}.nii.gz", dtype=np.uint8)
             masks[kind] = f"ground_truth/{spec.id}/{folder}/{name}_mask-{kind}.nii.gz"
         self.truth["images"][f"{spec.id}/{rel}"] = {
             "modality": modality, "spacing": [round(float(v), 4) for v in spacing], "shape": list(shape),
@@ -379,7 +379,7 @@ class DemoBuilder:
             s0 = resample(contrast_image(self.head, "T2w", lesions, dwi_rng), self.head.affine, affine, shape, 1)
             data = dwi_signal(s0, fields, bvals, bvecs)
             data = rician(data, 0.02 * float(data[..., 0].max()), dwi_rng)
-            _save(data, affine, out / f"{name}.nii.gz", scale=1000.0 / max(float(data.max()), 1e-6))
+            save_nifti(data, affine, out / f"{name}.nii.gz", scale=1000.0 / max(float(data.max()), 1e-6))
             origin = "synthetic tensor model on the MNI152 tissue maps, dipy 55dir_grad table"
         else:
             from dipy.data import get_fnames
@@ -390,7 +390,7 @@ class DemoBuilder:
             bvals, bvecs = np.loadtxt(fbval), np.loadtxt(fbvec)
             if bvecs.shape[0] != 3:
                 bvecs = bvecs.T  # dipy ships some tables as N x 3; BIDS wants 3 rows
-            _save(data.astype(np.float32), affine, out / f"{name}.nii.gz", dtype=np.int16)
+            save_nifti(data.astype(np.float32), affine, out / f"{name}.nii.gz", dtype=np.int16)
             origin = f"real DWI from dipy '{s.dwi}' (its table kept as shipped, NaN rows included)"
         np.savetxt(out / f"{name}.bval", bvals[None, :], fmt="%g")
         np.savetxt(out / f"{name}.bvec", bvecs, fmt="%.6f")

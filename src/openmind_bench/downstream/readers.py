@@ -1,0 +1,328 @@
+"""Read downstream datasets as users already have them.
+
+Segmentation: the nnU-Net raw format::
+
+    DatasetXXX_Name/
+      dataset.json     {"channel_names": {"0": "T1w", ...}, "labels": {"background": 0, ...},
+                        "numTraining": N, "file_ending": ".nii.gz"}
+      imagesTr/{case}_{0000..}{file_ending}   one file per channel
+      labelsTr/{case}{file_ending}
+
+Classification: a folder of images plus a labels table::
+
+    Name/
+      imagesTr/{case}_{0000..}{file_ending}
+      labels.csv       case,label[,subject][,site]   label: class name or class index
+
+Patient grouping comes from the registry: a `metadata` CSV (case,subject[,site]) in the dataset
+folder, or a `subject_pattern` on the case id; otherwise every case is its own subject.
+
+A dataset that cannot be read at all (folder missing, dataset.json malformed, channels or labels
+contradicting the registry) raises `DatasetError` naming it; `read_datasets` collects those per
+dataset and goes on with the others. A single broken case (a channel missing, an unreadable
+header, grids that disagree) is rejected with its reason and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from openmind_bench.downstream.registry import DatasetSpec, Registry, RegistryError
+from openmind_bench.qc import Rejections
+
+log = logging.getLogger(__name__)
+
+DATASET_JSON_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+
+
+class DatasetError(ValueError):
+    """A downstream dataset that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    images: tuple[Path, ...]  # one per input channel, in channel order
+    subject: str
+    site: str = ""
+    label: Path | None = None  # segmentation: the label image
+    target: int | None = None  # classification: the class index
+
+
+@dataclass
+class DownstreamData:
+    spec: DatasetSpec
+    cases: list[Case]
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file or case, reason)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(f"dataset {self.name}: no case {case_id!r}")
+
+    def record_rejections(self, rejections: Rejections) -> None:
+        """Copy the rejected cases into a QC rejection record (one row each)."""
+        for item, reason in self.rejected:
+            rejections.add(item, reason, dataset=self.name)
+
+
+def _error(spec: DatasetSpec, message: str) -> DatasetError:
+    return DatasetError(f"dataset {spec.name} ({spec.source}): {message}")
+
+
+def _read_dataset_json(spec: DatasetSpec) -> dict:
+    path = spec.source / "dataset.json"
+    if not path.is_file():
+        raise _error(spec, "dataset.json is missing (nnU-Net raw format expected)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _error(spec, f"dataset.json is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise _error(spec, "dataset.json must hold an object")
+    if "channel_names" not in doc and "modality" in doc:
+        doc["channel_names"] = doc["modality"]  # nnU-Net v1 name of the same field
+    missing = [k for k in DATASET_JSON_KEYS if k not in doc]
+    if missing:
+        raise _error(spec, f"dataset.json lacks {missing} (needs {list(DATASET_JSON_KEYS)})")
+    channels = doc["channel_names"]
+    if not isinstance(channels, dict) or sorted(channels) != [str(i) for i in range(len(channels))]:
+        raise _error(spec, f"dataset.json channel_names must map '0'..'C-1' to names, got {channels!r}")
+    if len(channels) != spec.channels:
+        raise _error(spec, f"dataset.json has {len(channels)} channel(s) {list(channels.values())}, "
+                           f"the registry {spec.channels} {list(spec.modalities)}")
+    names = [str(channels[str(i)]) for i in range(len(channels))]
+    if [n.lower() for n in names] != [m.lower() for m in spec.modalities]:
+        log.warning("dataset %s: dataset.json calls the channels %s, the registry %s (order taken as given)",
+                    spec.name, names, list(spec.modalities))
+    labels = doc["labels"]
+    if not isinstance(labels, dict):
+        raise _error(spec, "dataset.json labels must be a mapping of name -> value")
+    normalised = {str(k): tuple(v) if isinstance(v, list) else v for k, v in labels.items()}
+    if sorted(map(str, normalised.values())) != sorted(map(str, spec.labels.values())):
+        raise _error(spec, f"dataset.json labels {labels} do not match the registry's {spec.labels}")
+    if {k: str(v) for k, v in normalised.items()} != {k: str(v) for k, v in spec.labels.items()}:
+        log.warning("dataset %s: dataset.json names the labels %s, the registry %s", spec.name, labels, spec.labels)
+    ending = doc["file_ending"]
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise _error(spec, f"dataset.json file_ending {ending!r} must start with a dot")
+    if not isinstance(doc["numTraining"], int) or doc["numTraining"] < 1:
+        raise _error(spec, f"dataset.json numTraining {doc['numTraining']!r} is not a positive integer")
+    return doc
+
+
+def _channel_files(folder: Path, case_id: str, channels: int, ending: str) -> tuple[list[Path], list[int]]:
+    files = [folder / f"{case_id}_{i:04d}{ending}" for i in range(channels)]
+    return files, [i for i, f in enumerate(files) if not f.is_file()]
+
+
+def _header_problem(files: Iterable[Path]) -> str | None:
+    """Why these files cannot be one case (unreadable, not 3-D, grids that differ), or None."""
+    import nibabel as nib
+
+    grid = None
+    for f in files:
+        try:
+            img = nib.load(str(f))
+            shape = tuple(int(s) for s in img.shape)
+            affine = np.asarray(img.affine)
+        except Exception as e:  # nibabel raises many kinds for broken headers
+            return f"{f.name}: unreadable header ({type(e).__name__}: {e})"
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            return f"{f.name}: not a 3-D image (shape {shape})"
+        if grid is None:
+            grid = (f, shape, affine)
+        elif shape != grid[1] or not np.allclose(affine, grid[2], atol=1e-3):
+            return f"{f.name} is not on the grid of {grid[0].name} (shape {shape} vs {grid[1]})"
+    return None
+
+
+def _grouping(spec: DatasetSpec, case_ids: list[str]) -> tuple[dict[str, tuple[str, str]], list[tuple[str, str]]]:
+    """case -> (subject, site), and the cases the metadata cannot place."""
+    if spec.metadata:
+        path = spec.source / spec.metadata
+        if not path.is_file():
+            raise _error(spec, f"metadata table {spec.metadata} (registry field metadata) does not exist")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if not {"case", "subject"} <= set(table.columns):
+            raise _error(spec, f"metadata table {path.name} needs columns case,subject[,site], has {list(table.columns)}")
+        if table.case.duplicated().any():
+            raise _error(spec, f"metadata table {path.name} lists case(s) twice: {sorted(table.case[table.case.duplicated()])[:5]}")
+        sites = table["site"] if "site" in table.columns else pd.Series([""] * len(table))
+        known = {c: (s or c, site) for c, s, site in zip(table.case, table.subject, sites)}
+        out = {c: known[c] for c in case_ids if c in known}
+        missing = [(c, f"case not in the metadata table {path.name}") for c in case_ids if c not in known]
+        return out, missing
+    if spec.subject_pattern:
+        pattern = re.compile(spec.subject_pattern)
+        out, missing = {}, []
+        for c in case_ids:
+            m = pattern.search(c)
+            if m and m.group("subject"):
+                out[c] = (m.group("subject"), "")
+            else:
+                missing.append((c, f"case id does not match subject_pattern {spec.subject_pattern!r}"))
+        return out, missing
+    return {c: (c, "") for c in case_ids}, []
+
+
+def _read_segmentation(spec: DatasetSpec, check_headers: bool) -> DownstreamData:
+    doc = _read_dataset_json(spec)
+    ending = doc["file_ending"]
+    images, labels = spec.source / "imagesTr", spec.source / "labelsTr"
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise _error(spec, f"folder {folder.name}/ is missing")
+    label_files = sorted(p for p in labels.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+    case_ids = [p.name[: -len(ending)] for p in label_files]
+    rejected: list[tuple[str, str]] = []
+    channel_pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    image_cases = {m.group("case") for p in images.iterdir() if (m := channel_pattern.match(p.name))}
+    for orphan in sorted(image_cases - set(case_ids)):
+        rejected.append((str(images / f"{orphan}_0000{ending}"), "image without a label file in labelsTr"))
+    if doc["numTraining"] != len(case_ids):
+        log.warning("dataset %s: dataset.json numTraining is %d, labelsTr holds %d case(s)",
+                    spec.name, doc["numTraining"], len(case_ids))
+    groups, ungrouped = _grouping(spec, case_ids)
+    rejected += [(str(labels / f"{c}{ending}"), reason) for c, reason in ungrouped]
+    cases = []
+    for case_id, label in zip(case_ids, label_files):
+        if case_id not in groups:
+            continue
+        files, missing = _channel_files(images, case_id, spec.channels, ending)
+        if missing:
+            rejected.append((str(label), f"channel(s) {missing} missing in imagesTr"))
+            continue
+        if check_headers:
+            problem = _header_problem([*files, label])
+            if problem:
+                rejected.append((str(label), problem))
+                continue
+        subject, site = groups[case_id]
+        cases.append(Case(case_id, tuple(files), subject, site, label=label))
+    return DownstreamData(spec, cases, rejected)
+
+
+def _read_classification(spec: DatasetSpec, check_headers: bool) -> DownstreamData:
+    table_path = spec.source / spec.labels_csv
+    if not table_path.is_file():
+        raise _error(spec, f"labels table {spec.labels_csv} is missing")
+    try:
+        table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise _error(spec, f"labels table {spec.labels_csv} cannot be read as CSV: {e}") from None
+    if not {"case", "label"} <= set(table.columns):
+        raise _error(spec, f"labels table {spec.labels_csv} needs columns case,label[,subject][,site], "
+                           f"has {list(table.columns)}")
+    if (table.case == "").any():
+        raise _error(spec, f"labels table {spec.labels_csv} has rows without a case id")
+    dup = sorted(set(table.case[table.case.duplicated()]))
+    if dup:
+        raise _error(spec, f"labels table {spec.labels_csv} lists case(s) twice: {dup[:5]}")
+    images = spec.source / spec.images_dir
+    if not images.is_dir():
+        raise _error(spec, f"image folder {spec.images_dir}/ is missing")
+    by_name = {k.lower(): v for k, v in spec.labels.items()}
+    groups, ungrouped = _grouping(spec, list(table.case)) if spec.metadata or spec.subject_pattern else ({}, [])
+    rejected = [(c, reason) for c, reason in ungrouped]
+    cases = []
+    for _, row in table.iterrows():
+        case_id, raw = row.case, row.label.strip()
+        if raw.lower() in by_name:
+            target = by_name[raw.lower()]
+        elif raw.isdigit() and int(raw) in spec.labels.values():
+            target = int(raw)
+        else:
+            rejected.append((case_id, f"label {raw!r} is not one of {spec.class_names} (or their indices)"))
+            continue
+        files, missing = _channel_files(images, case_id, spec.channels, spec.file_ending)
+        if missing:
+            rejected.append((case_id, f"channel(s) {missing} missing in {spec.images_dir}/"))
+            continue
+        if check_headers:
+            problem = _header_problem(files)
+            if problem:
+                rejected.append((case_id, problem))
+                continue
+        if spec.metadata or spec.subject_pattern:
+            if case_id not in groups:
+                continue
+            subject, site = groups[case_id]
+        else:
+            subject = row.get("subject", "") or case_id
+            site = row.get("site", "")
+        cases.append(Case(case_id, tuple(files), subject, site, target=target))
+    orphans = sorted({m.group("case") for p in images.iterdir()
+                      if (m := re.match(r"^(?P<case>.+)_\d{4}" + re.escape(spec.file_ending) + "$", p.name))}
+                     - set(table.case))
+    rejected += [(str(images / f"{c}_0000{spec.file_ending}"), f"image without a row in {spec.labels_csv}")
+                 for c in orphans]
+    return DownstreamData(spec, cases, rejected)
+
+
+def read_dataset(spec: DatasetSpec, check_headers: bool = True) -> DownstreamData:
+    """One dataset's usable cases (and its rejected ones); raises DatasetError if none can be used."""
+    if not spec.source.is_dir():
+        raise _error(spec, "source folder does not exist (registry field source, under the downstream root)")
+    reader = _read_segmentation if spec.task == "seg" else _read_classification
+    data = reader(spec, check_headers)
+    for item, reason in data.rejected:
+        log.warning("dataset %s: rejected %s: %s", spec.name, item, reason)
+    if not data.cases:
+        raise _error(spec, f"no usable case ({len(data.rejected)} rejected"
+                           + (f", first: {data.rejected[0][1]}" if data.rejected else "") + ")")
+    return data
+
+
+def read_datasets(registry: Registry, names: Iterable[str] | None = None,
+                  check_headers: bool = True) -> tuple[dict[str, DownstreamData], dict[str, str]]:
+    """Every requested dataset that can be read, and an error message for each one that cannot."""
+    names = list(names) if names is not None else list(registry.datasets) + list(registry.errors)
+    data, errors = {}, {}
+    for name in names:
+        try:
+            data[name] = read_dataset(registry.get(name), check_headers=check_headers)
+        except (RegistryError, DatasetError, OSError) as e:
+            errors[name] = str(e)
+            log.error("%s", e)
+    return data, errors
+
+
+def case_table(data: DownstreamData, volumes: bool = True) -> pd.DataFrame:
+    """One row per case: case, subject, site and what splits balance.
+
+    Segmentation adds, per foreground label, `present:<label>` (0/1) and `volume_ml:<label>` (read
+    from the label images when `volumes`); classification adds `label` (the class index).
+    """
+    import nibabel as nib
+
+    rows = []
+    for c in data.cases:
+        row = {"case": c.case_id, "subject": c.subject, "site": c.site}
+        if data.spec.task == "cls":
+            row["label"] = c.target
+        elif volumes:
+            img = nib.load(str(c.label))
+            seg = np.asarray(img.dataobj)
+            voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+            for name, value in data.spec.foreground.items():
+                n = int(np.count_nonzero(np.isin(seg, value) if isinstance(value, tuple) else seg == value))
+                row[f"present:{name}"] = int(n > 0)
+                row[f"volume_ml:{name}"] = n * voxel_ml
+        rows.append(row)
+    return pd.DataFrame(rows)

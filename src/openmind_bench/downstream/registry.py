@@ -1,0 +1,242 @@
+"""The downstream dataset registry (`config/downstream_datasets.yaml`): load and check every entry.
+
+File shape (the aggregation stage reads `task`, `role`, `domain` of the same file)::
+
+    root: data/downstream            # where `source` paths start; config `downstream.root` wins
+    datasets:
+      ATL:
+        task: seg                    # seg | cls
+        role: dev                    # dev (method development, k folds) | test
+        domain: id                   # id | ood (relative to the pre-training data)
+        title: ATLAS R2.0 stroke lesions
+        source: Dataset203_ATLAS     # under root (or absolute): nnU-Net raw folder / image folder
+        modalities: [T1w]            # input channels, in channel order
+        labels: {background: 0, lesion: 1}   # seg: nnU-Net labels (a list = region); cls: class -> index
+        nsd_tolerance_mm: 1.0        # seg only
+        metadata: case_metadata.csv  # optional, under source: case,subject[,site] (patient grouping)
+        subject_pattern: '^(?P<subject>.+)_ses'   # optional alternative: subject id from the case id
+        zero_shot_from: BRM          # optional: also scored with models fine-tuned on BRM, untrained here
+        reference: Liew et al. 2022, Sci Data
+        uncertain: {role: why it is uncertain, ...}   # one note per field the papers do not settle
+
+Classification folders hold `images_dir` (default `imagesTr`) with `{case}_{0000..}{file_ending}`
+and `labels_csv` (default `labels.csv`, columns case,label[,subject][,site]).
+
+Problems are reported per dataset: a bad entry is left out and its error, naming the dataset and
+the field, is kept in `Registry.errors`; the other datasets stay usable. Only a file that is not a
+registry at all raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from openmind_bench.aggregate.registry import ALLOWED
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "config/downstream_datasets.yaml"
+DEFAULT_ROOT = "data/downstream"
+FORMATS = {"seg": "nnunet_raw", "cls": "image_folder"}
+REQUIRED = ("task", "role", "domain", "source", "modalities", "labels")
+OPTIONAL = ("title", "format", "nsd_tolerance_mm", "metadata", "subject_pattern", "zero_shot_from",
+            "reference", "uncertain", "images_dir", "labels_csv", "file_ending", "notes")
+UNCERTAIN_KEYS = set(REQUIRED) | set(OPTIONAL) | {"identity"}
+
+
+class RegistryError(ValueError):
+    """A registry file that cannot be read, or a dataset entry that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One checked registry entry; `source` is resolved against the root."""
+
+    name: str
+    task: str
+    role: str
+    domain: str
+    source: Path
+    modalities: tuple[str, ...]
+    labels: dict
+    format: str
+    title: str = ""
+    nsd_tolerance_mm: float | None = None
+    metadata: str | None = None
+    subject_pattern: str | None = None
+    zero_shot_from: str | None = None
+    reference: str = ""
+    images_dir: str = "imagesTr"
+    labels_csv: str = "labels.csv"
+    file_ending: str = ".nii.gz"
+    uncertain: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def foreground(self) -> dict:
+        """Segmentation labels that are scored (all but background 0)."""
+        return {k: v for k, v in self.labels.items() if v != 0}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Classification classes in index order."""
+        return [k for k, _ in sorted(self.labels.items(), key=lambda kv: kv[1])]
+
+
+@dataclass
+class Registry:
+    path: Path
+    root: Path
+    datasets: dict[str, DatasetSpec]
+    errors: dict[str, str]
+
+    def get(self, name: str) -> DatasetSpec:
+        if name in self.datasets:
+            return self.datasets[name]
+        if name in self.errors:
+            raise RegistryError(self.errors[name])
+        raise RegistryError(f"dataset {name!r} is not in the registry {self.path} "
+                            f"(known: {sorted(set(self.datasets) | set(self.errors))})")
+
+    def names(self, task: str | None = None, role: str | None = None, domain: str | None = None) -> list[str]:
+        """Usable datasets in registry order, optionally filtered."""
+        return [n for n, d in self.datasets.items()
+                if (task is None or d.task == task) and (role is None or d.role == role)
+                and (domain is None or d.domain == domain)]
+
+
+def _fail(path: Path, name: str, key: str, message: str) -> RegistryError:
+    return RegistryError(f"dataset registry {path}: datasets.{name}.{key}: {message}")
+
+
+def _choice(path, name, fields, key) -> str:
+    value = fields.get(key)
+    if value is None:
+        raise _fail(path, name, key, "missing")
+    value = str(value).strip().lower()
+    if value not in ALLOWED[key]:
+        raise _fail(path, name, key, f"{fields.get(key)!r} is not one of {list(ALLOWED[key])}")
+    return value
+
+
+def _labels(path, name, task, raw) -> dict:
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(path, name, "labels", "must be a non-empty mapping of label name -> value")
+    labels = {}
+    for label, value in raw.items():
+        if task == "seg" and isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            labels[str(label)] = tuple(value)  # an nnU-Net region
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            labels[str(label)] = value
+        else:
+            raise _fail(path, name, "labels", f"{label!r}: {value!r} is not a non-negative integer"
+                        + (" or a list of them (a region)" if task == "seg" else ""))
+    ints = [v for v in labels.values() if isinstance(v, int)]
+    if len(ints) != len(set(ints)):
+        raise _fail(path, name, "labels", "two labels share a value")
+    if task == "seg":
+        if 0 not in ints:
+            raise _fail(path, name, "labels", "needs the background label with value 0 (nnU-Net convention)")
+        if len(labels) < 2:
+            raise _fail(path, name, "labels", "needs at least one foreground label")
+    else:
+        if sorted(ints) != list(range(len(labels))) or len(ints) != len(labels):
+            raise _fail(path, name, "labels", f"class indices must be 0..{len(labels) - 1}, got {sorted(labels.values())}")
+        if len(labels) < 2:
+            raise _fail(path, name, "labels", "a classification set needs at least two classes")
+    return labels
+
+
+def _entry(path: Path, root: Path, name: str, fields) -> DatasetSpec:
+    if not isinstance(fields, dict):
+        raise RegistryError(f"dataset registry {path}: datasets.{name} must be a mapping of fields")
+    unknown = sorted(set(fields) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise _fail(path, name, unknown[0], f"unknown field (known: {sorted(set(REQUIRED) | set(OPTIONAL))})")
+    task = _choice(path, name, fields, "task")
+    role = _choice(path, name, fields, "role")
+    domain = _choice(path, name, fields, "domain")
+    source = fields.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise _fail(path, name, "source", "missing or empty (a folder under the root, or an absolute path)")
+    modalities = fields.get("modalities")
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) and m for m in modalities):
+        raise _fail(path, name, "modalities", "must be a non-empty list of channel names, in channel order")
+    labels = _labels(path, name, task, fields.get("labels"))
+    fmt = fields.get("format", FORMATS[task])
+    if fmt != FORMATS[task]:
+        raise _fail(path, name, "format", f"{fmt!r}: a {task} dataset is read as {FORMATS[task]!r}")
+    tolerance = fields.get("nsd_tolerance_mm")
+    if task == "seg":
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+            raise _fail(path, name, "nsd_tolerance_mm", f"{tolerance!r}: a segmentation set needs a tolerance > 0 (mm)")
+        tolerance = float(tolerance)
+    elif tolerance is not None:
+        raise _fail(path, name, "nsd_tolerance_mm", "only segmentation sets have an NSD tolerance")
+    pattern = fields.get("subject_pattern")
+    if pattern is not None:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise _fail(path, name, "subject_pattern", f"not a regular expression: {e}") from None
+        if "subject" not in compiled.groupindex:
+            raise _fail(path, name, "subject_pattern", "needs a named group (?P<subject>...)")
+    uncertain = fields.get("uncertain") or {}
+    if not isinstance(uncertain, dict) or not all(isinstance(v, str) and v.strip() for v in uncertain.values()):
+        raise _fail(path, name, "uncertain", "must map field names to a note (text)")
+    bad = sorted(set(uncertain) - UNCERTAIN_KEYS)
+    if bad:
+        raise _fail(path, name, "uncertain", f"{bad[0]!r} is not a field of the entry")
+    ending = str(fields.get("file_ending", ".nii.gz"))
+    if not ending.startswith("."):
+        raise _fail(path, name, "file_ending", f"{ending!r} must start with a dot")
+    src = Path(source).expanduser()
+    return DatasetSpec(
+        name=name, task=task, role=role, domain=domain, source=src if src.is_absolute() else root / src,
+        modalities=tuple(modalities), labels=labels, format=fmt, title=str(fields.get("title", "")),
+        nsd_tolerance_mm=tolerance, metadata=fields.get("metadata"), subject_pattern=pattern,
+        zero_shot_from=fields.get("zero_shot_from"), reference=str(fields.get("reference", "")),
+        images_dir=str(fields.get("images_dir", "imagesTr")), labels_csv=str(fields.get("labels_csv", "labels.csv")),
+        file_ending=ending, uncertain=dict(uncertain),
+    )
+
+
+def load_registry(path: str | Path = DEFAULT_PATH, root: str | Path | None = None) -> Registry:
+    """Read and check the registry. `root` (config `downstream.root`) overrides the file's `root`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegistryError(f"dataset registry {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RegistryError(f"dataset registry {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("datasets"), dict) or not doc["datasets"]:
+        raise RegistryError(f"dataset registry {path}: needs a non-empty mapping 'datasets' of name -> fields")
+    root_path = Path(root if root is not None else doc.get("root") or DEFAULT_ROOT).expanduser()
+    datasets, errors = {}, {}
+    for name, fields in doc["datasets"].items():
+        name = str(name)
+        try:
+            datasets[name] = _entry(path, root_path, name, fields)
+        except RegistryError as e:
+            errors[name] = str(e)
+            log.error("%s", e)
+    for name, spec in list(datasets.items()):
+        if spec.zero_shot_from is not None:
+            other = datasets.get(spec.zero_shot_from)
+            if other is None or other.task != spec.task:
+                errors[name] = str(_fail(path, name, "zero_shot_from",
+                                         f"{spec.zero_shot_from!r} is not a usable {spec.task} dataset of this registry"))
+                log.error("%s", errors[name])
+                del datasets[name]
+    return Registry(path=path, root=root_path, datasets=datasets, errors=errors)

@@ -1,0 +1,329 @@
+"""Fine-tuning schedules as data: phases that say which parameter groups train and how the lr moves.
+
+A schedule is a tuple of `Phase`s run one after the other. Each phase names the parameter groups
+that train during it (the others are frozen), its length in epochs and its lr curve, relative to
+the run's peak lr:
+
+- `linear_warmup`: peak * f * (e + 1) / L for epoch e = 0..L-1 of the phase (nnU-Net/nnssl's
+  `Lin_incr_LRScheduler`: the last warm-up epoch reaches the peak);
+- `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch).
+
+`f` is the phase's `lr_factor` (1 except decoder-only phases of Primus, see below). The rate
+changes once per epoch, as in nnU-Net: step s is in epoch s // steps_per_epoch.
+
+Parameter groups (the fine-tuning engine maps them onto modules with the checkpoint's adaptation
+plan): `stem` (the input projection, `key_to_stem`), `encoder` (`key_to_encoder`, Primus position
+embeddings included) and `decoder` (everything new: the segmentation decoder, or the
+classification head).
+
+The five schedules of the OpenMind benchmark (`TEMPLATES`), with D the decoder warm-up and W the
+whole-network warm-up length from config:
+
+- default: the whole net, poly from the peak over all epochs;
+- frozen: only the decoder trains, poly from the peak; stem and encoder stay as loaded;
+- warmup: the whole net, linear warm-up over W, then poly;
+- valley: the decoder alone with a decreasing (poly) lr over D, then the whole net: linear warm-up
+  over W, then poly;
+- sawtooth: the decoder alone, linear warm-up over D // 2 then poly decay over the rest of D (the
+  public trainer's decoder stage), then the whole net: linear warm-up over W to the full peak,
+  then poly. The public trainer's whole-net warm-up is documented to stop at half the peak and
+  jump; here every warm-up ends at its peak (tested).
+
+The stem stays frozen in every decoder-only phase, also when extra input channels were made by
+repeating it (the multi-channel rule of the MAE paper's Tab. 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GROUPS = ("stem", "encoder", "decoder")
+ALL = frozenset(GROUPS)
+DECODER = frozenset({"decoder"})
+CURVES = ("linear_warmup", "poly")
+REST = "rest"  # length key of the final phase: whatever the others leave
+POLY_EXPONENT = 0.9
+
+# (phase name, trainable groups, curve, length key, lr factor key)
+TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = {
+    "default": (("train", ALL, "poly", REST, None),),
+    "frozen": (("train_decoder", DECODER, "poly", REST, None),),
+    "warmup": (
+        ("warmup", ALL, "linear_warmup", "whole", None),
+        ("train", ALL, "poly", REST, None),
+    ),
+    "valley": (
+        ("decoder", DECODER, "poly", "decoder", "decoder"),
+        ("warmup", ALL, "linear_warmup", "whole", None),
+        ("train", ALL, "poly", REST, None),
+    ),
+    "sawtooth": (
+        ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder"),
+        ("decoder_decay", DECODER, "poly", "decoder_down", "decoder"),
+        ("warmup", ALL, "linear_warmup", "whole", None),
+        ("train", ALL, "poly", REST, None),
+    ),
+}
+SCHEDULE_NAMES = tuple(TEMPLATES)
+
+# Peak lr and optimiser per architecture family (the families of `openmind_bench.nets`: cnn for
+# ResEnc, transformer for Primus), pre-trained vs from scratch (DESIGN section 5).
+PEAK_LR = {("cnn", True): 1e-3, ("cnn", False): 1e-2, ("transformer", True): 1e-4, ("transformer", False): 3e-4}
+OPTIMIZER = {"cnn": "sgd", "transformer": "adamw"}
+FAMILY_ALIASES = {"primus": "transformer"}
+
+# Warm-up lengths (epochs) and the decoder-phase lr factor of the public fine-tuning trainers,
+# per family and fine-tuning length. Primus' decoder-only phases run at a fraction of the peak
+# ("otherwise training collapses", public Primus sawtooth trainer: 0.01 at 1000 epochs, 0.1 at 150).
+DEFAULT_WARMUP = {
+    "cnn": {150: {"decoder": 15, "whole": 15, "decoder_lr_factor": 1.0},
+            1000: {"decoder": 50, "whole": 50, "decoder_lr_factor": 1.0}},
+    "transformer": {150: {"decoder": 15, "whole": 15, "decoder_lr_factor": 0.1},
+               1000: {"decoder": 50, "whole": 50, "decoder_lr_factor": 0.01}},
+}
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run (unknown name, phases longer than the run, bad phase spec)."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    trainable: frozenset
+    curve: str
+    lr_factor: float = 1.0
+
+    def relative_lr(self, epoch_in_phase: int, exponent: float = POLY_EXPONENT) -> float:
+        """lr / peak at `epoch_in_phase` (0-based) of this phase."""
+        length = self.epochs
+        if self.curve == "linear_warmup":
+            return self.lr_factor * (epoch_in_phase + 1) / length
+        return self.lr_factor * (1.0 - epoch_in_phase / length) ** exponent
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A fine-tuning run's lr and freezing plan; `lr(group, step)` and `trainable(step)` are all
+    the engine needs."""
+
+    name: str
+    peak_lr: float
+    epochs: int
+    steps_per_epoch: int
+    phases: tuple[Phase, ...]
+    poly_exponent: float = POLY_EXPONENT
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if sum(p.epochs for p in self.phases) != self.epochs:
+            raise ScheduleError(f"schedule {self.name!r}: phases last {sum(p.epochs for p in self.phases)} "
+                                f"epochs, the run {self.epochs}")
+        starts, at = [], 0
+        for p in self.phases:
+            starts.append(at)
+            at += p.epochs
+        object.__setattr__(self, "_starts", tuple(starts))
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        if not 0 <= step < self.total_steps:
+            raise ScheduleError(f"schedule {self.name!r}: step {step} outside 0..{self.total_steps - 1}")
+        return step // self.steps_per_epoch
+
+    def phase_at(self, step: int) -> tuple[Phase, int]:
+        """The phase that holds `step` and the epoch index inside it."""
+        epoch = self.epoch_of(step)
+        for phase, start in zip(reversed(self.phases), reversed(self._starts)):
+            if epoch >= start:
+                return phase, epoch - start
+        raise AssertionError("unreachable: the first phase starts at epoch 0")
+
+    def trainable(self, step: int) -> frozenset:
+        """Parameter groups that train at `step`; the others must stay bit-identical."""
+        return self.phase_at(step)[0].trainable
+
+    def lr(self, group: str, step: int) -> float:
+        """Learning rate of `group` at `step`; 0.0 while the group is frozen."""
+        if group not in GROUPS:
+            raise ScheduleError(f"unknown parameter group {group!r}; groups are {list(GROUPS)}")
+        phase, e = self.phase_at(step)
+        if group not in phase.trainable:
+            return 0.0
+        return self.peak_lr * phase.relative_lr(e, self.poly_exponent)
+
+    def lrs(self, step: int) -> dict[str, float]:
+        return {g: self.lr(g, step) for g in GROUPS}
+
+    def phase_changes(self) -> list[int]:
+        """First step of every phase after the first (where an engine rebuilds its optimiser's groups)."""
+        return [start * self.steps_per_epoch for start in self._starts[1:]]
+
+    def to_dict(self) -> dict:
+        """Plain description, written next to a run's checkpoints."""
+        return {
+            "name": self.name, "peak_lr": self.peak_lr, "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch, "poly_exponent": self.poly_exponent,
+            "phases": [{"name": p.name, "first_epoch": s, "epochs": p.epochs, "trainable": sorted(p.trainable),
+                        "curve": p.curve, "lr_factor": p.lr_factor} for p, s in zip(self.phases, self._starts)],
+        }
+
+
+def family_of(architecture: str, presets: dict | None = None) -> str:
+    """`cnn` or `transformer` for an architecture preset of `openmind_bench.nets` (ResEncL,
+    PrimusM, ...; `presets` as config `pretrain.architecture_presets`), a family name, or a name
+    that starts like one (resenc..., primus...)."""
+    name = FAMILY_ALIASES.get(architecture.lower(), architecture.lower())
+    if name in ("cnn", "transformer"):
+        return name
+    try:
+        from openmind_bench.nets import resolve
+
+        return resolve(architecture, presets).family
+    except (ImportError, ValueError):
+        pass
+    if name.startswith("primus"):
+        return "transformer"
+    if name.startswith(("resenc", "residual", "plainconv", "unet")):
+        return "cnn"
+    raise ScheduleError(f"architecture {architecture!r}: not a preset of openmind_bench.nets and its name tells "
+                        "neither a CNN (resenc...) nor a transformer (primus...)")
+
+
+def peak_lr(family: str, pretrained: bool, table: dict | None = None) -> float:
+    """The peak lr of a fine-tuning run; `table` ({family: {pretrained: x, scratch: y}}) overrides."""
+    family = FAMILY_ALIASES.get(family, family)
+    table = {FAMILY_ALIASES.get(k, k): v for k, v in (table or {}).items()}
+    if family in table:
+        key = "pretrained" if pretrained else "scratch"
+        if key in table[family]:
+            return float(table[family][key])
+    if (family, pretrained) not in PEAK_LR:
+        raise ScheduleError(f"no peak lr for architecture family {family!r}")
+    return PEAK_LR[(family, pretrained)]
+
+
+def warmup_for(family: str, epochs: int, table: dict | None = None) -> dict:
+    """Warm-up lengths (`decoder`, `whole`) and `decoder_lr_factor` for a run of `epochs`.
+
+    `table` is config's `{family: {epochs: {...}}}` (epoch keys may be strings, as YAML gives them);
+    it wins over the public trainers' values. Fine-tuning lengths listed nowhere get 10% of the
+    epochs for each warm-up (the public 150-epoch ratio), at least one epoch while the run is long
+    enough to keep one epoch for the final phase.
+    """
+    family = FAMILY_ALIASES.get(family, family)
+    defaults = DEFAULT_WARMUP.get(family, {})
+    factor = defaults.get(epochs, defaults.get(150, {})).get("decoder_lr_factor", 1.0)
+    table = {FAMILY_ALIASES.get(k, k): v for k, v in (table or {}).items()}
+    configured = {int(k): v for k, v in (table.get(family) or {}).items()}
+    if epochs in configured:
+        return {"decoder_lr_factor": factor, **configured[epochs]}
+    if epochs in defaults:
+        return dict(defaults[epochs])
+    tenth = max(1, round(0.1 * epochs))
+    budget = max(epochs - 1, 0)  # leave the final poly phase at least one epoch
+    whole = min(tenth, budget // 2)
+    return {"decoder": min(tenth, budget - whole), "whole": whole, "decoder_lr_factor": factor}
+
+
+def _lengths(decoder: int, whole: int) -> dict[str, int]:
+    return {"decoder": decoder, "decoder_up": decoder // 2, "decoder_down": decoder - decoder // 2, "whole": whole}
+
+
+def _parse_groups(value, where: str) -> frozenset:
+    if value == "all":
+        return ALL
+    values = [value] if isinstance(value, str) else list(value or [])
+    unknown = [v for v in values if v not in GROUPS]
+    if not values or unknown:
+        raise ScheduleError(f"{where}: trainable must be 'all' or a list of {list(GROUPS)}, got {value!r}")
+    return frozenset(values)
+
+
+def custom_template(name: str, phases: list[dict]) -> tuple:
+    """A schedule from config, e.g. `[{name: dec, trainable: [decoder], curve: poly, epochs: decoder,
+    lr_factor: decoder}, {name: train, trainable: all, curve: poly, epochs: rest}]`. `epochs` is an
+    int or one of decoder, decoder_up, decoder_down, whole, rest; `lr_factor` a float or `decoder`."""
+    if not isinstance(phases, list) or not phases:
+        raise ScheduleError(f"schedule {name!r}: phases must be a non-empty list")
+    out = []
+    for i, spec in enumerate(phases):
+        where = f"schedule {name!r} phase {i}"
+        if not isinstance(spec, dict):
+            raise ScheduleError(f"{where}: must be a mapping")
+        curve = spec.get("curve", "poly")
+        if curve not in CURVES:
+            raise ScheduleError(f"{where}: curve {curve!r} is not one of {list(CURVES)}")
+        length = spec.get("epochs", REST)
+        if not isinstance(length, int) and length not in (*_lengths(0, 0), REST):
+            raise ScheduleError(f"{where}: epochs {length!r} is not an int or a warm-up name")
+        factor = spec.get("lr_factor")
+        if factor is not None and factor != "decoder" and not isinstance(factor, (int, float)):
+            raise ScheduleError(f"{where}: lr_factor {factor!r} is not a number or 'decoder'")
+        out.append((str(spec.get("name", f"phase{i}")), _parse_groups(spec.get("trainable", "all"), where),
+                    curve, length, factor))
+    if sum(1 for p in out if p[3] == REST) > 1:
+        raise ScheduleError(f"schedule {name!r}: only one phase may take the rest of the epochs")
+    return tuple(out)
+
+
+def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = 250,
+                   decoder_warmup: int = 0, whole_warmup: int = 0, decoder_lr_factor: float = 1.0,
+                   poly_exponent: float = POLY_EXPONENT, custom: dict | None = None) -> Schedule:
+    """The schedule `name` (one of TEMPLATES, or of `custom`: name -> phase list) for one run.
+
+    Phases whose length comes out as 0 are dropped (e.g. a zero-length warm-up).
+    """
+    if custom and name in custom:
+        template = custom_template(name, custom[name])
+    elif name in TEMPLATES:
+        template = TEMPLATES[name]
+    else:
+        known = sorted(set(TEMPLATES) | set(custom or {}))
+        raise ScheduleError(f"unknown fine-tuning schedule {name!r}; known: {known}")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ScheduleError(f"schedule {name!r}: epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be >= 1")
+    if decoder_warmup < 0 or whole_warmup < 0:
+        raise ScheduleError(f"schedule {name!r}: warm-up lengths must be >= 0")
+    lengths = _lengths(int(decoder_warmup), int(whole_warmup))
+    fixed = sum(length if isinstance(length, int) else lengths[length]
+                for _, _, _, length, _ in template if length != REST)
+    rest = epochs - fixed
+    has_rest = any(length == REST for _, _, _, length, _ in template)
+    if (has_rest and rest < 1) or (not has_rest and rest != 0):
+        raise ScheduleError(
+            f"schedule {name!r}: its warm-up phases take {fixed} of {epochs} epochs "
+            f"(decoder warm-up {decoder_warmup}, whole-net warm-up {whole_warmup}); "
+            + ("the final phase needs at least one" if has_rest else "they must add up to the run")
+        )
+    phases = []
+    for phase_name, groups, curve, length, factor in template:
+        n = rest if length == REST else (length if isinstance(length, int) else lengths[length])
+        if n == 0:
+            continue
+        f = decoder_lr_factor if factor == "decoder" else (1.0 if factor is None else float(factor))
+        phases.append(Phase(phase_name, int(n), groups, curve, float(f)))
+    return Schedule(name, float(peak), int(epochs), int(steps_per_epoch), tuple(phases), float(poly_exponent))
+
+
+def schedule_for_run(name: str, architecture: str, pretrained: bool, epochs: int, steps_per_epoch: int = 250,
+                     config: dict | None = None, presets: dict | None = None) -> Schedule:
+    """The schedule of one fine-tuning run from the `downstream` config block (defaults as the papers).
+
+    Reads `peak_lr`, `warmup_epochs`, `poly_exponent` and `custom_schedules` from `config`;
+    `presets` are the architecture presets of the pre-training config, if it adds any.
+    """
+    config = config or {}
+    family = family_of(architecture, presets)
+    warm = warmup_for(family, epochs, config.get("warmup_epochs"))
+    return build_schedule(
+        name, epochs, peak_lr(family, pretrained, config.get("peak_lr")), steps_per_epoch,
+        decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
+        decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
+        poly_exponent=float(config.get("poly_exponent", POLY_EXPONENT)),
+        custom=config.get("custom_schedules"),
+    )

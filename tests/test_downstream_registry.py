@@ -1,0 +1,238 @@
+"""The downstream dataset registry and the readers: the shipped registry, per-dataset errors that
+name the dataset and field, and nnU-Net raw / image-folder datasets with broken parts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from openmind_bench.aggregate.registry import load_registry as load_table_registry
+from openmind_bench.downstream.readers import DatasetError, case_table, read_dataset, read_datasets
+from openmind_bench.downstream.registry import RegistryError, load_registry
+from openmind_bench.qc import Rejections
+
+
+def test_shipped_registry_has_the_benchmark_datasets(repo):
+    reg = load_registry(repo / "config" / "downstream_datasets.yaml")
+    assert reg.errors == {} and len(reg.datasets) == 15
+    assert len(reg.names(task="seg")) == 12 and len(reg.names(task="cls")) == 3
+    assert len(reg.names(task="seg", role="dev")) == 4 and len(reg.names(task="seg", role="test")) == 8
+    assert len(reg.names(task="cls", role="test")) == 3
+    # OpenMind's means fix 9 in-domain and 3 out-of-domain segmentation sets
+    assert len(reg.names(task="seg", domain="id")) == 9 and len(reg.names(task="seg", domain="ood")) == 3
+    assert {"ATL", "COS", "ACD", "ABI"} <= set(reg.datasets)
+    for spec in reg.datasets.values():
+        assert spec.source.is_relative_to(reg.root)
+        if spec.task == "seg":
+            assert spec.nsd_tolerance_mm > 0 and spec.labels.get("background") == 0
+    # every field the papers do not settle says so
+    assert all("identity" in reg.datasets[n].uncertain for n in ("OAS", "ADH", "BTM"))
+    assert reg.datasets["BTM"].zero_shot_from == "BRM"
+    # the aggregation stage reads the same file with the same task/role/domain
+    table = load_table_registry(repo / "config" / "downstream_datasets.yaml")
+    assert list(table) == list(reg.datasets)
+    assert all((table[n].task, table[n].role, table[n].domain) == (s.task, s.role, s.domain)
+               for n, s in reg.datasets.items())
+
+
+def test_demo_registry_and_root_override(repo, tmp_path):
+    reg = load_registry(repo / "config" / "downstream_demo.yaml", root=tmp_path)
+    assert reg.errors == {} and reg.names() == ["DemoLesionT1", "DemoLesionT1FLAIR", "DemoPatientCls"]
+    assert reg.datasets["DemoLesionT1FLAIR"].source == tmp_path / "Dataset902_DemoLesionT1FLAIR"
+    assert reg.datasets["DemoLesionT1FLAIR"].channels == 2
+
+
+def write_registry(path, datasets, root=None):
+    path.write_text(yaml.safe_dump({"root": str(root or path.parent), "datasets": datasets}))
+    return path
+
+
+GOOD = {"task": "seg", "role": "test", "domain": "id", "source": "Seg", "modalities": ["T1w"],
+        "labels": {"background": 0, "lesion": 1}, "nsd_tolerance_mm": 1.0}
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"task": "segmentation"}, "task", "not one of"),
+    ({"nsd_tolerance_mm": None}, "nsd_tolerance_mm", "needs a tolerance"),
+    ({"labels": {"lesion": 1}}, "labels", "background"),
+    ({"modalities": []}, "modalities", "non-empty list"),
+    ({"nsd_tolerence_mm": 1.0}, "nsd_tolerence_mm", "unknown field"),
+    ({"zero_shot_from": "NOPE"}, "zero_shot_from", "not a usable"),
+    ({"subject_pattern": "(unclosed"}, "subject_pattern", "regular expression"),
+    ({"uncertain": {"colour": "?"}}, "uncertain", "not a field"),
+    ({"task": "cls", "labels": {"a": 0, "b": 2}, "nsd_tolerance_mm": None}, "labels", "0..1"),
+])
+def test_a_bad_entry_names_dataset_and_field_and_the_others_load(tmp_path, change, field, message):
+    bad = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    reg = load_registry(write_registry(tmp_path / "r.yaml", {"GOOD": GOOD, "BAD": bad}))
+    assert list(reg.datasets) == ["GOOD"]
+    assert f"datasets.BAD.{field}" in reg.errors["BAD"] and message in reg.errors["BAD"]
+    with pytest.raises(RegistryError, match=f"datasets.BAD.{field}"):
+        reg.get("BAD")
+    with pytest.raises(RegistryError, match="not in the registry"):
+        reg.get("OTHER")
+
+
+def test_unusable_registry_files_raise(tmp_path):
+    with pytest.raises(RegistryError, match="does not exist"):
+        load_registry(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("datasets: [unclosed\n")
+    with pytest.raises(RegistryError, match="not valid YAML"):
+        load_registry(tmp_path / "bad.yaml")
+    (tmp_path / "empty.yaml").write_text("root: x\n")
+    with pytest.raises(RegistryError, match="non-empty mapping 'datasets'"):
+        load_registry(tmp_path / "empty.yaml")
+
+
+# ------------------------------------------------------------------------------------- readers
+
+
+def save(data, path, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]) if affine is None else affine), str(path))
+
+
+def make_seg_dataset(root, name="Seg", cases=("a_1", "a_2", "b_1", "c_1"), channels=2):
+    folder = root / name
+    rng = np.random.default_rng(0)
+    for i, case in enumerate(cases):
+        label = np.zeros((8, 8, 6), np.uint8)
+        label[2:4 + i, 2:5, 1:3] = 1
+        for ch in range(channels):
+            save(rng.random((8, 8, 6)).astype(np.float32), folder / "imagesTr" / f"{case}_{ch:04d}.nii.gz")
+        save(label, folder / "labelsTr" / f"{case}.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(c): m for c, m in enumerate(["T1w", "FLAIR"][:channels])},
+        "labels": {"background": 0, "lesion": 1}, "numTraining": len(cases), "file_ending": ".nii.gz"}))
+    return folder
+
+
+def make_cls_dataset(root, name="Cls"):
+    folder = root / name
+    rng = np.random.default_rng(1)
+    rows = ["case,label,subject,site"]
+    for i, (case, label) in enumerate([("x1", "patient"), ("x2", "control"), ("y1", "1"), ("z1", "control")]):
+        save(rng.random((6, 6, 6)).astype(np.float32), folder / "imagesTr" / f"{case}_0000.nii.gz")
+        rows.append(f"{case},{label},{case[0]},site{i % 2}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def registry_for(tmp_path, **datasets):
+    return load_registry(write_registry(tmp_path / "registry.yaml", datasets, root=tmp_path / "data"))
+
+
+SEG = {**GOOD, "modalities": ["T1w", "FLAIR"], "subject_pattern": r"^(?P<subject>[a-z])_"}
+CLS = {"task": "cls", "role": "test", "domain": "id", "source": "Cls", "modalities": ["T1w"],
+       "labels": {"control": 0, "patient": 1}}
+
+
+def test_read_segmentation_and_classification(tmp_path):
+    make_seg_dataset(tmp_path / "data")
+    make_cls_dataset(tmp_path / "data")
+    reg = registry_for(tmp_path, Seg=SEG, Cls=CLS)
+    data, errors = read_datasets(reg)
+    assert errors == {}
+    seg = data["Seg"]
+    assert [c.case_id for c in seg.cases] == ["a_1", "a_2", "b_1", "c_1"]
+    assert [c.subject for c in seg.cases] == ["a", "a", "b", "c"]
+    assert seg.case("a_2").images[1].name == "a_2_0001.nii.gz" and seg.rejected == []
+    table = case_table(seg)
+    assert table["present:lesion"].tolist() == [1, 1, 1, 1]
+    assert table["volume_ml:lesion"].tolist() == pytest.approx([12 * 2e-3, 18 * 2e-3, 24 * 2e-3, 30 * 2e-3])
+    cls = data["Cls"]
+    assert [(c.case_id, c.target, c.subject, c.site) for c in cls.cases] == [
+        ("x1", 1, "x", "site0"), ("x2", 0, "x", "site1"), ("y1", 1, "y", "site0"), ("z1", 0, "z", "site1")]
+    assert case_table(cls).label.tolist() == [1, 0, 1, 0]
+
+
+def test_broken_cases_are_rejected_and_skipped(tmp_path):
+    folder = make_seg_dataset(tmp_path / "data")
+    (folder / "imagesTr" / "a_2_0001.nii.gz").unlink()  # a channel missing
+    save(np.zeros((8, 8, 5), np.uint8), folder / "labelsTr" / "b_1.nii.gz")  # label on another grid
+    (folder / "imagesTr" / "c_1_0000.nii.gz").write_bytes(b"not a nifti")  # unreadable
+    save(np.zeros((8, 8, 6), np.float32), folder / "imagesTr" / "d_1_0000.nii.gz")  # image without a label
+    reg = registry_for(tmp_path, Seg=SEG)
+    data = read_dataset(reg.get("Seg"))
+    assert [c.case_id for c in data.cases] == ["a_1"]
+    reasons = dict(data.rejected)
+    assert "channel(s) [1] missing" in reasons[str(folder / "labelsTr" / "a_2.nii.gz")]
+    assert "not on the grid" in reasons[str(folder / "labelsTr" / "b_1.nii.gz")]
+    assert "unreadable header" in reasons[str(folder / "labelsTr" / "c_1.nii.gz")]
+    assert "without a label" in reasons[str(folder / "imagesTr" / "d_1_0000.nii.gz")]
+    record = Rejections("downstream")
+    data.record_rejections(record)
+    assert len(record) == 4 and set(record.frame().dataset) == {"Seg"}
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda f: shutil.rmtree(f), "source folder does not exist"),
+    (lambda f: (f / "dataset.json").write_text("{broken"), "not valid JSON"),
+    (lambda f: (f / "dataset.json").write_text(json.dumps({"labels": {}})), "lacks"),
+    (lambda f: (f / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1w"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 4,
+        "file_ending": ".nii.gz"})), "1 channel"),
+    (lambda f: (f / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1w", "1": "FLAIR"}, "labels": {"background": 0, "lesion": 2}, "numTraining": 4,
+        "file_ending": ".nii.gz"})), "do not match the registry"),
+    (lambda f: shutil.rmtree(f / "labelsTr"), "labelsTr/ is missing"),
+    (lambda f: [p.unlink() for p in (f / "imagesTr").glob("*_0001.nii.gz")], "no usable case"),
+])
+def test_a_broken_dataset_is_reported_by_name_and_the_others_go_on(tmp_path, breakage, message):
+    breakage(make_seg_dataset(tmp_path / "data"))
+    make_cls_dataset(tmp_path / "data")
+    reg = registry_for(tmp_path, Seg=SEG, Cls=CLS)
+    data, errors = read_datasets(reg)
+    assert list(data) == ["Cls"] and list(errors) == ["Seg"]
+    assert errors["Seg"].startswith("dataset Seg (") and message in errors["Seg"]
+
+
+def test_classification_table_problems(tmp_path):
+    folder = make_cls_dataset(tmp_path / "data")
+    text = (folder / "labels.csv").read_text().replace("y1,1,", "y1,maybe,")
+    (folder / "labels.csv").write_text(text)
+    (folder / "imagesTr" / "z1_0000.nii.gz").unlink()
+    reg = registry_for(tmp_path, Cls=CLS)
+    data = read_dataset(reg.get("Cls"))
+    assert [c.case_id for c in data.cases] == ["x1", "x2"]
+    assert dict(data.rejected) == {"y1": "label 'maybe' is not one of ['control', 'patient'] (or their indices)",
+                                   "z1": "channel(s) [0] missing in imagesTr/"}
+    (folder / "labels.csv").write_text(text + "x1,control,x,site0\n")
+    with pytest.raises(DatasetError, match="Cls.*lists case\\(s\\) twice"):
+        read_dataset(reg.get("Cls"))
+    (folder / "labels.csv").write_text("id,diagnosis\nx1,patient\n")
+    with pytest.raises(DatasetError, match="needs columns case,label"):
+        read_dataset(reg.get("Cls"))
+
+
+def test_metadata_table_gives_subjects_and_sites(tmp_path):
+    folder = make_seg_dataset(tmp_path / "data")
+    (folder / "meta.csv").write_text("case,subject,site\na_1,p1,s1\na_2,p1,s1\nb_1,p2,s2\n")
+    reg = registry_for(tmp_path, Seg={**GOOD, "modalities": ["T1w", "FLAIR"], "metadata": "meta.csv"})
+    data = read_dataset(reg.get("Seg"))
+    assert [(c.case_id, c.subject, c.site) for c in data.cases] == [("a_1", "p1", "s1"), ("a_2", "p1", "s1"),
+                                                                    ("b_1", "p2", "s2")]
+    assert "not in the metadata table" in dict(data.rejected)[str(folder / "labelsTr" / "c_1.nii.gz")]
+
+
+def test_check_command_reports_every_dataset(tmp_path, capsys):
+    import argparse
+
+    from openmind_bench.downstream import cli
+
+    make_seg_dataset(tmp_path / "data")
+    write_registry(tmp_path / "registry.yaml", {"Seg": SEG, "Cls": CLS}, root=tmp_path / "data")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["downstream-check", "--registry", str(tmp_path / "registry.yaml")])
+    assert args.func(args) == 1  # Cls has no folder: reported, Seg still checked
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Seg\tok\t4 cases\t0 rejected") and out[1].startswith("Cls\terror\tdataset Cls (")
+    args = parser.parse_args(["downstream-splits", "--registry", str(tmp_path / "registry.yaml"), "--datasets", "Seg",
+                              "--out", str(tmp_path / "splits"), "--test-fraction", "0.25"])
+    assert args.func(args) == 0 and (tmp_path / "splits" / "Seg.json").is_file()
