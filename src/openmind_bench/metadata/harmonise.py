@@ -89,11 +89,14 @@ def harmonise_age(value, unit: str = "years") -> float:
     return math.nan
 
 
-def harmonise_sex(value, levels: dict | None = None) -> str:
+def _decoded(value, levels: dict | None) -> str:
+    """The value as text, through the dataset's own `Levels` coding where it has one."""
     text = _norm(value)
-    if levels and text in levels:
-        text = _norm(levels[text])
-    key = text.lower()
+    return _norm(levels[text]) if levels and text in levels else text
+
+
+def harmonise_sex(value, levels: dict | None = None) -> str:
+    key = _decoded(value, levels).lower()
     if key in _SEX:
         return _SEX[key]
     # a bare number without Levels is ambiguous across datasets (1 = male or female?)
@@ -101,10 +104,7 @@ def harmonise_sex(value, levels: dict | None = None) -> str:
 
 
 def harmonise_handedness(value, levels: dict | None = None) -> str:
-    text = _norm(value)
-    if levels and text in levels:
-        text = _norm(levels[text])
-    key = text.lower()
+    key = _decoded(value, levels).lower()
     if key in _HAND:
         return _HAND[key]
     try:
@@ -118,9 +118,7 @@ def harmonise_handedness(value, levels: dict | None = None) -> str:
 
 def harmonise_health(value, levels: dict | None = None) -> tuple[str, str]:
     """(healthy|patient|unknown, raw diagnosis text)."""
-    text = _norm(value)
-    if levels and text in levels:
-        text = _norm(levels[text])
+    text = _decoded(value, levels)
     key = text.lower().replace("-", " ").strip()
     if key in _NA:
         return "unknown", ""
