@@ -223,7 +223,7 @@ def test_metadata_table_gives_subjects_and_sites(tmp_path):
 def test_check_command_reports_every_dataset(tmp_path, capsys):
     import argparse
 
-    from openmind_bench.downstream import cli
+    from openmind_bench.downstream import data_cli as cli
 
     make_seg_dataset(tmp_path / "data")
     write_registry(tmp_path / "registry.yaml", {"Seg": SEG, "Cls": CLS}, root=tmp_path / "data")
