@@ -12,6 +12,7 @@ include: "rules/index.smk"
 include: "rules/preprocess.smk"
 include: "rules/curate.smk"
 include: "rules/pretrain.smk"
+include: "rules/finetune.smk"
 include: "rules/qc.smk"
 include: "rules/aggregate.smk"
 

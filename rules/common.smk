@@ -54,6 +54,7 @@ def rejection_parts():
     parts = [f"results/qc/parts/fetch/{SOURCE}/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/preprocess/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
+    parts += downstream_rejection_parts()
     return parts
 
 
@@ -134,6 +135,61 @@ def pretrain_threads(wildcards):
     return max(1, resources["gpu"]) * resources["cpus_per_gpu"]
 
 
+# ---- downstream (fine-tuning)
+from openmind_bench.downstream import settings as omb_finetune  # noqa: E402  (torch-free)
+
+FINETUNE = omb_finetune.merged(config.get("finetune"))
+DOWNSTREAM = config.get("downstream") or {}
+DOWNSTREAM_REGISTRY = omb_finetune.registry_path(config)
+DOWNSTREAM_ROOT = DOWNSTREAM.get("root")
+# The demo builds its downstream sets where the registry is told to read them.
+DOWNSTREAM_DEMO_ROOT = DOWNSTREAM_ROOT or "data/demo_downstream"
+DOWNSTREAM_SPLITS_DIR = DOWNSTREAM.get("splits_dir") or omb_finetune.DEFAULT_SPLITS_DIR
+DOWNSTREAM_SPLIT_SETTINGS = omb_finetune.split_settings(config)
+
+
+def finetune_targets():
+    """results/downstream/{dataset}/{run}/fold_{k}/metrics.json of every run the config asks for."""
+    return omb_finetune.targets(config, pretrain_runs())
+
+
+def downstream_data(wildcards):
+    """The demo downstream sets when the config builds them (downstream.build_demo); real datasets are
+    read where they lie."""
+    return [rules.demo_downstream.output.truth] if config["downstream"]["build_demo"] else []
+
+
+def finetune_checkpoint(wildcards):
+    name = omb_finetune.parse_run(wildcards.finetune_run)
+    return [f"results/pretrain/{name.pretrain_run}/checkpoint_final.pt"] if name.pretrained else []
+
+
+def finetune_settings(wildcards, input, output):
+    """The run's resolved settings: a job reruns when its own settings change, not another's."""
+    name = omb_finetune.parse_run(wildcards.finetune_run)
+    return omb_finetune.resolve(
+        config,
+        wildcards.target_dataset,
+        wildcards.finetune_run,
+        wildcards.fold,
+        out_dir=str(Path(output.metrics).parent),
+        split=input.split,
+        pretrained_checkpoint=input.pretrained[0] if input.pretrained else None,
+        low_data_subset=(omb_finetune.split_path(config, wildcards.target_dataset, name.low_data_n)
+                         if name.low_data_n else None),
+    ).to_dict()
+
+
+def finetune_threads(wildcards):
+    resources = FINETUNE["resources"]
+    return max(1, resources["gpu"]) * resources["cpus_per_gpu"]
+
+
+def downstream_rejection_parts():
+    """QC parts of the downstream split jobs."""
+    return [f"results/qc/parts/downstream/{d}.tsv" for d in omb_finetune.dataset_folds(config)]
+
+
 def get_final_output():
     """What `all` builds; each stage adds its outputs here as it lands."""
     return [
@@ -143,4 +199,5 @@ def get_final_output():
         *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),
         *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
         *pretrain_targets(),
+        *finetune_targets(),
     ]

@@ -1,0 +1,73 @@
+# Downstream: demo downstream sets, one fixed split per dataset, and one fine-tune + evaluation job per
+# dataset x run x fold (torchrun inside the job, like pre-training). The wildcard is `target_dataset`
+# because `dataset` is constrained to OpenNeuro ids. Logic: openmind_bench.downstream; run names and
+# targets: openmind_bench.downstream.settings.
+
+
+rule demo_downstream:
+    output:
+        truth=f"{DOWNSTREAM_DEMO_ROOT}/ground_truth/downstream.json",
+    params:
+        root=subpath(output.truth, ancestor=2),
+        seed=config["demo"]["seed"],
+        resolution=config["demo"]["resolution"],
+    log:
+        "logs/demo/demo_downstream.log",
+    benchmark:
+        "logs/benchmarks/demo/demo_downstream.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/build_downstream_demo.py"
+
+
+rule downstream_split:
+    input:
+        data=downstream_data,
+    output:
+        split=f"{DOWNSTREAM_SPLITS_DIR}/{{target_dataset}}.json",
+        # cases the reader rejected (a channel missing, unreadable header, grids that disagree)
+        rejected="results/qc/parts/downstream/{target_dataset}.tsv",
+    wildcard_constraints:
+        target_dataset=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
+    params:
+        registry=DOWNSTREAM_REGISTRY,
+        root=DOWNSTREAM_ROOT,
+        split_settings=DOWNSTREAM_SPLIT_SETTINGS,
+    log:
+        "logs/downstream/split__{target_dataset}.log",
+    benchmark:
+        "logs/benchmarks/downstream/split__{target_dataset}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/downstream_split.py"
+
+
+rule finetune:
+    input:
+        data=downstream_data,
+        split=rules.downstream_split.output.split,
+        pretrained=finetune_checkpoint,
+    output:
+        metrics="results/downstream/{target_dataset}/{finetune_run}/fold_{fold}/metrics.json",
+    wildcard_constraints:
+        target_dataset=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
+        finetune_run=r"[A-Za-z0-9][A-Za-z0-9_\-]*__\d+(__n\d+)?",
+        fold=r"test|\d+",
+    params:
+        settings=finetune_settings,
+    threads: finetune_threads
+    resources:
+        gpu=FINETUNE["resources"]["gpu"],
+        cpus_per_gpu=FINETUNE["resources"]["cpus_per_gpu"],
+        mem_mb=FINETUNE["resources"]["mem_mb"],
+        runtime=FINETUNE["resources"]["runtime"],
+    log:
+        "logs/downstream/{target_dataset}/{finetune_run}__fold_{fold}.log",
+    benchmark:
+        "logs/benchmarks/downstream/{target_dataset}/{finetune_run}__fold_{fold}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow_scripts/finetune.py"

@@ -1,0 +1,220 @@
+"""Weight transfer from a pre-training checkpoint into a fresh fine-tuning network.
+
+What moves (nnssl's adaptation plan, DESIGN section 5): the encoder (`key_to_encoder`) and the stem
+(`key_to_stem`) only; every other tensor (the decoder, pretext heads, mask tokens) stays as freshly
+initialised. Two adaptations:
+
+- input channels: a checkpoint pre-trained on one channel fine-tuned on C channels gets the stem's
+  input-projection weights (`keys_to_in_proj`) repeated C times along the input axis and divided by
+  C, so the first layer's response to C copies of one image is the pre-trained response;
+- Primus position embedding (`key_to_lpe`): trilinearly interpolated from the pre-training token
+  grid to the fine-tuning one when the patch size changes (VoCo and SimCLR pre-train on 64^3).
+
+Checkpoints in nnssl's own layout load too: the weights under `network_weights` (optionally with
+`module.` / `_orig_mod.` prefixes from DDP or torch.compile), the misspelt `key_to_in_proj` of some
+public Primus trainers, and Spark checkpoints without an adaptation plan (the target network's own
+keys are used then; the caller must name the architecture).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from openmind_bench import nets
+from openmind_bench.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class TransferError(ValueError):
+    """A checkpoint that cannot be transferred into the requested network; the message names it."""
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pre-training checkpoint as fine-tuning needs it."""
+
+    path: Path
+    weights: dict  # state dict of the pre-trained network (wrapper prefixes removed)
+    plan: dict | None  # nnssl_adaptation_plan (None: nnssl Spark checkpoints)
+    keys: dict = field(default_factory=dict)  # key_to_encoder, key_to_stem, keys_to_in_proj, key_to_lpe
+
+    @property
+    def patch_size(self) -> list[int] | None:
+        return checkpoint.pretrain_patch_size(self.plan) if self.plan else None
+
+    @property
+    def spacing(self) -> list[float] | None:
+        if not self.plan:
+            return None
+        configurations = self.plan["pretrain_plan"]["configurations"]
+        conf = configurations.get(checkpoint.CONFIGURATION) or next(iter(configurations.values()))
+        return [float(s) for s in conf.get("spacing", [])] or None
+
+    @property
+    def recommended_patch_size(self) -> list[int] | None:
+        return [int(p) for p in self.plan["recommended_downstream_patchsize"]] if self.plan else None
+
+
+def _strip_wrappers(weights: dict) -> dict:
+    out = {}
+    for key, value in weights.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _plan_keys(plan: dict | None) -> dict:
+    if not plan:
+        return {}
+    in_proj = plan.get("keys_to_in_proj", plan.get("key_to_in_proj"))  # the public Primus trainers' spelling
+    if isinstance(in_proj, str):
+        in_proj = [in_proj]
+    return {"key_to_encoder": plan.get("key_to_encoder"), "key_to_stem": plan.get("key_to_stem"),
+            "keys_to_in_proj": list(in_proj or []), "key_to_lpe": plan.get("key_to_lpe")}
+
+
+def read_pretrained(path: str | Path) -> Pretrained:
+    """Read our checkpoints and nnssl's (tensors only, `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferError(f"pre-training checkpoint {path} does not exist")
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or not isinstance(state.get("network_weights"), dict):
+        raise TransferError(f"checkpoint {path} has no network_weights (not an nnssl/openmind_bench checkpoint)")
+    plan = state.get("nnssl_adaptation_plan") or None
+    return Pretrained(path, _strip_wrappers(state["network_weights"]), plan, _plan_keys(plan))
+
+
+def build_network(pretrained: Pretrained | None, architecture: nets.Architecture | None, patch_size: Sequence[int],
+                  input_channels: int, output_channels: int) -> nn.Module:
+    """A fresh network of the checkpoint's architecture (or `architecture`, for scratch and plan-less
+    checkpoints) for this patch and these channels."""
+    if pretrained is not None and pretrained.plan:
+        return nets.build_from_adaptation_plan(pretrained.plan, patch_size=patch_size, input_channels=input_channels,
+                                               output_channels=output_channels)
+    if architecture is None:
+        where = f"checkpoint {pretrained.path} has no adaptation plan" if pretrained else "a from-scratch run"
+        raise TransferError(f"{where}: name the architecture")
+    return architecture.build(patch_size, input_channels, output_channels)
+
+
+def _under(key: str, prefix: str | None) -> bool:
+    return bool(prefix) and (key == prefix or key.startswith(prefix + "."))
+
+
+def transferred_keys(state_keys, keys: dict) -> list[str]:
+    """The state-dict keys that come from the checkpoint: encoder, stem and position embedding."""
+    return [k for k in state_keys
+            if _under(k, keys["key_to_encoder"]) or _under(k, keys["key_to_stem"]) or k == keys.get("key_to_lpe")]
+
+
+def repeat_input_channels(weight: torch.Tensor, channels: int, key: str) -> torch.Tensor:
+    """(out, c_pre, ...) -> (out, channels, ...): the pre-trained filters repeated, divided by the
+    repeat count (c_pre must divide channels)."""
+    c_pre = weight.shape[1]
+    if c_pre == channels:
+        return weight
+    if channels % c_pre:
+        raise TransferError(f"{key}: pre-trained on {c_pre} input channel(s), cannot be spread over {channels}")
+    factor = channels // c_pre
+    return weight.repeat(1, factor, *([1] * (weight.dim() - 2))) / factor
+
+
+def token_grid(patch_size: Sequence[int], token_size: Sequence[int]) -> list[int]:
+    return [int(p) // int(t) for p, t in zip(patch_size, token_size)]
+
+
+def interpolate_position_embedding(embedding: torch.Tensor, old_grid: Sequence[int],
+                                   new_grid: Sequence[int]) -> torch.Tensor:
+    """(1, prefix + prod(old_grid), C) -> (1, prefix + prod(new_grid), C), trilinear over the grid;
+    prefix (class/register) tokens are kept as they are. Token order is Primus' (w h d) flattening."""
+    n_old = math.prod(old_grid)
+    prefix = embedding.shape[1] - n_old
+    if prefix < 0:
+        raise TransferError(f"position embedding has {embedding.shape[1]} tokens, "
+                            f"the grid {list(old_grid)} needs {n_old}")
+    if list(old_grid) == list(new_grid):
+        return embedding
+    head, grid_tokens = embedding[:, :prefix], embedding[:, prefix:]
+    channels = grid_tokens.shape[-1]
+    volume = grid_tokens.reshape(1, *old_grid, channels).permute(0, 4, 1, 2, 3).float()
+    resized = torch.nn.functional.interpolate(volume, size=tuple(int(g) for g in new_grid), mode="trilinear",
+                                              align_corners=False)
+    resized = resized.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new_grid), channels).to(embedding.dtype)
+    return torch.cat([head, resized], dim=1)
+
+
+def _token_size(net: nn.Module) -> list[int] | None:
+    proj = getattr(getattr(net, "down_projection", None), "proj", None)
+    return [int(k) for k in proj.kernel_size] if proj is not None else None
+
+
+def transfer(pretrained: Pretrained, net: nn.Module, patch_size: Sequence[int]) -> list[str]:
+    """Load the checkpoint's encoder and stem into `net` (in place); returns the keys loaded.
+
+    Raises TransferError when a transferred tensor is missing or has a shape that no rule adapts."""
+    keys = pretrained.keys or nets.adaptation_keys(net)  # plan-less nnssl checkpoints: the net's own keys
+    if pretrained.keys and not pretrained.keys.get("keys_to_in_proj"):
+        keys = {**keys, "keys_to_in_proj": nets.adaptation_keys(net)["keys_to_in_proj"]}
+    target = net.state_dict()
+    wanted = transferred_keys(target, keys)
+    if not wanted:
+        raise TransferError(f"checkpoint {pretrained.path}: no key of the network lies under encoder "
+                            f"{keys['key_to_encoder']!r} or stem {keys['key_to_stem']!r}")
+    missing = [k for k in wanted if k not in pretrained.weights]
+    if missing:
+        raise TransferError(f"checkpoint {pretrained.path} lacks {len(missing)} encoder/stem tensor(s) of the "
+                            f"target network, e.g. {missing[:3]} (another architecture?)")
+    in_proj_weights = {f"{k}.weight" for k in keys["keys_to_in_proj"]}
+    new = {}
+    for key in wanted:
+        value = pretrained.weights[key]
+        if key in in_proj_weights:
+            value = repeat_input_channels(value, target[key].shape[1], key)
+        elif key == keys.get("key_to_lpe") and value.shape != target[key].shape:
+            token = _token_size(net)
+            old_patch = pretrained.patch_size
+            if token is None or old_patch is None:
+                raise TransferError(f"checkpoint {pretrained.path}: {key} has shape {tuple(value.shape)}, the network "
+                                    f"{tuple(target[key].shape)}, and the pre-training token grid is unknown")
+            value = interpolate_position_embedding(value, token_grid(old_patch, token), token_grid(patch_size, token))
+            log.info("%s interpolated from the %s to the %s token grid", key, token_grid(old_patch, token),
+                     token_grid(patch_size, token))
+        if value.shape != target[key].shape:
+            raise TransferError(f"checkpoint {pretrained.path}: {key} has shape {tuple(value.shape)}, the network "
+                                f"{tuple(target[key].shape)}")
+        new[key] = value.to(target[key].dtype)
+    result = net.load_state_dict(new, strict=False)
+    if result.unexpected_keys:
+        raise TransferError(f"unexpected keys while transferring {pretrained.path}: {result.unexpected_keys[:3]}")
+    log.info("transferred %d encoder/stem tensors from %s; %d tensors stay newly initialised", len(new),
+             pretrained.path, len(target) - len(new))
+    return wanted
+
+
+def parameter_groups(net: nn.Module, keys: dict) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The schedules' groups: `stem`, `encoder` (position embedding included) and `decoder` (all else).
+
+    Shared parameters (the ResEnc decoder keeps a reference to the encoder) count once, under the
+    name they are first registered with."""
+    groups: dict[str, list] = {"stem": [], "encoder": [], "decoder": []}
+    for name, param in net.named_parameters():
+        if _under(name, keys["key_to_stem"]):
+            groups["stem"].append((name, param))
+        elif _under(name, keys["key_to_encoder"]) or name == keys.get("key_to_lpe"):
+            groups["encoder"].append((name, param))
+        else:
+            groups["decoder"].append((name, param))
+    return groups

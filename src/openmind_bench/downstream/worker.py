@@ -1,0 +1,76 @@
+"""Start fine-tuning: in this process on a CPU or one GPU, under torchrun (`--standalone
+--nproc-per-node N`) on several GPUs; `python -m openmind_bench.downstream.worker SETTINGS_JSON` is
+one torchrun process. Exit code 0 when done, `preemption_exit_code` after a SIGTERM/SIGUSR1
+checkpoint (rerun to continue), 1 on errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openmind_bench
+from openmind_bench.downstream.finetune import FinetuneSettings
+
+log = logging.getLogger(__name__)
+
+
+def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
+    nproc = max(1, int(nproc))
+    if threads:
+        settings.threads = max(1, int(threads) // nproc)
+    if nproc == 1:
+        from openmind_bench.downstream import finetune
+
+        status = finetune.run(settings)
+        return settings.preemption_exit_code if status == "preempted" else 0
+    out = Path(settings.out_dir)
+    settings_path = out / "settings.json"
+    settings.write(settings_path)
+    src = str(Path(openmind_bench.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+           "PET_SHUTDOWN_TIMEOUT": os.environ.get("PET_SHUTDOWN_TIMEOUT", "120")}
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = str(settings.threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "openmind_bench.downstream.worker", str(settings_path)]
+    log.info("starting %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):  # SIGUSR1 would kill torchrun: pass every stop request on as SIGTERM
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if (out / "metrics.json").exists():
+        return 0
+    if (out / "preempted.json").exists():
+        return settings.preemption_exit_code
+    raise RuntimeError(f"fine-tuning into {out} failed (torchrun exit code {code}); see the log above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m openmind_bench.downstream.worker SETTINGS_JSON", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
+    from openmind_bench.downstream import finetune
+
+    settings = FinetuneSettings.read(argv[0])
+    return settings.preemption_exit_code if finetune.run(settings) == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
