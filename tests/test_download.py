@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,9 +391,7 @@ def test_demo_workflow_on_local_s3(demo_mirror, repo, tmp_path):
         counts = s3_mirror.upload_tree(demo_mirror, endpoint)
         assert set(counts) == {"ds990001", "ds990002", "ds990003"}
         work = tmp_path / "work"
-        (work / "config").mkdir(parents=True)
-        for name in ("config.yaml", "demo.yaml", "demo_datasets.tsv", "openneuro_datasets.tsv"):
-            (work / "config" / name).write_text((repo / "config" / name).read_text())
+        shutil.copytree(repo / "config", work / "config")  # every table and registry the configs name
         overlay = yaml.safe_load((repo / "config" / "demo_s3.yaml").read_text())
         assert overlay["source"]["kind"] == "openneuro" and overlay["source"]["build_demo"] is False
         overlay["source"]["endpoint_url"] = endpoint
