@@ -43,7 +43,7 @@ def main() -> int:
     snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "config").mkdir()
+        shutil.copytree(REPO / "config", work / "config")  # registries and tables the config names
         synthetic_table(work / "config" / "datasets.tsv", args.datasets, args.images)
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         config.update(datasets_table="config/datasets.tsv", shard_size=args.shard_size)
