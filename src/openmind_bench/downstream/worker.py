@@ -6,14 +6,13 @@ checkpoint (rerun to continue), 1 on errors."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import openmind_bench
 from openmind_bench.downstream.finetune import FinetuneSettings
+from openmind_bench.train.launch import configure_worker_logging, torchrun_command, torchrun_env
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +29,8 @@ def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> i
     out = Path(settings.out_dir)
     settings_path = out / "settings.json"
     settings.write(settings_path)
-    src = str(Path(openmind_bench.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           "PET_SHUTDOWN_TIMEOUT": os.environ.get("PET_SHUTDOWN_TIMEOUT", "120")}
-    if settings.threads:
-        env["OMP_NUM_THREADS"] = str(settings.threads)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "openmind_bench.downstream.worker", str(settings_path)]
+    env = torchrun_env(settings.threads)
+    cmd = torchrun_command(settings_path, nproc, worker="openmind_bench.downstream.worker")
     log.info("starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
 
@@ -63,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m openmind_bench.downstream.worker SETTINGS_JSON", file=sys.stderr)
         return 2
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", stream=sys.stderr)
+    configure_worker_logging()
     from openmind_bench.downstream import finetune
 
     settings = FinetuneSettings.read(argv[0])

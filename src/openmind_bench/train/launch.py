@@ -24,9 +24,37 @@ worker_log = logging.getLogger("openmind_bench.train.workers")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def torchrun_command(settings_path: str | Path, nproc: int) -> list[str]:
+def torchrun_command(settings_path: str | Path, nproc: int, worker: str = "openmind_bench.train.worker") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
-            "-m", "openmind_bench.train.worker", str(settings_path)]
+            "-m", worker, str(settings_path)]
+
+
+def torchrun_env(threads: int) -> dict:
+    """Environment of a torchrun job: this checkout's package first on the path, signals passed on."""
+    src = str(Path(openmind_bench.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+        # torchrun options as environment (older torch ignores them): pass SIGUSR1 on too (SLURM's
+        # `--signal=USR1@...` reaches every process of the step, torchrun included), and give the
+        # workers time to write their checkpoint before torchrun kills them.
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "PET_SHUTDOWN_TIMEOUT": os.environ.get("PET_SHUTDOWN_TIMEOUT", "120"),
+    }
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def configure_worker_logging() -> None:
+    """Log lines of a torchrun process name their rank; ranks other than 0 only warn."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.captureWarnings(True)
 
 
 def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0) -> int:
@@ -42,18 +70,7 @@ def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0) -> i
         settings.threads = max(1, int(threads) // nproc)
     settings_path = out / "settings.json"
     settings.write(settings_path)
-    src = str(Path(openmind_bench.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
-        # torchrun options as environment (older torch ignores them): pass SIGUSR1 on too (SLURM's
-        # `--signal=USR1@...` reaches every process of the step, torchrun included), and give the
-        # workers time to write their checkpoint before torchrun kills them.
-        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "PET_SHUTDOWN_TIMEOUT": os.environ.get("PET_SHUTDOWN_TIMEOUT", "120"),
-    }
-    if settings.threads:
-        env["OMP_NUM_THREADS"] = str(settings.threads)
+    env = torchrun_env(settings.threads)
     relay = not sys.stderr.isatty()
     started = time.time()
     cmd = torchrun_command(settings_path, nproc)

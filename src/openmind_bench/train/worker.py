@@ -4,10 +4,9 @@ checkpoint, 1 on errors."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
+from openmind_bench.train.launch import configure_worker_logging
 from openmind_bench.train.settings import PretrainSettings
 
 
@@ -16,13 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m openmind_bench.train.worker SETTINGS_JSON", file=sys.stderr)
         return 2
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.captureWarnings(True)
+    configure_worker_logging()
     from openmind_bench.train import trainer
 
     settings = PretrainSettings.read(argv[0])
