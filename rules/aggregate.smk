@@ -1,54 +1,86 @@
-# Aggregation: every fine-tuning result on disk -> benchmark table, rank stability, figures.
-# Logic lives in openmind_bench.aggregate; `openmind-bench aggregate` is the same stage outside Snakemake.
+# Aggregation: fine-tuning results -> benchmark table, rank stability, figures.
+# Logic lives in openmind_bench.aggregate; `openmind-bench collect-results` + `openmind-bench aggregate`
+# are the same stage outside Snakemake.
+#
+# Two rules write the same tables (docs/architecture.md, "Aggregation"):
+# - `benchmark_table_of_config` (the one `all` and any path target use) depends on exactly the runs
+#   the config asks for, so `snakemake all` ends in the tables;
+# - `benchmark_table`, named as a target (`snakemake benchmark_table`), gathers whatever metrics.json
+#   exist under results/downstream/ and forces no missing run.
+from openmind_bench.aggregate.collect import find_metrics_files  # noqa: E402
 
-from openmind_bench.aggregate.collect import if_exists, metrics_on_disk
+BENCHMARK_OUTPUTS = {
+    "table_csv": f"{omb_names.BENCHMARK_DIR}/benchmark_table.csv",
+    "table_md": f"{omb_names.BENCHMARK_DIR}/benchmark_table.md",
+    "table_tex": f"{omb_names.BENCHMARK_DIR}/benchmark_table.tex",
+    "ranks": f"{omb_names.BENCHMARK_DIR}/ranks_bootstrap.csv",
+    "intervals": f"{omb_names.BENCHMARK_DIR}/bootstrap_intervals.csv",
+    "plots": f"{omb_names.BENCHMARK_DIR}/plots",
+}
+
+
+def benchmark_targets():
+    return [v for k, v in BENCHMARK_OUTPUTS.items() if k != "plots"]
+
+
+def metrics_on_disk(wildcards):
+    """The metrics.json files that exist when the DAG is built: the table reports whatever is there."""
+    return [str(p) for p in find_metrics_files(omb_names.DOWNSTREAM_ROOT)]
+
+
+def registry_if_present(wildcards):
+    """The dataset registry when it exists (without one the ID/OOD means stay empty)."""
+    path = config["downstream_registry"]
+    return [path] if Path(path).is_file() else []
+
+
+ruleorder: benchmark_table_of_config > benchmark_table
 
 
 rule benchmark_table:
     input:
-        # Globs what exists (DESIGN, section 5: the table reads whatever is there) rather than
-        # asking for missing runs; `all` depends on the full set through its own input function.
-        metrics=metrics_on_disk("results/downstream"),
-        registry=if_exists(
-            lookup(dpath="downstream_registry", within=config, default="config/downstream_datasets.yaml")
-        ),
+        metrics=metrics_on_disk,
+        registry=registry_if_present,
     output:
-        results="results/benchmark/results_long.csv",
+        results=f"{omb_names.BENCHMARK_DIR}/results_long.csv",
         table_csv=report(
-            "results/benchmark/benchmark_table.csv",
+            BENCHMARK_OUTPUTS["table_csv"],
             caption="../report/benchmark_table.rst",
             category="Benchmark",
             subcategory="Tables",
         ),
         table_md=report(
-            "results/benchmark/benchmark_table.md",
+            BENCHMARK_OUTPUTS["table_md"],
             caption="../report/benchmark_table.rst",
             category="Benchmark",
             subcategory="Tables",
         ),
-        table_tex="results/benchmark/benchmark_table.tex",
+        table_tex=BENCHMARK_OUTPUTS["table_tex"],
         ranks=report(
-            "results/benchmark/ranks_bootstrap.csv",
+            BENCHMARK_OUTPUTS["ranks"],
             caption="../report/ranks_bootstrap.rst",
             category="Benchmark",
             subcategory="Rank stability",
         ),
         intervals=report(
-            "results/benchmark/bootstrap_intervals.csv",
+            BENCHMARK_OUTPUTS["intervals"],
             caption="../report/bootstrap_intervals.rst",
             category="Benchmark",
             subcategory="Rank stability",
         ),
         plots=report(
-            directory("results/benchmark/plots"),
+            directory(BENCHMARK_OUTPUTS["plots"]),
             patterns=["{name}.png"],
             caption="../report/benchmark_plots.rst",
             category="Benchmark",
             subcategory="Figures",
         ),
     params:
-        bootstrap_samples=lookup(dpath="aggregate/bootstrap_samples", within=config, default=1000),
-        seed=lookup(dpath="aggregate/seed", within=config, default=0),
+        bootstrap_samples=config["aggregate"]["bootstrap_samples"],
+        seed=config["aggregate"]["seed"],
+    resources:
+        mem_mb=config["resources"]["aggregate"]["mem_mb"],
+        runtime=config["resources"]["aggregate"]["runtime"],
     log:
         "logs/aggregate/benchmark_table.log",
     benchmark:
@@ -57,3 +89,13 @@ rule benchmark_table:
         CONDA_ENV
     script:
         "../workflow_scripts/aggregate.py"
+
+
+use rule benchmark_table as benchmark_table_of_config with:
+    input:
+        metrics=finetune_targets(),
+        registry=registry_if_present,
+    log:
+        "logs/aggregate/benchmark_table_of_config.log",
+    benchmark:
+        "logs/benchmarks/aggregate/benchmark_table_of_config.tsv"

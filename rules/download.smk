@@ -1,4 +1,25 @@
 # Source stage: the demo mirror (demo only) and one fetch job per dataset.
+# Logic lives in openmind_bench.sources; `openmind-bench fetch` is the same stage outside Snakemake.
+
+
+def snapshot_of(wildcards):
+    return DATASET_TABLE.loc[wildcards.dataset, "snapshot"]
+
+
+def raw_manifest(wildcards):
+    return f"data/raw/{SOURCE}/{wildcards.dataset}/download_manifest.json"
+
+
+def fetch_inputs(wildcards):
+    """The demo mirror must exist before a local fetch from it."""
+    if config["source"]["build_demo"]:
+        return {"demo": f"{config['source']['root']}/ground_truth/ground_truth.json"}
+    return {}
+
+
+def fetch_rejection_parts():
+    return [f"results/qc/parts/fetch/{SOURCE}/{d}.tsv" for d in DATASETS]
+
 
 
 rule demo_mirror:
@@ -9,6 +30,9 @@ rule demo_mirror:
         seed=config["demo"]["seed"],
         resolution=config["demo"]["resolution"],
         inject_faults=config["demo"]["inject_faults"],
+    resources:
+        mem_mb=config["resources"]["demo"]["mem_mb"],
+        runtime=config["resources"]["demo"]["runtime"],
     log:
         "logs/demo/demo_mirror.log",
     benchmark:

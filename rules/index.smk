@@ -1,4 +1,14 @@
 # BIDS index: one job per dataset, then a gather into results/index/images.parquet.
+# Logic lives in openmind_bench.bids and openmind_bench.metadata; `openmind-bench index` is the same stage.
+
+
+def n_shards_of(wildcards):
+    return N_SHARDS[wildcards.dataset]
+
+
+def index_rejection_parts():
+    return [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
+
 
 
 rule index_dataset:
@@ -33,6 +43,9 @@ rule gather_index:
     params:
         n_shards=N_SHARDS,
         expected={d: int(DATASET_TABLE.loc[d, "expected_images"]) for d in DATASETS},
+    resources:
+        mem_mb=config["resources"]["gather"]["mem_mb"],
+        runtime=config["resources"]["gather"]["runtime"],
     log:
         "logs/index/gather_index.log",
     benchmark:

@@ -1,4 +1,15 @@
 # The rejection record of the whole run: every job's part, concatenated.
+# Logic lives in openmind_bench.qc; `openmind-bench qc-gather` is the same step outside Snakemake.
+
+
+def rejection_parts():
+    """Every per-job rejection record of the stages in this run (known from config alone)."""
+    return [
+        *fetch_rejection_parts(),
+        *index_rejection_parts(),
+        *preprocess_rejection_parts(),
+        *downstream_rejection_parts(),
+    ]
 
 
 localrules:
@@ -10,8 +21,13 @@ rule qc_rejected:
         parts=rejection_parts(),
     output:
         table="results/qc/rejected.tsv",
+    resources:
+        mem_mb=config["resources"]["qc"]["mem_mb"],
+        runtime=config["resources"]["qc"]["runtime"],
     log:
         "logs/qc/qc_rejected.log",
+    benchmark:
+        "logs/benchmarks/qc/qc_rejected.tsv"
     conda:
         CONDA_ENV
     script:

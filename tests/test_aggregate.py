@@ -28,7 +28,7 @@ from openmind_bench.aggregate.registry import RegistryError, load_registry
 from openmind_bench.aggregate.results import dataset_values, read_results
 from openmind_bench.aggregate.table import build_table, render_latex, render_markdown
 
-HEADER = "method,architecture,strategy,dataset,metric,value,fold,case\n"
+HEADER = "method,architecture,schedule,dataset,metric,value,fold,case\n"
 
 # Per-dataset values chosen so that the ranks are known by hand:
 #   d_1: A .8, B .8, C .6, scratch .7  -> A 1.5, B 1.5, scratch 3, C 4
@@ -157,7 +157,7 @@ def test_markdown_bolds_best_per_column(tmp_path):
     table = build_table(read_results(write(tmp_path, TIES)), {})
     rows = _md_block(render_markdown(table), "Dice")
     header, body = rows[0], rows[1:]
-    assert header[:5] == ["Method", "Architecture", "Strategy", "d_1", "d_2"]
+    assert header[:5] == ["Method", "Architecture", "Schedule", "d_1", "d_2"]
     col = {h: i for i, h in enumerate(header)}
     bold = {h: sorted(r[0] for r in body if r[col[h]].startswith("**")) for h in header[3:]}
     assert bold["d_1"] == ["A", "B"]  # tie at 80.00
@@ -195,13 +195,13 @@ def _cases_body(seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     lines = []
     for method, shift in (("A", 0.0), ("B", 0.01), ("scratch", -0.01)):
-        strategy = "none" if method == "scratch" else "ft"
+        schedule = "none" if method == "scratch" else "ft"
         for dataset in ("d_1", "d_2"):
             for fold in (0, 1):
                 for case in range(8):
                     v = float(np.clip(0.6 + shift + rng.normal(0, 0.1), 0, 1))
-                    lines.append(f"{method},cnn,{strategy},{dataset},DSC,{v!r},{fold},{dataset}_{fold}_{case}")
-        lines.append(f"{method},cnn,{strategy},c_1,AUROC,{0.7 + shift},,")  # held fixed
+                    lines.append(f"{method},cnn,{schedule},{dataset},DSC,{v!r},{fold},{dataset}_{fold}_{case}")
+        lines.append(f"{method},cnn,{schedule},c_1,AUROC,{0.7 + shift},,")  # held fixed
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +281,7 @@ def test_cli_writes_every_output_and_readable_figures(tmp_path):
         width, height = _png_size(path)
         assert width >= 400 and height >= 300 and path.stat().st_size > 15_000, name
     table = pd.read_csv(out / "benchmark_table.csv")
-    assert list(table.columns[:4]) == ["method", "architecture", "strategy", "metric"]
+    assert list(table.columns[:4]) == ["method", "architecture", "schedule", "metric"]
     assert list(table.columns[-5:]) == ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch"]
 
 
@@ -295,10 +295,10 @@ def test_cli_writes_every_output_and_readable_figures(tmp_path):
         ("A,cnn,ft,d_1,Dice,0.5,,\n", HEADER, r"line 2, column 'metric': unknown metric 'Dice'"),
         ("A,cnn,ft,d_1,DSC,,,\n", HEADER, r"line 2, column 'value'"),
         ("A,cnn,ft,d_1,DSC,85.1,,\n", HEADER, r"line 2, column 'value': 85.1 is outside \[0, 1\]"),
-        ("A,cnn,,d_1,DSC,0.5,,\n", HEADER, r"line 2, column 'strategy': empty value"),
+        ("A,cnn,,d_1,DSC,0.5,,\n", HEADER, r"line 2, column 'schedule': empty value"),
         (
             "A,cnn,ft,d_1,0.5\n",
-            "method,architecture,strategy,dataset,value\n",
+            "method,architecture,schedule,dataset,value\n",
             r"line 1: missing required column\(s\) \['metric'\]",
         ),
         ("A,cnn,ft,d_1,DSC,0.5,0,x\nA,cnn,ft,d_1,DSC,0.6,0,x\n", HEADER, r"line 3, column 'case': duplicate of line 2"),
@@ -333,8 +333,8 @@ def _metrics_json(root, dataset, run, fold, **doc):
 
 def test_collect_round_trip(tmp_path):
     root = tmp_path / "results" / "downstream"
-    mae = dict(method="mae", architecture="resenc_l", strategy="sawtooth", selection="om", epochs=150)
-    scratch = dict(method="scratch", architecture="resenc_l", epochs=150)  # no strategy: "none"
+    mae = dict(method="mae", architecture="resenc_l", schedule="sawtooth", selection="om", epochs=150)
+    scratch = dict(method="scratch", architecture="resenc_l", epochs=150)  # no schedule: "none"
     _metrics_json(root, "seg_a", "mae__resenc_l__om__sawtooth__150", 0, **mae,
                   cases=[{"case": "s1", "DSC": 0.5, "NSD": 0.6, "DSC_per_class": [0.5]},
                          {"case": "s2", "DSC": 0.7, "NSD": None}],
@@ -365,9 +365,9 @@ def test_collect_folds_varying_epochs_and_selection_into_labels(tmp_path):
                       epochs=epochs, cases=[{"case": "x", "DSC": 0.5}])
     for selection in ("all", "t1"):
         _metrics_json(root, "seg_a", f"mae__cnn__{selection}__ft__150", 0, method="mae", architecture="cnn",
-                      strategy="ft", selection=selection, epochs=150, cases=[{"case": "x", "DSC": 0.6}])
+                      schedule="ft", selection=selection, epochs=150, cases=[{"case": "x", "DSC": 0.6}])
     long = collect(find_metrics_files(root))
-    runs = set(zip(long.method, long.architecture, long.strategy))
+    runs = set(zip(long.method, long.architecture, long.schedule))
     assert runs == {("scratch", "cnn (150 ep)", "none"), ("scratch", "cnn (1000 ep)", "none"),
                     ("mae [all]", "cnn (150 ep)", "ft"), ("mae [t1]", "cnn (150 ep)", "ft")}
 
@@ -375,15 +375,15 @@ def test_collect_folds_varying_epochs_and_selection_into_labels(tmp_path):
 def test_collect_errors_name_the_file(tmp_path):
     root = tmp_path / "d"
     bad = _metrics_json(root, "seg_a", "r", 0, method="mae", architecture="cnn", cases=[{"case": "x", "DSC": 0.5}])
-    with pytest.raises(CollectError, match=re.escape(str(bad)) + ".*strategy"):
+    with pytest.raises(CollectError, match=re.escape(str(bad)) + ".*schedule"):
         collect([bad])
-    out_of_range = _metrics_json(root, "seg_b", "r", 0, method="mae", architecture="cnn", strategy="ft",
+    out_of_range = _metrics_json(root, "seg_b", "r", 0, method="mae", architecture="cnn", schedule="ft",
                                  cases=[{"case": "x", "DSC": 81.0}])
     with pytest.raises(CollectError, match=r"cases\[0\]\.DSC = 81.0 is outside"):
         collect([out_of_range])
-    one = _metrics_json(root, "seg_c", "r1", 0, method="mae", architecture="cnn", strategy="ft",
+    one = _metrics_json(root, "seg_c", "r1", 0, method="mae", architecture="cnn", schedule="ft",
                         cases=[{"case": "x", "DSC": 0.5}])
-    two = _metrics_json(root, "seg_c", "r2", 0, method="mae", architecture="cnn", strategy="ft",
+    two = _metrics_json(root, "seg_c", "r2", 0, method="mae", architecture="cnn", schedule="ft",
                         cases=[{"case": "x", "DSC": 0.5}])
     with pytest.raises(CollectError, match="both hold"):
         collect([one, two])

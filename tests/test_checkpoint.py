@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     section = {"patch_size": [32, 32, 32], "epochs": 1, "steps_per_epoch": 2, "val_steps": 1, "total_batch_size": 2,
                "method_settings": {"spark3d": {"block_size": 8}}}
     s = run_settings.resolve(section, "spark3d", "ResEncTiny", out_dir=str(out), selection="demo")
-    s.batch_source, s.threads = "openmind_bench.train.batches:template_batches", 1
+    s.batch_source, s.threads = "openmind_bench.pretrain.batches:template_batches", 1
     assert trainer.run(s).status == "finished"
     return out / checkpoint.FINAL
 

@@ -12,7 +12,7 @@ import pytest
 from openmind_bench.aggregate.collect import read_metrics_json
 from openmind_bench.demo.downstream import CLS, SEG_T1, SEG_T1_FLAIR, build_downstream
 from openmind_bench.downstream.readers import case_table, read_datasets
-from openmind_bench.downstream.registry import load_registry
+from openmind_bench.registry import load_registry
 from openmind_bench.downstream.splits import SplitSettings, ensure_split, max_deviation
 from openmind_bench.metrics import RunIdentity, evaluate_case_files, segmentation_document, write_metrics
 

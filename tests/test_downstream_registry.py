@@ -13,7 +13,7 @@ import yaml
 
 from openmind_bench.aggregate.registry import load_registry as load_table_registry
 from openmind_bench.downstream.readers import DatasetError, case_table, read_dataset, read_datasets
-from openmind_bench.downstream.registry import RegistryError, load_registry
+from openmind_bench.registry import RegistryError, load_registry
 from openmind_bench.qc import Rejections
 
 

@@ -12,7 +12,7 @@ from openmind_bench.aggregate.collect import collect, read_metrics_json
 from openmind_bench.demo.downstream import build_downstream
 from openmind_bench.downstream import finetune, schedules, settings as run_settings, splits, transfer
 from openmind_bench.downstream.readers import case_table, read_dataset
-from openmind_bench.downstream.registry import load_registry
+from openmind_bench.registry import load_registry
 
 from test_transfer import pretrained_checkpoint
 
@@ -114,7 +114,7 @@ def test_frozen_keeps_encoder_bit_identical_and_writes_metrics(downstream_root, 
     doc = json.loads((out / "metrics.json").read_text())
     split = splits.read_split(s.split)
     assert [c["case"] for c in doc["cases"]] == sorted(split["test"])
-    assert (doc["method"], doc["architecture"], doc["strategy"], doc["selection"], doc["epochs"], doc["fold"]) == \
+    assert (doc["method"], doc["architecture"], doc["schedule"], doc["selection"], doc["epochs"], doc["fold"]) == \
         ("mae", "ResEncTiny", "frozen", "demo", 2, "test")
     assert all(0.0 <= c["DSC"] <= 1.0 and 0.0 <= c["NSD"] <= 1.0 and "lesion" in c["per_class"]
                for c in doc["cases"] if c["DSC"] is not None)
@@ -131,7 +131,7 @@ def test_scratch_classification_writes_balanced_accuracy_and_auroc(downstream_ro
     assert finetune.run(s) == "finished"
     doc = json.loads((tmp_path / "results" / "downstream" / "DemoPatientCls" / "scratch__PrimusTiny__2" / "fold_test"
                       / "metrics.json").read_text())
-    assert doc["task"] == "cls" and doc["method"] == "scratch" and "strategy" not in doc
+    assert doc["task"] == "cls" and doc["method"] == "scratch" and "schedule" not in doc
     assert set(doc["summary"]) >= {"balanced_accuracy", "AUROC"}
     assert all(set(c["probabilities"]) == {"control", "patient"} for c in doc["cases"])
 

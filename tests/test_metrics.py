@@ -156,7 +156,7 @@ def test_segmentation_metrics_json_is_what_aggregation_reads(tmp_path):
         "case_b": case_metrics(ref, ref, {"lesion": 1}, (1, 1, 1), 1.0),
         "case_a": case_metrics(np.zeros_like(ref), np.zeros_like(ref), {"lesion": 1}, (1, 1, 1), 1.0),
     }
-    run = RunIdentity(dataset="D1", method="mae", architecture="resenc_l", fold=0, strategy="sawtooth",
+    run = RunIdentity(dataset="D1", method="mae", architecture="resenc_l", fold=0, schedule="sawtooth",
                       run="mae__resenc_l__openmind__sawtooth__150", selection="openmind", epochs=150)
     doc = segmentation_document(run, cases, 1.0)
     path = tmp_path / "D1" / run.run / "fold_0" / "metrics.json"
@@ -166,7 +166,7 @@ def test_segmentation_metrics_json_is_what_aggregation_reads(tmp_path):
         "case": "case_a", "DSC": None, "NSD": None,
         "per_class": {"lesion": {"DSC": None, "NSD": None, "tp": 0, "fp": 0, "fn": 0}}}
     parsed = read_metrics_json(path)
-    assert parsed["run"]["strategy"] == "sawtooth" and parsed["run"]["fold"] == "0"
+    assert parsed["run"]["schedule"] == "sawtooth" and parsed["run"]["fold"] == "0"
     assert sorted(parsed["rows"]) == [("DSC", 1.0, "case_b"), ("NSD", 1.0, "case_b")]
     assert parsed["skipped"] == 2  # case_a's NaN DSC and NSD are left out
     assert path.with_suffix(".csv").read_text().splitlines() == [
@@ -181,11 +181,11 @@ def test_classification_metrics_json_and_run_identity(tmp_path):
     path = tmp_path / "metrics.json"
     write_metrics(doc, path, tmp_path / "metrics.csv")
     parsed = read_metrics_json(path)
-    assert parsed["run"]["strategy"] == "none"  # scratch runs may omit the strategy
+    assert parsed["run"]["schedule"] == "none"  # scratch runs may omit the schedule
     assert sorted(parsed["rows"]) == [("AUROC", 1.0, ""), ("balanced_accuracy", 0.75, "")]
     assert [c["case"] for c in doc["cases"]] == ["s1", "s2", "s3"] and doc["cases"][1]["prediction"] == 1
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "case,label,prediction,p:control,p:autism"
-    with pytest.raises(ValueError, match="needs a strategy"):
+    with pytest.raises(ValueError, match="needs a schedule"):
         RunIdentity(dataset="D", method="mae", architecture="resenc_l", fold=0)
     bad = dict(doc, cases=[{"case": "x", "DSC": 1.5}])
     write_metrics(bad, tmp_path / "bad.json")

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from openmind_bench.train import checkpoint, launch, optimisation, settings as run_settings, trainer
-from openmind_bench.train.batches import TemplateBatches
+from openmind_bench.pretrain.batches import TemplateBatches
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -39,7 +39,7 @@ SMALL = {
 def small_settings(out_dir: Path, method: str = "mae", arch: str = "ResEncTiny", **overrides):
     section = run_settings.deep_update(json.loads(json.dumps(SMALL)), overrides)
     settings = run_settings.resolve(section, method, arch, out_dir=str(out_dir))
-    settings.batch_source = "openmind_bench.train.batches:template_batches"
+    settings.batch_source = "openmind_bench.pretrain.batches:template_batches"
     settings.threads = 1
     return settings
 

@@ -1,12 +1,8 @@
-"""Snakemake adapter for rule benchmark_table: collect metrics.json files, then aggregate."""
+"""Snakemake adapter for the benchmark table rules -> openmind_bench.aggregate.benchmark_table."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
-from openmind_bench.aggregate import OUTPUT_NAMES, run
-from openmind_bench.aggregate.collect import write_results
+from openmind_bench.aggregate import OUTPUT_NAMES, benchmark_table
 from openmind_bench.logs import log_to
 
 
@@ -17,14 +13,13 @@ def main(smk) -> None:
         for key, name in OUTPUT_NAMES.items():
             if Path(getattr(smk.output, key)) != out / name:
                 raise ValueError(f"output {key} must be {out / name}, the rule declares {getattr(smk.output, key)}")
-        write_results(list(smk.input.metrics), smk.output.results)
-        registry = smk.input.registry[0] if len(smk.input.registry) else None
-        run(
-            smk.output.results,
+        benchmark_table(
+            list(smk.input.metrics),
             out,
-            registry=registry,
+            registry=smk.input.registry[0] if len(smk.input.registry) else None,
             bootstrap_samples=int(smk.params.bootstrap_samples),
             seed=int(smk.params.seed),
+            results_csv=smk.output.results,
         )
 
 

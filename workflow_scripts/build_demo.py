@@ -1,9 +1,5 @@
 """Snakemake adapter: rule demo_mirror -> openmind_bench.demo.build_demo."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.demo import build_demo
 from openmind_bench.logs import log_to
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule demo_downstream -> openmind_bench.demo.downstream.build_downstream."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.demo.downstream import build_downstream
 from openmind_bench.logs import log_to
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule fetch_dataset -> openmind_bench.sources.fetch_dataset."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.logs import log_to
 from openmind_bench.qc import Rejections
 from openmind_bench.sources import fetch_dataset

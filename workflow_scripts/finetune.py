@@ -2,8 +2,6 @@
 
 import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.downstream.settings import FinetuneSettings
 from openmind_bench.downstream.worker import launch
 from openmind_bench.logs import log_to

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule gather_index -> openmind_bench.bids.index.gather."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.bids.index import gather
 from openmind_bench.logs import log_to
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule index_dataset -> openmind_bench.bids.index.run_index."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.bids.index import run_index
 from openmind_bench.logs import log_to
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule preprocess_shard -> openmind_bench.preprocess.shard.run_preprocess_shard."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.logs import log_to
 from openmind_bench.preprocess.image import PreprocessSettings
 from openmind_bench.preprocess.shard import run_preprocess_shard

@@ -1,12 +1,10 @@
-"""Snakemake adapter: rule pretrain -> openmind_bench.train.launch.launch (torchrun inside)."""
+"""Snakemake adapter: rule pretrain -> openmind_bench.pretrain.worker.launch (torchrun inside)."""
 
 import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.logs import log_to
-from openmind_bench.train.launch import launch
-from openmind_bench.train.settings import PretrainSettings
+from openmind_bench.pretrain.settings import PretrainSettings
+from openmind_bench.pretrain.worker import launch
 
 with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     code = launch(

@@ -1,9 +1,5 @@
 """Snakemake adapter: rule select_pretrain_data -> openmind_bench.curation.select.run_selection."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.curation.select import run_selection
 from openmind_bench.logs import log_to
 

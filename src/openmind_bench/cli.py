@@ -22,7 +22,7 @@ STAGES = [
     "openmind_bench.bids.cli",
     "openmind_bench.preprocess.cli",
     "openmind_bench.curation.cli",
-    "openmind_bench.train.cli",
+    "openmind_bench.pretrain.cli",
     "openmind_bench.downstream.data_cli",
     "openmind_bench.downstream.cli",
     "openmind_bench.qc_cli",

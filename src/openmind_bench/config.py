@@ -1,12 +1,16 @@
 """Config loading and validation shared by the Snakefile and the CLI.
 
-The schema (`config/schema.yaml`) gives every key a description and a default; validation fills
-the defaults in place (as `snakemake.utils.validate(..., set_default=True)` does) and, unlike a raw
-jsonschema traceback, names the offending key and value in one line.
+The schema (`config/schema.yaml`) gives every key a description and a default, and is the only
+place a default is written: validation fills the defaults in place (as
+`snakemake.utils.validate(..., set_default=True)` does) and, unlike a raw jsonschema traceback,
+names the offending key and value in one line. Stage code reads the validated config (or one
+section of it through `section`), never a default of its own.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import re
 from pathlib import Path
@@ -16,6 +20,9 @@ import jsonschema
 import pandas as pd
 import yaml
 
+# The package is used from its checkout (installed editable, as envs/openmind.yaml and .ci/install do),
+# so the workflow's own schema is the one it validates against.
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 DATASET_ID = re.compile(r"^ds\d{6}$")
 TABLE_COLUMNS = ["dataset_id", "snapshot", "expected_images"]
 
@@ -68,9 +75,50 @@ def validate(config: dict, schema_path: str | Path) -> dict:
     return config
 
 
-def load(config_path: str | Path, schema_path: str | Path) -> dict:
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
+def load(config_path: str | Path | None = None, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """A config file validated, defaults filled in; no file = every default."""
+    config = (yaml.safe_load(Path(config_path).read_text()) or {}) if config_path else {}
     return validate(config, schema_path)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return validate({}, SCHEMA_PATH)
+
+
+def defaults() -> dict:
+    """The whole config as the schema's defaults make it (a fresh copy)."""
+    return copy.deepcopy(_defaults())
+
+
+def section(name: str, values: dict | None = None) -> dict:
+    """Config section `name` with `values` over the schema's defaults, validated (errors name the key)."""
+    return validate({name: copy.deepcopy(values or {})}, SCHEMA_PATH)[name]
+
+
+def deep_update(base: dict, new: dict) -> dict:
+    """`base` updated in place by `new`: dicts merge key by key, everything else replaces."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key.sub=value` pairs (values as YAML) -> a nested dict (the CLI's `--set`)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not of the form key=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
 
 
 def read_datasets_table(path: str | Path) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Stable image ids and their shards (DESIGN.md section 2).
+"""Stable image ids and their shards (docs/architecture.md, "Scale").
 
 Shard k of dataset d holds the images whose id hashes to k modulo K_d. The hash is sha1 rather
 than Python's hash() so it is the same in every process, platform and run.

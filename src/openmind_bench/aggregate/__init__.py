@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openmind_bench import atomic
-from openmind_bench.aggregate.registry import DEFAULT_PATH as DEFAULT_REGISTRY
-from openmind_bench.aggregate.registry import RegistryError
-from openmind_bench.aggregate.results import METRICS, ResultsFormatError
+from openmind_bench.aggregate.results import ResultsFormatError
+from openmind_bench.names import METRICS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REGISTRY", "METRICS", "OUTPUT_NAMES", "RegistryError", "ResultsFormatError", "run"]
+__all__ = ["OUTPUT_NAMES", "ResultsFormatError", "run"]
 
 OUTPUT_NAMES = {
     "table_csv": "benchmark_table.csv",
@@ -60,26 +59,27 @@ def _write_utf8(path: Path, text: str) -> None:
 def run(
     results: str | Path,
     out: str | Path,
-    registry: str | Path | None = DEFAULT_REGISTRY,
-    bootstrap_samples: int = 1000,
-    seed: int = 0,
+    *,
+    registry: str | Path | None,
+    bootstrap_samples: int,
+    seed: int,
 ) -> Outputs:
     """Read RESULTS.csv and write every aggregation output into `out`."""
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
-    from openmind_bench.aggregate.registry import load_registry
     from openmind_bench.aggregate.results import read_results
     from openmind_bench.aggregate.table import STAT_COLUMNS, build_table, render_latex, render_markdown
+    from openmind_bench.registry import usable_datasets
 
     out = Path(out)
     paths = Outputs(**{k: out / v for k, v in OUTPUT_NAMES.items()})
     frame = read_results(results)
-    datasets_registry = load_registry(registry)
+    datasets_registry = usable_datasets(registry)
     log.info(
         "%d result rows: %d runs, %d datasets, metrics %s",
         len(frame),
-        len(frame[["method", "architecture", "strategy"]].drop_duplicates()),
+        len(frame[["method", "architecture", "schedule"]].drop_duplicates()),
         frame.dataset.nunique(),
         sorted(frame.metric.unique(), key=METRICS.index),
     )
@@ -104,3 +104,15 @@ def run(
     log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
              paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
     return paths
+
+
+def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bootstrap_samples: int, seed: int,
+                    results_csv: str | Path | None = None) -> Outputs:
+    """The whole stage from metrics.json files: gather them into `results_csv` (default
+    OUT/results_long.csv), then `run`. What rule benchmark_table and `openmind-bench benchmark-table` call."""
+    from openmind_bench.aggregate.collect import write_results
+
+    out = Path(out)
+    results_csv = Path(results_csv) if results_csv else out / "results_long.csv"
+    write_results(list(metrics), results_csv)
+    return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed)

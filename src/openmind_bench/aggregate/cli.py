@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from openmind_bench.aggregate.registry import DEFAULT_PATH
+from openmind_bench import config
 
 
 def _non_negative(text: str) -> int:
@@ -24,12 +24,14 @@ def _positive(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the `aggregate` and `collect-results` sub-commands."""
+    """Add the `aggregate` and `collect-results` sub-commands (defaults: the config schema's)."""
+    defaults = config.defaults()
+    registry, section = defaults["downstream_registry"], defaults["aggregate"]
     p = subparsers.add_parser(
         "aggregate",
         help="benchmark table, bootstrap rank stability and figures from a long results CSV",
         description=(
-            "Read RESULTS.csv (columns method, architecture, strategy, dataset, metric, value and "
+            "Read RESULTS.csv (columns method, architecture, schedule, dataset, metric, value and "
             "optional fold, case) and write benchmark_table.{csv,md,tex}, ranks_bootstrap.csv, "
             "bootstrap_intervals.csv and plots/*.png into OUT."
         ),
@@ -38,13 +40,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--registry",
         type=Path,
-        default=Path(DEFAULT_PATH),
-        help=f"downstream dataset registry (YAML) giving ID/OOD domains and dataset order (default: {DEFAULT_PATH}); "
+        default=Path(registry),
+        help=f"downstream dataset registry (YAML) giving ID/OOD domains and dataset order (default: {registry}); "
         "if absent, the ID/OOD means stay empty",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap samples (default: 1000)")
-    p.add_argument("--seed", type=_non_negative, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--bootstrap", type=_positive, default=section["bootstrap_samples"],
+                   help=f"bootstrap samples (default: {section['bootstrap_samples']})")
+    p.add_argument("--seed", type=_non_negative, default=section["seed"], help=f"bootstrap seed (default: {section['seed']})")
     p.set_defaults(func=aggregate_command)
 
     c = subparsers.add_parser(
@@ -61,9 +64,21 @@ def register(subparsers) -> None:
     c.add_argument("--out", required=True, type=Path, help="results CSV to write")
     c.set_defaults(func=collect_command)
 
+    b = subparsers.add_parser(
+        "benchmark-table",
+        help="collect every metrics.json below ROOT and aggregate (what `snakemake benchmark_table` runs)",
+    )
+    b.add_argument("--root", type=Path, default=Path("results/downstream"), help="folder of the fine-tuning results")
+    b.add_argument("--registry", type=Path, default=Path(registry), help=f"dataset registry (default: {registry})")
+    b.add_argument("--out", type=Path, default=Path("results/benchmark"), help="output directory")
+    b.add_argument("--bootstrap", type=_positive, default=section["bootstrap_samples"])
+    b.add_argument("--seed", type=_non_negative, default=section["seed"])
+    b.set_defaults(func=benchmark_table_command)
+
 
 def aggregate_command(args: argparse.Namespace) -> int:
-    from openmind_bench.aggregate import RegistryError, ResultsFormatError, run
+    from openmind_bench.aggregate import ResultsFormatError, run
+    from openmind_bench.registry import RegistryError
 
     try:
         run(args.results, args.out, registry=args.registry, bootstrap_samples=args.bootstrap, seed=args.seed)
@@ -86,6 +101,20 @@ def collect_command(args: argparse.Namespace) -> int:
     try:
         write_results(sorted(set(paths)), args.out)
     except CollectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def benchmark_table_command(args: argparse.Namespace) -> int:
+    from openmind_bench.aggregate import ResultsFormatError, benchmark_table
+    from openmind_bench.aggregate.collect import CollectError, find_metrics_files
+    from openmind_bench.registry import RegistryError
+
+    try:
+        benchmark_table(find_metrics_files(args.root), args.out, registry=args.registry,
+                        bootstrap_samples=args.bootstrap, seed=args.seed)
+    except (CollectError, ResultsFormatError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

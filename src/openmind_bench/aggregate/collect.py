@@ -8,7 +8,7 @@ The downstream stage writes one file per dataset, run and fold, at
       "run": "mae__resenc_l__openmind__sawtooth__150",  # optional, only quoted in messages
       "method": "mae",                                  # required; "scratch" for from-scratch runs
       "architecture": "resenc_l",                       # required
-      "strategy": "sawtooth",                           # fine-tuning schedule; may be absent for scratch
+      "schedule": "sawtooth",                           # fine-tuning schedule; may be absent for scratch
       "selection": "openmind",                          # pre-training data selection; optional
       "epochs": 150,                                    # fine-tuning epochs; optional
       "fold": 0,                                        # required (int or string)
@@ -27,12 +27,12 @@ value of null/NaN (nnU-Net's DSC when reference and prediction are both empty) i
 mean, as nnU-Net's own summary does.
 
 Run identity comes from the JSON fields, never from the path. The long format's run key is
-(method, architecture, strategy), so run properties outside that key are folded into the labels,
+(method, architecture, schedule), so run properties outside that key are folded into the labels,
 but only when they vary among the collected runs: the pre-training selection is appended to the
 method ("mae [openmind_t1]") when pre-trained runs use more than one selection, and the epochs to
 the architecture ("resenc_l (1000 ep)") when runs use more than one epoch count. The latter keeps
-delta_scratch a comparison at equal fine-tuning budget. From-scratch runs without a strategy get
-strategy "none".
+delta_scratch a comparison at equal fine-tuning budget. From-scratch runs without a schedule get
+schedule "none".
 """
 
 from __future__ import annotations
@@ -45,13 +45,12 @@ from pathlib import Path
 import pandas as pd
 
 from openmind_bench import atomic
-from openmind_bench.aggregate.results import METRICS, SCRATCH
+from openmind_bench.names import METRICS, NO_SCHEDULE, SCRATCH
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["method", "architecture", "strategy", "dataset", "metric", "value", "fold", "case"]
+COLUMNS = ["method", "architecture", "schedule", "dataset", "metric", "value", "fold", "case"]
 PATTERN = "*/*/fold_*/metrics.json"
-NO_STRATEGY = "none"
 
 
 class CollectError(ValueError):
@@ -61,27 +60,6 @@ class CollectError(ValueError):
 def find_metrics_files(root: str | Path) -> list[Path]:
     """Every `{dataset}/{run}/fold_{k}/metrics.json` below `root` (e.g. results/downstream)."""
     return sorted(Path(root).glob(PATTERN))
-
-
-def metrics_on_disk(root: str | Path):
-    """Snakemake input function: the metrics.json files that exist below `root` when the DAG is built.
-
-    The benchmark table reports whatever exists, so this never asks for missing runs to be built.
-    """
-
-    def existing_metrics(wildcards=None) -> list[str]:
-        return [str(p) for p in find_metrics_files(root)]
-
-    return existing_metrics
-
-
-def if_exists(path: str | Path):
-    """Snakemake input function: `[path]` when the file exists, else no input at all."""
-
-    def optional_file(wildcards=None) -> list[str]:
-        return [str(path)] if Path(path).is_file() else []
-
-    return optional_file
 
 
 def _text(doc: dict, key: str, path: Path, required: bool = True) -> str | None:
@@ -122,15 +100,16 @@ def read_metrics_json(path: str | Path) -> dict:
         "method": _text(doc, "method", path),
         "architecture": _text(doc, "architecture", path),
         "fold": _text(doc, "fold", path),
-        "strategy": _text(doc, "strategy", path, required=False),
+        # `strategy`: the name metrics.json files of earlier versions used for the schedule
+        "schedule": _text(doc, "schedule" if "schedule" in doc else "strategy", path, required=False),
         "selection": _text(doc, "selection", path, required=False),
         "epochs": _text(doc, "epochs", path, required=False),
         "run": _text(doc, "run", path, required=False),
     }
-    if fields["strategy"] is None:
+    if fields["schedule"] is None:
         if fields["method"] != SCRATCH:
-            raise CollectError(f"{path}: field 'strategy' is missing (only scratch runs may omit it)")
-        fields["strategy"] = NO_STRATEGY
+            raise CollectError(f"{path}: field 'schedule' is missing (only scratch runs may omit it)")
+        fields["schedule"] = NO_SCHEDULE
 
     cases = doc.get("cases") or []
     summary = doc.get("summary") or {}
@@ -193,23 +172,23 @@ def collect(paths) -> pd.DataFrame:
         architecture = r["architecture"]
         if tag_epochs:
             architecture = f"{architecture} ({r['epochs'] or '?'} ep)"
-        key = (method, architecture, r["strategy"], r["dataset"], r["fold"])
+        key = (method, architecture, r["schedule"], r["dataset"], r["fold"])
         if key in owner:
             raise CollectError(
                 f"{owner[key]} and {path} both hold method {key[0]!r}, architecture {key[1]!r}, "
-                f"strategy {key[2]!r}, dataset {key[3]!r}, fold {key[4]!r}"
+                f"schedule {key[2]!r}, dataset {key[3]!r}, fold {key[4]!r}"
             )
         owner[key] = path
         skipped += doc["skipped"]
         records += [
-            (method, architecture, r["strategy"], r["dataset"], metric, value, r["fold"], case)
+            (method, architecture, r["schedule"], r["dataset"], metric, value, r["fold"], case)
             for metric, value, case in doc["rows"]
         ]
     if skipped:
         log.info("%d per-case values were null/NaN and are left out of the means", skipped)
     long = pd.DataFrame(records, columns=COLUMNS)
     long["_metric_order"] = long.metric.map(METRICS.index)
-    long = long.sort_values(["method", "architecture", "strategy", "dataset", "_metric_order", "fold", "case"],
+    long = long.sort_values(["method", "architecture", "schedule", "dataset", "_metric_order", "fold", "case"],
                             kind="stable")
     return long.drop(columns="_metric_order").reset_index(drop=True)
 

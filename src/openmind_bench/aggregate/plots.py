@@ -1,7 +1,7 @@
 """Figures for the benchmark: per-dataset heat map, rank stability, per-dataset bars.
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot state, no display
-needed). Runs are labelled 'method / architecture / strategy' and coloured by method, the same in
+needed). Runs are labelled 'method / architecture / schedule' and coloured by method, the same in
 every figure; values are shown in percent.
 """
 
@@ -74,7 +74,7 @@ def heatmap(table: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_xticks(range(n_cols), [*datasets, "Mean"], rotation=40, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n_runs), labels)
     ax.set_xlabel("downstream dataset")
-    ax.set_ylabel("run (method / architecture / strategy)")
+    ax.set_ylabel("run (method / architecture / schedule)")
     ax.tick_params(length=0)
     ax.set_title(
         f"{METRIC_TITLES[metric]} per dataset\ncell: mean over cases then folds; colour: rank within column",
@@ -122,7 +122,7 @@ def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_xlim(-0.7, n_runs - 0.3)
     ax.grid(True, color="#dddddd", linewidth=0.6, zorder=0)
     ax.set_axisbelow(True)
-    ax.set_xlabel("run (method / architecture / strategy), ordered by observed position")
+    ax.set_xlabel("run (method / architecture / schedule), ordered by observed position")
     ax.set_ylabel("leaderboard position by average rank (1 = best)")
     if (rows.datasets_resampled == 0).all():
         note = "no per-case values, so every sample ranks alike"
@@ -181,7 +181,7 @@ def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, data
     ax.set_ylim(n - 0.4, -0.6)  # first run on top, no empty band
     zoom = " (axis does not start at 0)" if left > 0 else ""
     ax.set_xlabel(f"{metric} (%){zoom}")
-    ax.set_ylabel("run (method / architecture / strategy)")
+    ax.set_ylabel("run (method / architecture / schedule)")
     ax.grid(True, axis="x", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
     if fixed.all():

@@ -2,7 +2,7 @@
 
 `RESULTS.csv` has one value per row::
 
-    method,architecture,strategy,dataset,metric,value[,fold][,case]
+    method,architecture,schedule,dataset,metric,value[,fold][,case]
 
 A row with a `case` is one case's value; a row without one already summarises its dataset (or,
 when `fold` is given, one fold of it). Per dataset the value is the mean over cases, then over
@@ -20,15 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from openmind_bench.names import METRIC_TASK, METRICS, SCRATCH  # noqa: F401  (re-exported to the stage)
+
 log = logging.getLogger(__name__)
 
-RUN_KEY = ["method", "architecture", "strategy"]
+RUN_KEY = ["method", "architecture", "schedule"]
 REQUIRED_COLUMNS = [*RUN_KEY, "dataset", "metric", "value"]
 OPTIONAL_COLUMNS = ["fold", "case"]
-# Order in which metrics appear in every table and plot.
-METRICS = ["DSC", "NSD", "balanced_accuracy", "AUROC"]
-METRIC_TASK = {"DSC": "seg", "NSD": "seg", "balanced_accuracy": "cls", "AUROC": "cls"}
-SCRATCH = "scratch"
 
 
 class ResultsFormatError(ValueError):
@@ -59,10 +57,12 @@ def read_results(path: str | Path) -> pd.DataFrame:
 def validate(raw: pd.DataFrame, source: str = "<results>") -> pd.DataFrame:
     """Check a string-typed frame and return it typed.
 
-    Returns columns method, architecture, strategy, dataset, metric, fold ("" when absent), case
+    Returns columns method, architecture, schedule, dataset, metric, fold ("" when absent), case
     ("" when absent), value (float) and line (the row's line in the file).
     """
     raw = raw.rename(columns=lambda c: str(c).strip())
+    if "strategy" in raw.columns and "schedule" not in raw.columns:
+        raw = raw.rename(columns={"strategy": "schedule"})  # the column's name in earlier versions
     missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
     if missing:
         raise ResultsFormatError(
@@ -85,7 +85,7 @@ def validate(raw: pd.DataFrame, source: str = "<results>") -> pd.DataFrame:
         raise ResultsFormatError(f"{source}: no result rows after the header")
 
     problems: list[tuple[int, str, str]] = []  # (line, column, message); report the first
-    for column in ["method", "architecture", "strategy", "dataset", "metric"]:
+    for column in ["method", "architecture", "schedule", "dataset", "metric"]:
         empty = frame[column] == ""
         if empty.any():
             problems.append((int(frame.line[empty].iloc[0]), column, "empty value"))
@@ -123,7 +123,7 @@ def validate(raw: pd.DataFrame, source: str = "<results>") -> pd.DataFrame:
             source,
             second,
             "case",
-            f"duplicate of line {first} (same method, architecture, strategy, dataset, metric, fold and case)",
+            f"duplicate of line {first} (same method, architecture, schedule, dataset, metric, fold and case)",
         )
 
     # Per-case rows and a summary row for the same fold would be averaged together: refuse.
@@ -150,12 +150,12 @@ def fold_values(frame: pd.DataFrame) -> pd.Series:
 
 
 def dataset_values(frame: pd.DataFrame) -> pd.Series:
-    """Mean over cases, then over folds, per (method, architecture, strategy, metric, dataset)."""
+    """Mean over cases, then over folds, per (method, architecture, schedule, metric, dataset)."""
     return fold_values(frame).groupby(level=[*RUN_KEY, "metric", "dataset"], sort=False).mean()
 
 
 def run_label(run: tuple[str, str, str] | pd.Series) -> str:
-    """How a run is named in plots: 'method / architecture / strategy'."""
+    """How a run is named in plots: 'method / architecture / schedule'."""
     if isinstance(run, pd.Series):
         run = tuple(run[c] for c in RUN_KEY)
     return " / ".join(str(p) for p in run)

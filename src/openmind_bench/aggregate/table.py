@@ -1,6 +1,6 @@
 """The benchmark table: per-dataset means, All/ID/OOD means, average rank, delta to scratch.
 
-`build_table` returns one row per (method, architecture, strategy, metric), unrounded and in the
+`build_table` returns one row per (method, architecture, schedule, metric), unrounded and in the
 input's scale (fractions); `render_markdown` and `render_latex` show percentages with two decimals
 and the best value of every column in bold, one table per metric, as the papers do.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from openmind_bench.aggregate.ranking import average_rank
-from openmind_bench.aggregate.registry import DatasetInfo, ordered_datasets
+from openmind_bench.registry import DatasetSpec, ordered_datasets
 from openmind_bench.aggregate.results import (
     METRIC_TASK,
     RUN_KEY,
@@ -37,7 +37,7 @@ METRIC_TITLES = {
 
 
 def run_order(runs: pd.MultiIndex | list) -> list[tuple]:
-    """Table order: by architecture, from-scratch first, then method and strategy."""
+    """Table order: by architecture, from-scratch first, then method and schedule."""
     return sorted(runs, key=lambda r: (r[1], r[0] != SCRATCH, r[0], r[2]))
 
 
@@ -48,7 +48,7 @@ def metric_matrix(values: pd.Series, metric: str, datasets: list[str]) -> pd.Dat
     return wide.loc[run_order(wide.index)]
 
 
-def build_table(frame: pd.DataFrame, registry: dict[str, DatasetInfo]) -> pd.DataFrame:
+def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec]) -> pd.DataFrame:
     """The benchmark table from a validated results frame (see `results.validate`)."""
     values = dataset_values(frame)
     datasets = ordered_datasets(frame.dataset.unique(), registry)
@@ -88,13 +88,13 @@ def _warn_missing(metric: str, wide: pd.DataFrame) -> None:
         )
 
 
-def _warn_task(metric: str, datasets: list[str], registry: dict[str, DatasetInfo]) -> None:
+def _warn_task(metric: str, datasets: list[str], registry: dict[str, DatasetSpec]) -> None:
     wrong = [d for d in datasets if d in registry and registry[d].task not in (None, METRIC_TASK[metric])]
     if wrong:
         log.warning("%s is a %s metric but the registry lists %s as another task", metric, METRIC_TASK[metric], wrong)
 
 
-def _domain_columns(metric: str, datasets: list[str], registry: dict[str, DatasetInfo]) -> dict | None:
+def _domain_columns(metric: str, datasets: list[str], registry: dict[str, DatasetSpec]) -> dict | None:
     """ID and OOD datasets of this metric, or None when any dataset's domain is unknown."""
     if not registry:
         return None
@@ -108,7 +108,7 @@ def _domain_columns(metric: str, datasets: list[str], registry: dict[str, Datase
 def _delta_scratch(metric: str, means: pd.Series) -> pd.Series:
     """mean minus the mean of the from-scratch row of the same architecture (and metric).
 
-    With several scratch rows for one architecture, the one with the same strategy label is used;
+    With several scratch rows for one architecture, the one with the same schedule label is used;
     without such a row the delta stays empty. Scratch rows are the reference and stay empty.
     """
     delta = pd.Series(np.nan, index=means.index)
@@ -126,7 +126,7 @@ def _delta_scratch(metric: str, means: pd.Series) -> pd.Series:
             ambiguous.add(run[1])
     if ambiguous:
         log.warning(
-            "%s: several from-scratch rows for architecture(s) %s and none with the row's strategy: "
+            "%s: several from-scratch rows for architecture(s) %s and none with the row's schedule: "
             "delta_scratch left empty there",
             metric,
             sorted(ambiguous),
@@ -172,7 +172,7 @@ def _blocks(table: pd.DataFrame) -> list[_Block]:
     for metric in [m for m in METRIC_TITLES if (table.metric == m).any()]:
         rows = table[table.metric == metric].reset_index(drop=True)
         columns = [_Column("method", "Method", "text"), _Column("architecture", "Architecture", "text"),
-                   _Column("strategy", "Strategy", "text")]
+                   _Column("schedule", "Schedule", "text")]
         columns += [_Column(d, d, "value") for d in dataset_cols if rows[d].notna().any()]
         columns.append(_Column("mean", "Mean", "value"))
         columns += [_Column(c, h, "value") for c, h in (("mean_id", "ID mean"), ("mean_ood", "OOD mean"))

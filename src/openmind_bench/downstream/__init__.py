@@ -1,9 +1,9 @@
-"""Downstream evaluation: the dataset registry and readers, balanced patient-grouped splits, and the
+"""Downstream evaluation: dataset readers (over the registry, `openmind_bench.registry`), balanced patient-grouped splits, and the
 fine-tuning schedules as data. (The fine-tuning engine itself builds on the pre-training engine's
 nets/ssl/train pieces; metrics live in `openmind_bench.metrics`.)"""
 
 from openmind_bench.downstream.readers import Case, DatasetError, DownstreamData, case_table, read_dataset, read_datasets
-from openmind_bench.downstream.registry import DatasetSpec, Registry, RegistryError, load_registry
+from openmind_bench.registry import DatasetSpec, Registry, RegistryError, load_registry
 from openmind_bench.downstream.schedules import SCHEDULE_NAMES, Schedule, ScheduleError, build_schedule, schedule_for_run
 from openmind_bench.downstream.splits import SplitError, SplitSettings, ensure_low_data_subset, ensure_split, partition
 

@@ -31,26 +31,24 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from openmind_bench import config as omb_config
     from openmind_bench.downstream import settings as run_settings
     from openmind_bench.downstream import splits, worker
     from openmind_bench.downstream.readers import case_table, read_dataset
-    from openmind_bench.downstream.registry import load_registry
-    from openmind_bench.train.cli import _parse_set
+    from openmind_bench.registry import load_registry
 
     config = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-    downstream = dict(config.get("downstream") or {})
+    overrides: dict = {"finetune": omb_config.parse_overrides(args.set), "downstream": {}}
     if args.registry:
-        config["downstream_registry"] = args.registry
+        overrides["downstream_registry"] = args.registry
     if args.root:
-        downstream["root"] = args.root
+        overrides["downstream"]["root"] = args.root
     if args.steps_per_epoch:
-        downstream["steps_per_epoch"] = args.steps_per_epoch
-    config["downstream"] = downstream
-    config["finetune"] = run_settings.pretrain_settings.deep_update(dict(config.get("finetune") or {}),
-                                                                    _parse_set(args.set))
+        overrides["downstream"]["steps_per_epoch"] = args.steps_per_epoch
+    config = omb_config.validate(omb_config.deep_update(config, overrides), omb_config.SCHEMA_PATH)
     settings = run_settings.resolve(config, args.dataset, args.run, args.fold, out_dir=args.out, split=args.split,
                                     pretrained_checkpoint=args.checkpoint, low_data_subset=args.low_data_subset)
     spec = load_registry(settings.registry, settings.root).get(args.dataset)
     splits.ensure_split(args.split, case_table(read_dataset(spec)), spec.name, spec.role,
-                        splits.SplitSettings(**run_settings.split_settings(config, spec.role)))
+                        splits.SplitSettings(**run_settings.split_settings(config)))
     return worker.launch(settings, nproc=args.nproc, threads=args.threads)

@@ -1,8 +1,8 @@
 """Fine-tune one pre-trained checkpoint (or a from-scratch network) on one downstream dataset and fold.
 
-The loop is the pre-training engine's (`train.trainer.train_step`: one collective for the non-finite
-loss and stop flags, clipping, AMP; `train.distributed` under torchrun; `train.optimisation`'s
-optimisers; `train.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling).
+The loop runs on the shared engine (`engine.step.train_step`: one collective for the non-finite
+loss and stop flags, clipping, AMP; `engine.distributed` under torchrun; `engine.optimisation`'s
+optimisers; `engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling).
 What is specific to fine-tuning:
 
 - the network: the checkpoint's architecture rebuilt for the fine-tuning patch and channels, encoder
@@ -34,22 +34,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, nets
 from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
-from openmind_bench.downstream.settings import FinetuneSettings, RunName, parse_run
+from openmind_bench.downstream.settings import FinetuneSettings
 from openmind_bench.downstream.readers import read_dataset
-from openmind_bench.downstream.registry import load_registry
-from openmind_bench.train import distributed, optimisation
-from openmind_bench.train.logger import RunLogger
-from openmind_bench.train.trainer import StopRequest, autocast, derive_seed, train_step
+from openmind_bench.engine.checkpoint import PREEMPTED
+from openmind_bench.engine import distributed, optimisation
+from openmind_bench.engine.logger import RunLogger
+from openmind_bench.engine.step import StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler, train_step
+from openmind_bench.names import CNN, METRICS_FILE, TRANSFORMER, RunName, parse_run
+from openmind_bench.registry import load_registry
 
 log = logging.getLogger(__name__)
 
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
-METRICS = "metrics.json"
 _TAG_INIT, _TAG_SAMPLE, _TAG_CASE = 11, 12, 13
-FAMILY = {"cnn": "cnn", "transformer": "primus"}  # nets family -> schedules family
 
-# Classification (DESIGN section 5 / the MAE paper's classification protocol).
+# Classification (docs/architecture.md / the MAE paper's classification protocol).
 CLASSIFICATION_OPTIMISER = {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 1.0e-2, "grad_clip": 1.0}
 CLASSIFICATION_PEAK_LR = 1.0e-4
 
@@ -132,38 +132,29 @@ def build_model(settings: FinetuneSettings, spec, name: RunName):
 
 def family_of(net: nn.Module) -> str:
     backbone = getattr(net, "backbone", net)
-    return "primus" if hasattr(backbone, "eva") else "cnn"
-
-
-def _by_schedule_family(table: dict | None) -> dict | None:
-    """Config tables keyed by the nets family (`transformer`) as well as the schedules one (`primus`)."""
-    if not table:
-        return table
-    return {("primus" if k == "transformer" else k): v for k, v in table.items()}
+    return TRANSFORMER if hasattr(backbone, "eva") else CNN
 
 
 def build_schedule(settings: FinetuneSettings, name: RunName, family: str, task: str) -> schedules.Schedule:
-    strategy = name.schedule or "default"
-    cfg = dict(settings.schedule_config)
-    cfg["peak_lr"] = _by_schedule_family(cfg.get("peak_lr"))
-    cfg["warmup_epochs"] = _by_schedule_family(cfg.get("warmup_epochs"))
+    schedule = name.schedule or "default"
+    cfg = settings.schedule_config
     if task == "cls":
         peak = CLASSIFICATION_PEAK_LR
     else:
-        peak = schedules.peak_lr(family, name.pretrained, cfg.get("peak_lr"))
-    warm = schedules.warmup_for(family, name.epochs, cfg.get("warmup_epochs"))
-    if task == "cls" and strategy == "default":
-        strategy = "warmup"  # classification always warms up (MAE paper's classification protocol)
+        peak = schedules.peak_lr(family, name.pretrained, cfg["peak_lr"])
+    warm = schedules.warmup_for(family, name.epochs, cfg["warmup_epochs"])
+    if task == "cls" and schedule == "default":
+        schedule = "warmup"  # classification always warms up (MAE paper's classification protocol)
     return schedules.build_schedule(
-        strategy, name.epochs, peak, settings.steps_per_epoch, decoder_warmup=int(warm["decoder"]),
+        schedule, name.epochs, peak, settings.steps_per_epoch, decoder_warmup=int(warm["decoder"]),
         whole_warmup=int(warm["whole"]), decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"))
+        poly_exponent=float(cfg["poly_exponent"]), custom=cfg["custom_schedules"])
 
 
 def optimiser_config(settings: FinetuneSettings, family: str, task: str) -> dict:
     if task == "cls":
         return dict(CLASSIFICATION_OPTIMISER)
-    return dict(settings.optimisation["transformer" if family == "primus" else "cnn"])
+    return dict(settings.optimisation[family])
 
 
 def apply_phase(net: nn.Module, groups: dict, trainable: frozenset, cfg: dict, device) -> torch.optim.Optimizer:
@@ -217,7 +208,7 @@ def training_cases(settings: FinetuneSettings, data, name: RunName) -> tuple[lis
 
 
 def run(settings: FinetuneSettings) -> str:
-    """Fine-tune and evaluate into `settings.out_dir`; returns finished / preempted / already_done."""
+    """Fine-tune and evaluate into `settings.out_dir`; returns "finished" or "preempted"."""
     ctx = distributed.init()
     try:
         return _run(settings, ctx)
@@ -227,9 +218,6 @@ def run(settings: FinetuneSettings) -> str:
 
 def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     out = Path(settings.out_dir)
-    if (out / METRICS).exists():
-        log.info("%s exists: run already complete", out / METRICS)
-        return "already_done"
     if ctx.device.type == "cpu" and settings.threads > 0:
         torch.set_num_threads(settings.threads)
     name = parse_run(settings.run)
@@ -273,9 +261,8 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
         log.info("resuming %s at epoch %d", latest, start_epoch)
     logger = RunLogger(out, enabled=ctx.is_main, history=history,
                        global_step=start_epoch * settings.steps_per_epoch)
-    amp_context = autocast(settings, ctx.device)
-    use_scaler = ctx.device.type == "cuda" and settings.amp and settings.amp_dtype == "float16"
-    grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
+    grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
     phase, optimizer, model = None, None, objective
 
     with StopRequest() as stop:
@@ -337,7 +324,7 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                                  settings.save_predictions)
         inference.write(doc, out)
         latest.unlink(missing_ok=True)
-        (out / "preempted.json").unlink(missing_ok=True)
+        (out / PREEMPTED).unlink(missing_ok=True)
     # No barrier after the evaluation: the other ranks may exit while rank 0 scores the test set
     # (which can outlast a collective's timeout on large datasets).
     logger.close()
@@ -348,7 +335,7 @@ def _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, sp
     # Mid-epoch stops restart the epoch: fine-tuning epochs are short next to a job's lifetime.
     if ctx.is_main:
         _save(out / LATEST, net, optimizer, epoch, settings, logger.history, schedule, patch, spec, phase)
-        atomic.write_json(out / "preempted.json", {"epoch": epoch, "time": time.time()})
+        atomic.write_json(out / PREEMPTED, {"epoch": epoch, "time": time.time()})
     distributed.barrier(ctx)
     logger.close()
     return "preempted"

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def identity(dataset: str, name, fold) -> RunIdentity:
     return RunIdentity(dataset=dataset, method=name.method, architecture=name.architecture,
                        fold=int(fold) if str(fold).isdigit() else str(fold), run=str(name),
-                       strategy=name.schedule if name.pretrained else None, selection=name.selection,
+                       schedule=name.schedule if name.pretrained else None, selection=name.selection,
                        epochs=name.epochs)
 
 

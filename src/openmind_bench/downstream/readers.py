@@ -35,7 +35,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from openmind_bench.downstream.registry import DatasetSpec, Registry, RegistryError
+from openmind_bench.registry import DatasetSpec, Registry, RegistryError
 from openmind_bench.qc import Rejections
 
 log = logging.getLogger(__name__)

@@ -37,12 +37,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from openmind_bench import config
+from openmind_bench.names import CNN, FAMILIES, TRANSFORMER
+
 GROUPS = ("stem", "encoder", "decoder")
 ALL = frozenset(GROUPS)
 DECODER = frozenset({"decoder"})
 CURVES = ("linear_warmup", "poly")
 REST = "rest"  # length key of the final phase: whatever the others leave
-POLY_EXPONENT = 0.9
+_DOWNSTREAM = config.section("downstream")  # the schema's defaults, read once
+POLY_EXPONENT = float(_DOWNSTREAM["poly_exponent"])
+STEPS_PER_EPOCH = int(_DOWNSTREAM["steps_per_epoch"])
 
 # (phase name, trainable groups, curve, length key, lr factor key)
 TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = {
@@ -66,21 +71,13 @@ TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = 
 }
 SCHEDULE_NAMES = tuple(TEMPLATES)
 
-# Peak lr and optimiser per architecture family (the families of `openmind_bench.nets`: cnn for
-# ResEnc, transformer for Primus), pre-trained vs from scratch (DESIGN section 5).
-PEAK_LR = {("cnn", True): 1e-3, ("cnn", False): 1e-2, ("transformer", True): 1e-4, ("transformer", False): 3e-4}
-OPTIMIZER = {"cnn": "sgd", "transformer": "adamw"}
-FAMILY_ALIASES = {"primus": "transformer"}
+# Peak lr per family and the public trainers' warm-up lengths / decoder-phase lr factors live in the
+# config (`downstream.peak_lr`, `downstream.warmup_epochs`; their defaults in config/schema.yaml):
+# these functions read that table, and the schema's when none is given.
 
-# Warm-up lengths (epochs) and the decoder-phase lr factor of the public fine-tuning trainers,
-# per family and fine-tuning length. Primus' decoder-only phases run at a fraction of the peak
-# ("otherwise training collapses", public Primus sawtooth trainer: 0.01 at 1000 epochs, 0.1 at 150).
-DEFAULT_WARMUP = {
-    "cnn": {150: {"decoder": 15, "whole": 15, "decoder_lr_factor": 1.0},
-            1000: {"decoder": 50, "whole": 50, "decoder_lr_factor": 1.0}},
-    "transformer": {150: {"decoder": 15, "whole": 15, "decoder_lr_factor": 0.1},
-               1000: {"decoder": 50, "whole": 50, "decoder_lr_factor": 0.01}},
-}
+
+def _downstream_default(key: str) -> dict:
+    return _DOWNSTREAM[key]
 
 
 class ScheduleError(ValueError):
@@ -177,8 +174,8 @@ def family_of(architecture: str, presets: dict | None = None) -> str:
     """`cnn` or `transformer` for an architecture preset of `openmind_bench.nets` (ResEncL,
     PrimusM, ...; `presets` as config `pretrain.architecture_presets`), a family name, or a name
     that starts like one (resenc..., primus...)."""
-    name = FAMILY_ALIASES.get(architecture.lower(), architecture.lower())
-    if name in ("cnn", "transformer"):
+    name = architecture.lower()
+    if name in FAMILIES:
         return name
     try:
         from openmind_bench.nets import resolve
@@ -187,43 +184,38 @@ def family_of(architecture: str, presets: dict | None = None) -> str:
     except (ImportError, ValueError):
         pass
     if name.startswith("primus"):
-        return "transformer"
+        return TRANSFORMER
     if name.startswith(("resenc", "residual", "plainconv", "unet")):
-        return "cnn"
+        return CNN
     raise ScheduleError(f"architecture {architecture!r}: not a preset of openmind_bench.nets and its name tells "
                         "neither a CNN (resenc...) nor a transformer (primus...)")
 
 
 def peak_lr(family: str, pretrained: bool, table: dict | None = None) -> float:
-    """The peak lr of a fine-tuning run; `table` ({family: {pretrained: x, scratch: y}}) overrides."""
-    family = FAMILY_ALIASES.get(family, family)
-    table = {FAMILY_ALIASES.get(k, k): v for k, v in (table or {}).items()}
-    if family in table:
-        key = "pretrained" if pretrained else "scratch"
-        if key in table[family]:
-            return float(table[family][key])
-    if (family, pretrained) not in PEAK_LR:
-        raise ScheduleError(f"no peak lr for architecture family {family!r}")
-    return PEAK_LR[(family, pretrained)]
+    """The peak lr of a fine-tuning run from `table` (config `downstream.peak_lr`:
+    {family: {pretrained: x, scratch: y}}; None = the schema's)."""
+    table = _downstream_default("peak_lr") if table is None else table
+    key = "pretrained" if pretrained else "scratch"
+    try:
+        return float(table[family][key])
+    except (KeyError, TypeError):
+        raise ScheduleError(f"config key 'downstream.peak_lr.{family}.{key}' is missing") from None
 
 
 def warmup_for(family: str, epochs: int, table: dict | None = None) -> dict:
     """Warm-up lengths (`decoder`, `whole`) and `decoder_lr_factor` for a run of `epochs`.
 
-    `table` is config's `{family: {epochs: {...}}}` (epoch keys may be strings, as YAML gives them);
-    it wins over the public trainers' values. Fine-tuning lengths listed nowhere get 10% of the
-    epochs for each warm-up (the public 150-epoch ratio), at least one epoch while the run is long
-    enough to keep one epoch for the final phase.
+    `table` is config `downstream.warmup_epochs`, `{family: {epochs: {...}}}` (epoch keys may be
+    strings, as YAML gives them; None = the schema's, the public trainers' values). Fine-tuning
+    lengths listed nowhere get 10% of the epochs for each warm-up (the public 150-epoch ratio), at
+    least one epoch while the run is long enough to keep one epoch for the final phase, and the
+    decoder-phase lr factor of the family's 150-epoch entry.
     """
-    family = FAMILY_ALIASES.get(family, family)
-    defaults = DEFAULT_WARMUP.get(family, {})
-    factor = defaults.get(epochs, defaults.get(150, {})).get("decoder_lr_factor", 1.0)
-    table = {FAMILY_ALIASES.get(k, k): v for k, v in (table or {}).items()}
+    table = _downstream_default("warmup_epochs") if table is None else table
     configured = {int(k): v for k, v in (table.get(family) or {}).items()}
+    factor = configured.get(epochs, configured.get(150, {})).get("decoder_lr_factor", 1.0)
     if epochs in configured:
         return {"decoder_lr_factor": factor, **configured[epochs]}
-    if epochs in defaults:
-        return dict(defaults[epochs])
     tenth = max(1, round(0.1 * epochs))
     budget = max(epochs - 1, 0)  # leave the final poly phase at least one epoch
     whole = min(tenth, budget // 2)
@@ -271,7 +263,7 @@ def custom_template(name: str, phases: list[dict]) -> tuple:
     return tuple(out)
 
 
-def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = 250,
+def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = STEPS_PER_EPOCH,
                    decoder_warmup: int = 0, whole_warmup: int = 0, decoder_lr_factor: float = 1.0,
                    poly_exponent: float = POLY_EXPONENT, custom: dict | None = None) -> Schedule:
     """The schedule `name` (one of TEMPLATES, or of `custom`: name -> phase list) for one run.
@@ -310,7 +302,7 @@ def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = 2
     return Schedule(name, float(peak), int(epochs), int(steps_per_epoch), tuple(phases), float(poly_exponent))
 
 
-def schedule_for_run(name: str, architecture: str, pretrained: bool, epochs: int, steps_per_epoch: int = 250,
+def schedule_for_run(name: str, architecture: str, pretrained: bool, epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH,
                      config: dict | None = None, presets: dict | None = None) -> Schedule:
     """The schedule of one fine-tuning run from the `downstream` config block (defaults as the papers).
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import pulp
 
-from openmind_bench import atomic
+from openmind_bench import atomic, config
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,20 @@ class SplitError(ValueError):
     """A split that cannot be made, or a stored split that no longer fits its dataset."""
 
 
+_DEFAULTS = config.section("downstream")
+
+
 @dataclass(frozen=True)
 class SplitSettings:
-    test_fraction: float = 0.2
-    folds: int = 5  # k folds over the training part of development sets; 0: none
-    seed: int = 0
-    volume_bins: int = 3
-    max_nodes: int = 2000  # CBC branch-and-bound node limit: bounds the time, keeps the result deterministic
+    """From the `downstream` config section (`downstream.settings.split_settings`); the field
+    defaults are the schema's, read from it."""
+
+    test_fraction: float = _DEFAULTS["test_fraction"]
+    folds: int = _DEFAULTS["folds"]  # k folds over the training part of development sets; 0: none
+    seed: int = _DEFAULTS["split_seed"]
+    volume_bins: int = _DEFAULTS["volume_bins"]
+    # CBC branch-and-bound node limit: bounds the time, keeps the result deterministic
+    max_nodes: int = _DEFAULTS["split_max_nodes"]
 
     def __post_init__(self):
         if not 0 < self.test_fraction < 1:
@@ -205,8 +212,11 @@ def _report(features: pd.DataFrame, parts: dict[str, list[str]], fractions: dict
     return report
 
 
-def make_split(cases: pd.DataFrame, dataset: str, role: str, settings: SplitSettings = SplitSettings()) -> dict:
-    """The split document of one dataset (see the module doc); `cases` as `readers.case_table`."""
+def make_split(cases: pd.DataFrame, dataset: str, role: str, settings: SplitSettings) -> dict:
+    """The split document of one dataset (see the module doc); `cases` as `readers.case_table`.
+    Test-role datasets get the fixed split only (no folds), whatever `settings.folds` says."""
+    if role != "dev":
+        settings = replace(settings, folds=0)
     features = balance_features(cases, settings.volume_bins)
     subjects = cases.set_index("case").subject.astype(str)
     groups = _grouped(cases, features)
@@ -264,7 +274,7 @@ def read_split(path: str | Path) -> dict:
 
 
 def ensure_split(path: str | Path, cases: pd.DataFrame, dataset: str, role: str,
-                 settings: SplitSettings = SplitSettings()) -> dict:
+                 settings: SplitSettings) -> dict:
     """The split at `path`: read and checked if it exists, else made and written (atomically)."""
     path = Path(path)
     if path.exists():
@@ -344,3 +354,20 @@ def max_deviation(doc: dict, section: str = "test") -> dict[str, float]:
     for feature, parts in doc["balance"][section].items():
         out[feature] = max(abs(v["count"] - v["share"]) for v in parts.values())
     return out
+
+
+def split_dataset(registry: str | Path, root: str | Path | None, dataset: str, settings: SplitSettings, *,
+                  split_out: str | Path, rejected_out: str | Path | None = None) -> dict:
+    """The split of one registry dataset, made once and reused (what rule downstream_split and
+    `openmind-bench downstream-splits` call); cases the reader rejects go to `rejected_out`."""
+    from openmind_bench.downstream.readers import case_table, read_dataset
+    from openmind_bench.qc import Rejections
+    from openmind_bench.registry import load_registry
+
+    spec = load_registry(registry, root).get(dataset)
+    data = read_dataset(spec)
+    if rejected_out is not None:
+        rejections = Rejections("downstream")
+        data.record_rejections(rejections)
+        rejections.write(rejected_out)
+    return ensure_split(split_out, case_table(data), spec.name, spec.role, settings)

@@ -1,6 +1,6 @@
 """Weight transfer from a pre-training checkpoint into a fresh fine-tuning network.
 
-What moves (nnssl's adaptation plan, DESIGN section 5): the encoder (`key_to_encoder`) and the stem
+What moves (nnssl's adaptation plan, docs/architecture.md, "Reference protocol"): the encoder (`key_to_encoder`) and the stem
 (`key_to_stem`) only; every other tensor (the decoder, pretext heads, mask tokens) stays as freshly
 initialised. Two adaptations:
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from openmind_bench import nets
-from openmind_bench.train import checkpoint
+from openmind_bench.engine import checkpoint
 
 log = logging.getLogger(__name__)
 

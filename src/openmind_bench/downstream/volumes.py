@@ -119,7 +119,7 @@ def classification_augmentation(patch_size: Sequence[int]):
 
 
 def centre_crop(image: np.ndarray, patch_size: Sequence[int]) -> torch.Tensor:
-    """Classification input at test time: padded, then the centre patch (DESIGN: 160^3 centre crop)."""
+    """Classification input at test time: padded, then the centre patch (the reference protocol: 160^3 centre crop)."""
     from monai import transforms as mt
 
     patch = tuple(int(p) for p in patch_size)

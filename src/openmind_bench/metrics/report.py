@@ -20,20 +20,20 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from openmind_bench import atomic
-from openmind_bench.aggregate.results import SCRATCH
+from openmind_bench.names import SCRATCH
 from openmind_bench.metrics.classification import classification_metrics
 
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """Who produced the predictions; `strategy` may only be missing for from-scratch runs."""
+    """Who produced the predictions; `schedule` may only be missing for from-scratch runs."""
 
     dataset: str
     method: str
     architecture: str
     fold: int | str
     run: str | None = None
-    strategy: str | None = None
+    schedule: str | None = None
     selection: str | None = None
     epochs: int | None = None
 
@@ -43,8 +43,8 @@ class RunIdentity:
                 raise ValueError(f"run identity: {key} is empty")
         if self.fold is None or str(self.fold).strip() == "":
             raise ValueError("run identity: fold is empty")
-        if self.strategy is None and self.method != SCRATCH:
-            raise ValueError(f"run identity: method {self.method!r} needs a strategy (only {SCRATCH!r} runs may omit it)")
+        if self.schedule is None and self.method != SCRATCH:
+            raise ValueError(f"run identity: method {self.method!r} needs a schedule (only {SCRATCH!r} runs may omit it)")
 
 
 def _clean(value):

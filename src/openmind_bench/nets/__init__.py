@@ -13,6 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from openmind_bench import names
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 # workflow can check architecture names and patch sizes at start-up without loading it.
 CONSTRUCTORS = {"residual_encoder_unet": "openmind_bench.nets.resenc", "primus": "openmind_bench.nets.primus"}
 # The family picks the optimiser, the schedule and the method implementations.
-FAMILIES = {"residual_encoder_unet": "cnn", "primus": "transformer"}
+FAMILIES = {"residual_encoder_unet": names.CNN, "primus": names.TRANSFORMER}
 
 
 def constructor(name: str):

@@ -1,6 +1,6 @@
 """Residual-encoder U-Net (ResEnc) from dynamic-network-architectures, configured as in the papers.
 
-Fixed for the whole family (DESIGN section 5): 3D convolutions with bias, InstanceNorm (eps 1e-5,
+Fixed for the whole family (docs/architecture.md, "Reference protocol"): 3D convolutions with bias, InstanceNorm (eps 1e-5,
 affine), LeakyReLU, no deep supervision. What varies between presets (stages, features, blocks,
 strides) is a plain dict of JSON values, so presets live in config and in checkpoints.
 """

@@ -10,7 +10,7 @@ CNN encoder behaves as a sparse network on the visible blocks.
   with blocks at least as large as the total stride this is the exact block mask at every stage.
 - Densification before the decoder, per stage: masked-site InstanceNorm, a learnable mask token in
   the masked sites, then a 3^3 convolution at every resolution but the highest (identity there), as
-  in the paper and nnssl's `SparK3D` (DESIGN.md's "every stage but the deepest" is a slip).
+  in the paper and nnssl's `SparK3D` (a summary's "every stage but the deepest" is a slip).
 - Mask ratio ~ U(0.6, 0.9), drawn per sample (nnssl draws one per batch); 16^3 blocks as nnssl.
 
 The encoder's modules change class in place (`__class__`), so state-dict keys and shared module

@@ -2,24 +2,6 @@
 
 from __future__ import annotations
 
-import yaml
-
-
-def _parse_set(items: list[str]) -> dict:
-    """`key.sub=value` pairs (values as YAML) -> a nested dict."""
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is not of the form key=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training of one method on one architecture")
     p.add_argument("--method", required=True, help="e.g. mae, spark3d, simmim, models_genesis, spark3d_anon")
@@ -39,12 +21,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from openmind_bench.train import launch, settings as run_settings
+    import yaml
+
+    from openmind_bench import config
+    from openmind_bench.pretrain import settings as run_settings
+    from openmind_bench.pretrain.worker import launch
 
     section: dict = {}
     if args.config:
         section = (yaml.safe_load(Path(args.config).read_text()) or {}).get("pretrain", {}) or {}
-    section = run_settings.deep_update(section, _parse_set(args.set))
+    section = config.deep_update(section, config.parse_overrides(args.set))
     settings = run_settings.resolve(section, args.method, args.arch, out_dir=args.out, train_data=args.train_data,
                                     val_data=args.val_data, selection=args.selection)
-    return launch.launch(settings, nproc=args.nproc, threads=args.threads)
+    return launch(settings, nproc=args.nproc, threads=args.threads)

@@ -12,7 +12,6 @@ train.batches). A batch split over DDP ranks draws the masks one process would d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -20,15 +19,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, ssl
-from openmind_bench.train import batches as batch_sources
-from openmind_bench.train import checkpoint, distributed, optimisation
-from openmind_bench.train.logger import RunLogger
-from openmind_bench.train.settings import PretrainSettings
+from openmind_bench.engine import checkpoint, distributed, optimisation
+from openmind_bench.engine.logger import RunLogger
+from openmind_bench.engine.step import (StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler,
+                                        progress, sample_seeds, to_device, train_step)
+from openmind_bench.pretrain import batches as batch_sources
+from openmind_bench.pretrain.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,91 +36,11 @@ log = logging.getLogger(__name__)
 _TAG_INIT, _TAG_DATA, _TAG_SAMPLE, _TAG_TORCH, _TAG_VAL_DATA, _TAG_VAL_SAMPLE = range(6)
 
 
-def derive_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def sample_seeds(run_seed: int, tag: int, epoch: int, step: int, first_index: int, n: int) -> list[int]:
-    return [derive_seed(run_seed, tag, epoch, step, first_index + i) for i in range(n)]
-
-
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "finished", "preempted" or "already_done"
+    status: str  # "finished" or "preempted"
     epochs_done: int
     checkpoint: Path
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, time limit, torchrun shutting down) set a flag; the loop
-    checkpoints at the next step boundary and returns."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
-def to_device(view: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in view.items()}
-
-
-def autocast(settings: PretrainSettings, device: torch.device):
-    if device.type == "cuda" and settings.amp:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[settings.amp_dtype]
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def train_step(model, view: dict, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
-    """Forward, one collective that agrees on (loss not finite, stop requested) over all ranks, then
-    backward, clip and step. Returns (loss, stop_requested)."""
-    optimizer.zero_grad(set_to_none=True)
-    with amp_context:
-        loss = model(view)
-    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop and stop.requested else 0.0],
-                         device=loss.device)
-    distributed.all_reduce_max(flags, ctx)
-    if flags[0] > 0:
-        raise FloatingPointError(f"non-finite loss ({float(loss.detach())} on rank {ctx.rank})")
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if grad_scaler is not None:
-        grad_scaler.scale(loss).backward()
-        grad_scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-        optimizer.step()
-    return loss.detach(), bool(flags[1] > 0)
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    # disable=None: no bar when stderr is not a terminal (Snakemake logs get one line per epoch)
-    return tqdm(iterable, total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
 
 def validate(model, method, source, settings: PretrainSettings, ctx, local_batch: int, amp_context) -> float:
@@ -160,9 +80,6 @@ def run(settings: PretrainSettings, source: batch_sources.BatchSource | None = N
 def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcome:
     out = Path(settings.out_dir)
     final, latest = out / checkpoint.FINAL, out / checkpoint.LATEST
-    if final.exists():
-        log.info("%s exists: pre-training already complete", final)
-        return Outcome("already_done", settings.epochs, final)
     if settings.total_batch_size % ctx.world_size:
         raise ValueError(f"total_batch_size {settings.total_batch_size} is not divisible by {ctx.world_size} processes")
     if ctx.device.type == "cpu" and settings.threads > 0:
@@ -177,8 +94,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
     method_settings = ssl.settings_for(settings.method, arch.family, settings.method_settings)
     method = ssl.build(settings.method, backbone, arch, patch, settings.method_settings).to(ctx.device)
     optimizer = optimisation.build_optimizer(method.parameters(), settings.optimisation, ctx.device)
-    use_scaler = ctx.device.type == "cuda" and settings.amp and settings.amp_dtype == "float16"
-    grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
     plan = checkpoint.adaptation_plan(arch, backbone, settings)
 
     start_epoch, start_step, history, partial = 0, 0, [], [0.0, 0]
@@ -200,7 +116,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                                         find_unused_parameters=True)
     if settings.compile:
         model = torch.compile(model)
-    amp_context = autocast(settings, ctx.device)
+    amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
     grad_clip = float(settings.optimisation.get("grad_clip", math.inf))
 
@@ -235,7 +151,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                                    world_size=ctx.world_size, batch_size=local_batch,
                                    seed=derive_seed(settings.seed, _TAG_DATA, epoch))
             model.train()
-            for step, batch in _progress(zip(range(first, steps), batches), steps - first,
+            for step, batch in progress(zip(range(first, steps), batches), steps - first,
                                          f"epoch {epoch + 1}/{epochs}", ctx.is_main):
                 seeds = sample_seeds(settings.seed, _TAG_SAMPLE, epoch, step, ctx.rank * local_batch,
                                      batch["image"].shape[0])

@@ -1,6 +1,8 @@
-"""The downstream dataset registry (`config/downstream_datasets.yaml`): load and check every entry.
+"""The downstream dataset registry (`config/downstream_datasets.yaml`): the one reader of that file,
+used by the downstream stage (datasets, splits, fine-tuning) and the aggregation stage (dataset
+order, task, ID/OOD domain). Its path is the config key `downstream_registry`.
 
-File shape (the aggregation stage reads `task`, `role`, `domain` of the same file)::
+File shape::
 
     root: data/downstream            # where `source` paths start; config `downstream.root` wins
     datasets:
@@ -36,11 +38,9 @@ from pathlib import Path
 
 import yaml
 
-from openmind_bench.aggregate.registry import ALLOWED
-
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "config/downstream_datasets.yaml"
+ALLOWED = {"task": ("seg", "cls"), "role": ("dev", "test"), "domain": ("id", "ood")}
 DEFAULT_ROOT = "data/downstream"
 FORMATS = {"seg": "nnunet_raw", "cls": "image_folder"}
 REQUIRED = ("task", "role", "domain", "source", "modalities", "labels")
@@ -211,7 +211,7 @@ def _entry(path: Path, root: Path, name: str, fields) -> DatasetSpec:
     )
 
 
-def load_registry(path: str | Path = DEFAULT_PATH, root: str | Path | None = None) -> Registry:
+def load_registry(path: str | Path, root: str | Path | None = None) -> Registry:
     """Read and check the registry. `root` (config `downstream.root`) overrides the file's `root`."""
     path = Path(path)
     if not path.is_file():
@@ -240,3 +240,19 @@ def load_registry(path: str | Path = DEFAULT_PATH, root: str | Path | None = Non
                 log.error("%s", errors[name])
                 del datasets[name]
     return Registry(path=path, root=root_path, datasets=datasets, errors=errors)
+
+
+def usable_datasets(path: str | Path | None) -> dict[str, DatasetSpec]:
+    """The usable entries in registry order; empty (with a warning) when there is no registry file,
+    so the benchmark table can still be made (without ID/OOD means)."""
+    if path is None or not Path(path).is_file():
+        log.warning("dataset registry %s not found: ID/OOD means stay empty", path)
+        return {}
+    return load_registry(path).datasets
+
+
+def ordered_datasets(names, registry: dict[str, DatasetSpec]) -> list[str]:
+    """Registry order first (as the papers list them), then unknown datasets by name."""
+    names = set(names)
+    known = [n for n in registry if n in names]
+    return known + sorted(names - set(known))

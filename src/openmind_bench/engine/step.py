@@ -1,0 +1,103 @@
+"""One optimisation step and what every training loop around it needs: stop requests (SIGTERM /
+SIGUSR1 from the scheduler), autocast, seeds derived from the position in a run, moving a view to
+the device. Used by pre-training and by classification fine-tuning alike."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import numpy as np
+import torch
+
+from openmind_bench.engine import distributed
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def derive_seed(*keys: int) -> int:
+    """A seed that is a function of `keys` alone (run seed, stream tag, epoch, step, sample...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def sample_seeds(run_seed: int, tag: int, epoch: int, step: int, first_index: int, n: int) -> list[int]:
+    return [derive_seed(run_seed, tag, epoch, step, first_index + i) for i in range(n)]
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, time limit, torchrun shutting down) set a flag; the loop
+    checkpoints at the next step boundary and returns."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def to_device(view: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in view.items()}
+
+
+def autocast(amp: bool, amp_dtype: str, device: torch.device):
+    """Mixed precision on CUDA when `amp`; CPU runs in float32."""
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp_dtype])
+    return contextlib.nullcontext()
+
+
+def grad_scaler(amp: bool, amp_dtype: str, device: torch.device):
+    """A GradScaler where float16 autocast needs one, else None."""
+    if device.type == "cuda" and amp and amp_dtype == "float16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def train_step(model, view: dict, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
+    """Forward, one collective that agrees on (loss not finite, stop requested) over all ranks, then
+    backward, clip and step. Returns (loss, stop_requested)."""
+    optimizer.zero_grad(set_to_none=True)
+    with amp_context:
+        loss = model(view)
+    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop and stop.requested else 0.0],
+                         device=loss.device)
+    distributed.all_reduce_max(flags, ctx)
+    if flags[0] > 0:
+        raise FloatingPointError(f"non-finite loss ({float(loss.detach())} on rank {ctx.rank})")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        optimizer.step()
+    return loss.detach(), bool(flags[1] > 0)
+
+
+def progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (Snakemake logs get one line per epoch)
+    return tqdm(iterable, total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)

@@ -1,0 +1,127 @@
+"""The vocabulary every stage shares: run names and their parsing, architecture families, metric
+names, the results path layout and the wildcard patterns the rules constrain their wildcards with.
+
+It sits below every stage (it imports nothing of the package), so the downstream, aggregation and
+metrics stages agree on one spelling of each term. See docs/architecture.md for the contracts.
+
+Run names
+- pre-training: `{method}__{arch}__{selection}`;
+- fine-tuning: `{method}__{arch}__{selection}__{schedule}__{epochs}` (from a pre-training run) or
+  `scratch__{arch}__{epochs}`; `__n{N}` appended marks a low-data run on N training cases.
+Each part is a *name*: letters and digits, single `.`, `-` or `_` between them (`t1.v2`,
+`t1-only`, `openmind_t1`); never `__`, which separates parts, so every run name parses one way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# ---- architecture families: what picks the optimiser, the schedules and the method implementations
+CNN = "cnn"  # ResEnc (dynamic-network-architectures ResidualEncoderUNet)
+TRANSFORMER = "transformer"  # Primus
+FAMILIES = (CNN, TRANSFORMER)
+
+# ---- runs
+SCRATCH = "scratch"
+SEP = "__"
+# One name part (selection, architecture, schedule): the config schema uses the same pattern.
+NAME_PATTERN = r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*"
+METHOD_PATTERN = r"[a-z0-9]+(?:_[a-z0-9]+)*"
+ARCH_PATTERN = r"[A-Za-z0-9]+"
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+
+# ---- metrics (fractions in [0, 1], higher is better), in table order
+METRICS = ("DSC", "NSD", "balanced_accuracy", "AUROC")
+METRIC_TASK = {"DSC": "seg", "NSD": "seg", "balanced_accuracy": "cls", "AUROC": "cls"}
+NO_SCHEDULE = "none"  # the schedule column of from-scratch runs that name none
+
+# ---- results layout (relative to the working directory of the workflow)
+PRETRAIN_DIR = "results/pretrain/{run}"
+PRETRAIN_CHECKPOINT = "results/pretrain/{method}__{arch}__{selection}/checkpoint_final.pt"
+DOWNSTREAM_ROOT = "results/downstream"
+METRICS_FILE = "metrics.json"
+FINETUNE_METRICS = "results/downstream/{target_dataset}/{finetune_run}/fold_{fold}/metrics.json"
+BENCHMARK_DIR = "results/benchmark"
+
+# ---- wildcard constraints of the rules (`wildcard_constraints: **names.WILDCARDS`)
+FINETUNE_RUN_PATTERN = (rf"(?:{METHOD_PATTERN}__{ARCH_PATTERN}__{NAME_PATTERN}__{NAME_PATTERN}"
+                        rf"|{SCRATCH}__{ARCH_PATTERN})__\d+(?:__n\d+)?")
+WILDCARDS = {
+    "dataset": r"ds\d{6}",
+    "source": r"[a-z_]+",
+    "shard": r"\d+",
+    "selection": NAME_PATTERN,
+    "method": METHOD_PATTERN,
+    "arch": ARCH_PATTERN,
+    "target_dataset": NAME_PATTERN,
+    "finetune_run": FINETUNE_RUN_PATTERN,
+    "fold": r"test|\d+",
+}
+
+
+class InvalidName(ValueError):
+    """A run or name part that does not follow the naming rules (the message names the key)."""
+
+
+def check_name(value: str, key: str) -> str:
+    """`value` if it is a valid name part, else an error naming the config key."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidName(f"config key '{key}': {value!r} is not a valid name (letters and digits, with single "
+                         "'.', '-' or '_' between them; '__' separates the parts of run names)")
+    return value
+
+
+def pretrain_run(method: str, arch: str, selection: str) -> str:
+    return SEP.join((method, arch, selection))
+
+
+def pretrain_checkpoint(run: str) -> str:
+    return f"{PRETRAIN_DIR.format(run=run)}/checkpoint_final.pt"
+
+
+def finetune_metrics(target_dataset: str, finetune_run: str, fold) -> str:
+    return FINETUNE_METRICS.format(target_dataset=target_dataset, finetune_run=finetune_run, fold=fold)
+
+
+@dataclass(frozen=True)
+class RunName:
+    """A fine-tuning run's parts; `str()` gives the name back."""
+
+    architecture: str
+    epochs: int
+    method: str = SCRATCH
+    selection: str | None = None
+    schedule: str | None = None
+    low_data_n: int | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.method != SCRATCH
+
+    @property
+    def pretrain_run(self) -> str | None:
+        return pretrain_run(self.method, self.architecture, self.selection) if self.pretrained else None
+
+    def __str__(self) -> str:
+        base = (SEP.join((self.pretrain_run, self.schedule, str(self.epochs))) if self.pretrained
+                else SEP.join((SCRATCH, self.architecture, str(self.epochs))))
+        return base + (f"{SEP}n{self.low_data_n}" if self.low_data_n else "")
+
+
+_FINETUNE_RUN = re.compile(rf"^{FINETUNE_RUN_PATTERN}$")
+
+
+def parse_run(run: str) -> RunName:
+    """The parts of a fine-tuning run name (see the module doc)."""
+    if not _FINETUNE_RUN.match(run):
+        raise InvalidName(f"run {run!r} is neither {{method}}__{{arch}}__{{selection}}__{{schedule}}__{{epochs}} "
+                         "nor scratch__{arch}__{epochs} (optionally + __n{N}), with parts that are valid names")
+    parts = run.split(SEP)
+    low = None
+    if re.fullmatch(r"n\d+", parts[-1]):
+        low, parts = int(parts[-1][1:]), parts[:-1]
+    if parts[0] == SCRATCH and len(parts) == 3:
+        return RunName(parts[1], int(parts[2]), low_data_n=low)
+    method, arch, selection, schedule, epochs = parts
+    return RunName(arch, int(epochs), method, selection, schedule, low)

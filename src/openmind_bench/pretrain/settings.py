@@ -1,0 +1,114 @@
+"""Settings of one pre-training run, resolved once from the `pretrain` config section.
+
+`resolve` takes the section (its defaults come from config/schema.yaml, the only place they are
+written) and narrows it to one method x architecture x selection run. The result is written next to
+the checkpoints (`settings.json`) and inside every checkpoint. Every field comes from the config
+except `threads` (the job's share of CPU threads, set by the launcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openmind_bench import config, names, nets, ssl
+from openmind_bench.engine.settings import JsonSettings
+
+# Keys of the config section that describe the workflow (which runs exist, on what resources),
+# not one run.
+_WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
+
+
+def merged(config_section: dict | None) -> dict:
+    """The `pretrain` section with the schema's defaults under `config_section` (validated)."""
+    return config.section("pretrain", config_section)
+
+
+@dataclass
+class PretrainSettings(JsonSettings):
+    LABEL = "pre-training settings"
+
+    method: str
+    architecture: str
+    out_dir: str
+    train_data: str | None
+    val_data: str | None
+    selection: str
+    epochs: int
+    steps_per_epoch: int
+    val_steps: int
+    total_batch_size: int
+    patch_size: list
+    seed: int
+    checkpoint_every: int
+    num_workers: int
+    amp: bool
+    amp_dtype: str
+    compile: bool
+    log_every_steps: int
+    recommended_downstream_patch_size: list
+    preemption_exit_code: int
+    optimisation: dict  # the architecture family's entry
+    method_settings: dict  # overrides of the method implementation's DEFAULTS
+    architecture_presets: dict
+    pretrain_plan: dict
+    # "module:callable" taking these settings and returning the batch source (see pretrain.batches).
+    batch_source: str
+    threads: int = 0  # torch threads per process on CPU, set by the launcher; 0 = torch's default
+
+    def arch(self) -> nets.Architecture:
+        return nets.resolve(self.architecture, self.architecture_presets)
+
+    @property
+    def anatomy_aware(self) -> bool:
+        return ssl.parse(self.method).anatomy_aware
+
+
+def resolve(config_section: dict | None, method: str, architecture: str, *, out_dir: str,
+            train_data: str | None = None, val_data: str | None = None, selection: str = "") -> PretrainSettings:
+    """One run's settings; raises ValueError naming the problem (unknown method or architecture, a
+    method without an implementation for the architecture's family, a patch the network cannot take).
+    Imports no torch: the workflow calls it for every job when it builds the DAG."""
+    cfg = merged(config_section)
+    arch = nets.resolve(architecture, cfg["architecture_presets"])
+    arch.check_patch_size(cfg["patch_size"])
+    family = arch.family
+    if family not in cfg["optimisation"]:
+        raise ValueError(f"pretrain.optimisation has no entry for the {family!r} family")
+    run = {k: v for k, v in cfg.items() if k not in _WORKFLOW_KEYS}
+    run.update(
+        method=method,
+        architecture=architecture,
+        out_dir=str(out_dir),
+        train_data=None if train_data is None else str(train_data),
+        val_data=None if val_data is None else str(val_data),
+        selection=selection,
+        optimisation=cfg["optimisation"][family],
+        method_settings=dict(cfg["method_settings"].get(ssl.implementation(method, family), {})),
+    )
+    return PretrainSettings.from_dict(run)
+
+
+def run_names(section: dict, selections: list[str]) -> list[str]:
+    """`{method}__{arch}__{selection}` of every run the `pretrain` section asks for (pairs without an
+    implementation, e.g. spark3d on a Primus, are left out). Errors name the config key. No torch."""
+    for i, selection in enumerate(section["selections"]):
+        names.check_name(selection, f"pretrain.selections[{i}]")
+        if selection not in selections:
+            raise config.ConfigError(f"config key 'pretrain.selections[{i}]': {selection!r} is not among the "
+                                     f"selections {selections} (config key 'selections')")
+    families = {}
+    for i, arch in enumerate(section["architectures"]):
+        try:
+            families[arch] = nets.resolve(arch, section["architecture_presets"]).family
+        except ValueError as e:
+            raise config.ConfigError(f"config key 'pretrain.architectures[{i}]': {e}") from None
+    for i, method in enumerate(section["methods"]):
+        try:
+            ssl.parse(method)
+        except ValueError as e:
+            raise config.ConfigError(f"config key 'pretrain.methods[{i}]': {e}") from None
+        if method == names.SCRATCH:
+            raise config.ConfigError(f"config key 'pretrain.methods[{i}]': {names.SCRATCH!r} names the "
+                                     "from-scratch baselines, not a method")
+    return [names.pretrain_run(m, a, s) for s in section["selections"] for a in section["architectures"]
+            for m in section["methods"] if ssl.compatible(m, families[a])]

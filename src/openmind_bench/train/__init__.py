@@ -1,1 +1,0 @@
-"""The pre-training engine: settings, trainer (DDP, checkpoints, resume, preemption), torchrun launcher."""
