@@ -19,12 +19,10 @@ from openmind_bench.aggregate.collect import (
     CollectError,
     collect,
     find_metrics_files,
-    if_exists,
-    metrics_on_disk,
     write_results,
 )
 from openmind_bench.aggregate.ranking import average_rank, leaderboard_position
-from openmind_bench.aggregate.registry import RegistryError, load_registry
+from openmind_bench.registry import RegistryError, load_registry, usable_datasets
 from openmind_bench.aggregate.results import dataset_values, read_results
 from openmind_bench.aggregate.table import build_table, render_latex, render_markdown
 
@@ -59,11 +57,18 @@ def row(table: pd.DataFrame, method: str, metric: str = "DSC", architecture: str
     return table[sel].iloc[0]
 
 
+SEG_ENTRY = {"task": "seg", "role": "test", "domain": "id", "source": "x", "modalities": ["T1w"],
+             "labels": {"background": 0, "lesion": 1}, "nsd_tolerance_mm": 1.0}
+
+
 def registry_file(tmp_path, datasets: dict) -> str:
+    """A registry whose entries are complete segmentation sets but for the fields given (None = left out)."""
     import yaml
 
+    entries = {name: {k: v for k, v in {**SEG_ENTRY, **fields}.items() if v is not None}
+               for name, fields in datasets.items()}
     path = tmp_path / "registry.yaml"
-    path.write_text(yaml.safe_dump({"datasets": datasets}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"datasets": entries}, sort_keys=False))
     return str(path)
 
 
@@ -124,24 +129,27 @@ def test_missing_combination_excluded_and_named(tmp_path, caplog):
 def test_id_ood_means_from_registry(tmp_path, caplog):
     results = read_results(write(tmp_path, TIES))
     reg = registry_file(tmp_path, {"d_2": {"task": "seg", "domain": "ood"}, "d_1": {"task": "seg", "domain": "id"}})
-    table = build_table(results, load_registry(reg))
+    table = build_table(results, usable_datasets(reg))
     a = row(table, "A")
     assert (a.mean_id, a.mean_ood) == (pytest.approx(0.8), pytest.approx(0.5))
     assert list(table.columns[4:6]) == ["d_2", "d_1"]  # registry order
-    # One dataset without a domain: both empty, with a warning naming it.
-    reg = registry_file(tmp_path, {"d_1": {"domain": "id"}, "d_2": {"task": "seg"}})
+    # One dataset without a domain (an unusable entry): both empty, with a warning naming it.
+    reg = registry_file(tmp_path, {"d_1": {"domain": "id"}, "d_2": {"domain": None}})
     with caplog.at_level(logging.WARNING):
-        table = build_table(results, load_registry(reg))
+        table = build_table(results, usable_datasets(reg))
     assert table.mean_id.isna().all() and table.mean_ood.isna().all()
     assert "d_2" in caplog.text
     # No registry file at all.
-    table = build_table(results, load_registry(tmp_path / "absent.yaml"))
+    table = build_table(results, usable_datasets(tmp_path / "absent.yaml"))
     assert table.mean_id.isna().all()
 
 
 def test_registry_rejects_invalid_values(tmp_path):
+    registry = load_registry(registry_file(tmp_path, {"d_1": {"domain": "inside"}, "d_2": {}}))
+    assert list(registry.datasets) == ["d_2"]
+    assert re.search(r"datasets\.d_1\.domain: 'inside' is not one of", registry.errors["d_1"])
     with pytest.raises(RegistryError, match="d_1.domain"):
-        load_registry(registry_file(tmp_path, {"d_1": {"domain": "inside"}}))
+        registry.get("d_1")
 
 
 # ----------------------------------------------------------------------------------- renderings
@@ -345,8 +353,6 @@ def test_collect_round_trip(tmp_path):
                   summary={"balanced_accuracy": 0.55, "AUROC": 0.61, "loss": 3.2})
     files = find_metrics_files(root)
     assert len(files) == 4
-    assert metrics_on_disk(root)(None) == [str(f) for f in files]  # the rule's input function
-    assert if_exists(files[0])(None) == [str(files[0])] and if_exists(root / "absent.yaml")(None) == []
     out = tmp_path / "long.csv"
     write_results(files, out)
     values = dataset_values(read_results(out))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from openmind_bench import nets, ssl
-from openmind_bench.train import checkpoint, settings as run_settings, trainer
+from openmind_bench.engine import checkpoint
+from openmind_bench.pretrain import settings as run_settings, trainer
 
 NNSSL_KEYS = {"network_weights", "optimizer_state", "grad_scaler_state", "current_epoch", "nnssl_adaptation_plan"}
 PLAN_KEYS = {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels", "recommended_downstream_patchsize",

@@ -114,12 +114,15 @@ def run_fetch(options, dest, snapshot="1.0.0"):
     return manifest, rejections
 
 
-def test_defaults_agree_with_schema(repo):
+def test_options_take_the_schema_defaults(repo):
     schema = yaml.safe_load((repo / "config" / "schema.yaml").read_text())
     props = schema["properties"]["source"]["properties"]
-    for key, value in openneuro.DEFAULTS.items():
-        assert props[key]["default"] == value, key
+    opts = openneuro.options_with_defaults({"max_concurrency": 3, "endpoint_url": None})
+    assert opts["max_concurrency"] == 3 and opts["endpoint_url"] is None
+    for key in openneuro.OPTIONS:
         assert props[key]["description"]
+        if key != "max_concurrency":
+            assert opts[key] == props[key]["default"], key
     assert {"openneuro", "openmind_release"} <= set(props["kind"]["enum"])
 
 

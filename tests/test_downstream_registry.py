@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import yaml
 
-from openmind_bench.aggregate.registry import load_registry as load_table_registry
 from openmind_bench.downstream.readers import DatasetError, case_table, read_dataset, read_datasets
 from openmind_bench.registry import RegistryError, load_registry
 from openmind_bench.qc import Rejections
@@ -33,11 +32,6 @@ def test_shipped_registry_has_the_benchmark_datasets(repo):
     # every field the papers do not settle says so
     assert all("identity" in reg.datasets[n].uncertain for n in ("OAS", "ADH", "BTM"))
     assert reg.datasets["BTM"].zero_shot_from == "BRM"
-    # the aggregation stage reads the same file with the same task/role/domain
-    table = load_table_registry(repo / "config" / "downstream_datasets.yaml")
-    assert list(table) == list(reg.datasets)
-    assert all((table[n].task, table[n].role, table[n].domain) == (s.task, s.role, s.domain)
-               for n, s in reg.datasets.items())
 
 
 def test_demo_registry_and_root_override(repo, tmp_path):

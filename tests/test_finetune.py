@@ -42,8 +42,8 @@ def _settings(root, tmp_path, dataset, run, checkpoint=None, **overrides):
 def test_run_names_round_trip_and_targets(downstream_root):
     for run in ["mae__ResEncL__openmind__sawtooth__150", "scratch__PrimusM__1000",
                 "mae__ResEncL__my__selection__frozen__150__n8"]:
-        assert str(run_settings.parse_run(run)) == run
-    name = run_settings.parse_run("mae__ResEncL__my__selection__frozen__150__n8")
+        assert str(names.parse_run(run)) == run
+    name = names.parse_run("mae__ResEncL__my__selection__frozen__150__n8")
     assert (name.method, name.selection, name.schedule, name.epochs, name.low_data_n) == \
         ("mae", "my__selection", "frozen", 150, 8)
     config = {"downstream_registry": REGISTRY,
@@ -107,7 +107,7 @@ def test_frozen_keeps_encoder_bit_identical_and_writes_metrics(downstream_root, 
     assert torch.equal(tuned[stem], pre[stem].repeat(1, 2, 1, 1, 1) / 2)
     torch.manual_seed(finetune.derive_seed(s.seed, finetune._TAG_INIT))  # the engine's initial network
     spec = load_registry(REGISTRY, downstream_root).get("DemoLesionT1FLAIR")
-    initial = finetune.build_model(s, spec, run_settings.parse_run(s.run))[0].state_dict()
+    initial = finetune.build_model(s, spec, names.parse_run(s.run))[0].state_dict()
     assert all(torch.equal(initial[k], tuned[k]) for k in encoder)
     assert any(not torch.equal(tuned[k], initial[k]) for k in tuned if k.startswith("decoder.stages"))
 

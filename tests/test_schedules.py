@@ -105,7 +105,9 @@ def test_lr_changes_once_per_epoch_and_steps_are_bounded():
 
 def test_primus_and_scratch_peaks_and_primus_decoder_factor():
     assert peak_lr("cnn", True) == 1e-3 and peak_lr("cnn", False) == 1e-2
-    assert peak_lr("transformer", True) == 1e-4 and peak_lr("primus", False) == 3e-4
+    assert peak_lr("transformer", True) == 1e-4 and peak_lr("transformer", False) == 3e-4
+    with pytest.raises(ScheduleError, match="downstream.peak_lr.primus"):  # one family vocabulary: no aliases
+        peak_lr("primus", False)
     # the families of openmind_bench.nets' presets, and name prefixes for others
     assert family_of("ResEncL") == "cnn" and family_of("PrimusTiny") == "transformer"
     assert family_of("resenc_l") == "cnn" and family_of("primus_m") == "transformer"

@@ -12,7 +12,8 @@ import torch
 
 from openmind_bench import nets, ssl
 from openmind_bench.ssl import masking, models_genesis, spark3d
-from openmind_bench.train import batches, optimisation, settings as run_settings, trainer
+from openmind_bench.engine import optimisation, step as engine_step
+from openmind_bench.pretrain import batches, settings as run_settings, trainer
 
 PATCH = (32, 32, 32)
 # 8^3 mask blocks at 32^3 (a 4^3 grid, the ResEncTiny bottleneck, as 32^3 blocks are the 5^3 ResEnc-L
@@ -101,7 +102,7 @@ def test_loss_decreases(method, arch):
     for step, batch in enumerate(source.train(epoch=0, first_step=0, steps=steps, rank=0, world_size=1,
                                                batch_size=2, seed=3)):
         view = model.make_view(batch, [1000 + 2 * step, 1001 + 2 * step])
-        loss, _ = trainer.train_step(model, view, optimizer, None, 12.0, contextlib.nullcontext(), ctx, None)
+        loss, _ = engine_step.train_step(model, view, optimizer, None, 12.0, contextlib.nullcontext(), ctx, None)
         assert torch.isfinite(loss)
     after = held_out_loss()
     assert after < 0.85 * before, (before, after)

@@ -18,7 +18,10 @@ import pytest
 import torch
 import yaml
 
-from openmind_bench.train import checkpoint, launch, optimisation, settings as run_settings, trainer
+from openmind_bench import config as omb_config
+from openmind_bench.engine import checkpoint, optimisation, step as engine_step
+from openmind_bench.pretrain import settings as run_settings, trainer
+from openmind_bench.pretrain import worker as launch
 from openmind_bench.pretrain.batches import TemplateBatches
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -37,7 +40,7 @@ SMALL = {
 
 
 def small_settings(out_dir: Path, method: str = "mae", arch: str = "ResEncTiny", **overrides):
-    section = run_settings.deep_update(json.loads(json.dumps(SMALL)), overrides)
+    section = omb_config.deep_update(json.loads(json.dumps(SMALL)), overrides)
     settings = run_settings.resolve(section, method, arch, out_dir=str(out_dir))
     settings.batch_source = "openmind_bench.pretrain.batches:template_batches"
     settings.threads = 1
@@ -67,11 +70,11 @@ def worker_env() -> dict:
 
 
 def test_schedules_follow_nnssl():
-    cnn = run_settings.DEFAULTS["optimisation"]["cnn"]
+    cnn = omb_config.defaults()["pretrain"]["optimisation"]["cnn"]
     assert optimisation.learning_rate(cnn, 0, 1000) == pytest.approx(1e-2)
     assert optimisation.learning_rate(cnn, 500, 1000) == pytest.approx(1e-2 * 0.5**0.9)
     assert optimisation.learning_rate(cnn, 999, 1000) == pytest.approx(1e-2 * 0.001**0.9)
-    primus = run_settings.DEFAULTS["optimisation"]["transformer"]
+    primus = omb_config.defaults()["pretrain"]["optimisation"]["transformer"]
     assert optimisation.learning_rate(primus, 0, 1000) == pytest.approx(3e-4 / 50)
     assert optimisation.learning_rate(primus, 49, 1000) == pytest.approx(3e-4)
     assert optimisation.learning_rate(primus, 50, 1000) == pytest.approx(3e-4)
@@ -94,24 +97,13 @@ def test_settings_resolve_per_run(tmp_path):
     assert run_settings.PretrainSettings.from_dict(s.to_dict()) == s
     p = run_settings.resolve({"optimisation": {"transformer": {"warmup_epochs": 5}}}, "mae", "PrimusM",
                              out_dir=str(tmp_path))
-    assert p.optimisation == {**run_settings.DEFAULTS["optimisation"]["transformer"], "warmup_epochs": 5}
+    assert p.optimisation == {**omb_config.defaults()["pretrain"]["optimisation"]["transformer"], "warmup_epochs": 5}
     with pytest.raises(ValueError, match="no implementation for transformer"):
         run_settings.resolve({}, "spark3d", "PrimusM", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="token size"):
         run_settings.resolve({"patch_size": [100, 100, 100]}, "mae", "PrimusM", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown key"):
         run_settings.PretrainSettings.from_dict({**s.to_dict(), "epochz": 3})
-
-
-def test_schema_fragment_matches_the_defaults(repo):
-    """Once the workflow schema carries the `pretrain` section, its defaults are the engine's."""
-    schema = yaml.safe_load((repo / "config" / "schema.yaml").read_text())
-    section = schema["properties"].get("pretrain")
-    if section is None:
-        pytest.skip("config/schema.yaml has no pretrain section yet")
-    from openmind_bench import config as cfg
-
-    assert cfg.validate({}, repo / "config" / "schema.yaml")["pretrain"] == run_settings.DEFAULTS
 
 
 def test_run_logs_checkpoints_and_is_idempotent(tmp_path):
@@ -141,7 +133,7 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
-    torch.manual_seed(trainer.derive_seed(one.seed, 0))  # the engine's initial weights
+    torch.manual_seed(engine_step.derive_seed(one.seed, 0))  # the engine's initial weights
     initial = one.arch().build(one.patch_size).state_dict()
     moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.allclose(v, a[k])]
     assert len(moved) > 0.5 * len(initial)  # training happened: the equality is not the initial state's
@@ -158,7 +150,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     killed = small_settings(tmp_path / "killed", "mae_anon", "PrimusTiny", epochs=5, steps_per_epoch=4)
     Path(killed.out_dir).mkdir(parents=True)
     killed.write(Path(killed.out_dir) / "settings.json")
-    proc = subprocess.Popen([sys.executable, "-m", "openmind_bench.train.worker", str(Path(killed.out_dir) /
+    proc = subprocess.Popen([sys.executable, "-m", "openmind_bench.pretrain.worker", str(Path(killed.out_dir) /
                                                                                     "settings.json")],
                             env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -259,12 +251,13 @@ def test_a_short_batch_source_is_an_error(tmp_path):
 def test_cli_parses_overrides_into_the_pretrain_section():
     import argparse
 
-    from openmind_bench.train import cli
+    from openmind_bench import config as cli_config
+    from openmind_bench.pretrain import cli
 
-    assert cli._parse_set(["epochs=2", "optimisation.transformer.warmup_epochs=1", "patch_size=[32, 32, 32]"]) == {
+    assert cli_config.parse_overrides(["epochs=2", "optimisation.transformer.warmup_epochs=1", "patch_size=[32, 32, 32]"]) == {
         "epochs": 2, "optimisation": {"transformer": {"warmup_epochs": 1}}, "patch_size": [32, 32, 32]}
     with pytest.raises(ValueError, match="key=value"):
-        cli._parse_set(["epochs"])
+        cli_config.parse_overrides(["epochs"])
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["pretrain", "--method", "mae", "--arch", "PrimusTiny", "--train-data", "t.json",

@@ -14,7 +14,13 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"fraction": 0.01, "min_subjects": 5, "max_subjects": 1000, "seed": 0}
+
+
+def _validation_defaults() -> dict:
+    """`selections[].validation` defaults of config/schema.yaml (nnssl's 1%, min 5, max 1000, seed 0)."""
+    from openmind_bench import config
+
+    return config.validate({"selections": [{"name": "x"}]}, config.SCHEMA_PATH)["selections"][0]["validation"]
 
 
 def validation_subjects(images: pd.DataFrame, fraction: float, min_subjects: int, max_subjects: int,
@@ -32,7 +38,7 @@ def validation_subjects(images: pd.DataFrame, fraction: float, min_subjects: int
 
 def split_images(images: pd.DataFrame, settings: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training images, validation images); with a single subject both are the whole table."""
-    s = {**DEFAULTS, **(settings or {})}
+    s = {**_validation_defaults(), **(settings or {})}
     held_out = validation_subjects(images, s["fraction"], s["min_subjects"], s["max_subjects"], s["seed"])
     if not held_out:
         return images, images

@@ -212,7 +212,7 @@ def _report(features: pd.DataFrame, parts: dict[str, list[str]], fractions: dict
     return report
 
 
-def make_split(cases: pd.DataFrame, dataset: str, role: str, settings: SplitSettings) -> dict:
+def make_split(cases: pd.DataFrame, dataset: str, role: str, settings: SplitSettings = SplitSettings()) -> dict:
     """The split document of one dataset (see the module doc); `cases` as `readers.case_table`.
     Test-role datasets get the fixed split only (no folds), whatever `settings.folds` says."""
     if role != "dev":
@@ -274,7 +274,7 @@ def read_split(path: str | Path) -> dict:
 
 
 def ensure_split(path: str | Path, cases: pd.DataFrame, dataset: str, role: str,
-                 settings: SplitSettings) -> dict:
+                 settings: SplitSettings = SplitSettings()) -> dict:
     """The split at `path`: read and checked if it exists, else made and written (atomically)."""
     path = Path(path)
     if path.exists():

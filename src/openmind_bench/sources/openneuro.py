@@ -50,6 +50,7 @@ from s3transfer.subscribers import BaseSubscriber
 from tqdm import tqdm
 
 from openmind_bench import atomic
+from openmind_bench import config as omb_config
 from openmind_bench.qc import Rejections
 from openmind_bench.sources.base import (
     REQUIRED_FILES,
@@ -66,23 +67,16 @@ log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 
-# Defaults of the `source` options this kind reads; config/schema.yaml gives the same values
-# (tests/test_download.py checks that they agree).
-DEFAULTS = {
-    "bucket": "openneuro.org",
-    "endpoint_url": None,
-    "region": "us-east-1",
-    "prefix": "{dataset}/",
-    "max_concurrency": 8,
-    "retry_mode": "adaptive",
-    "request_attempts": 8,
-    "file_attempts": 4,
-    "retry_backoff_s": 1.0,
-    "connect_timeout_s": 10,
-    "read_timeout_s": 60,
-    "multipart_threshold_mb": 64,
-    "multipart_chunksize_mb": 16,
-}
+# The `source` options this kind reads, with config/schema.yaml's defaults (the only place they are written).
+OPTIONS = ("bucket", "endpoint_url", "region", "prefix", "max_concurrency", "retry_mode", "request_attempts",
+           "file_attempts", "retry_backoff_s", "connect_timeout_s", "read_timeout_s", "multipart_threshold_mb",
+           "multipart_chunksize_mb")
+
+
+def _schema_defaults() -> dict:
+    section = omb_config.section("source")
+    return {k: section[k] for k in OPTIONS}
+
 
 # Part sizes S3 uploaders commonly use (AWS CLI / boto3 8 MiB, s3cmd 15 MiB, the 5 MiB minimum,
 # rclone and DataLad/git-annex settings); the ceil(size / parts) guesses are added per object.
@@ -115,7 +109,8 @@ class _FileFailed(Exception):
 
 
 def options_with_defaults(options: dict) -> dict:
-    return {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k not in DEFAULTS}}
+    defaults = _schema_defaults()
+    return {**defaults, **{k: v for k, v in options.items() if v is not None or k not in defaults}}
 
 
 def make_client(options: dict):
