@@ -1,12 +1,22 @@
 # The OpenMind benchmark as one workflow: a table of contents.
-#   snakemake --configfile config/demo.yaml all      # embedded demo, CPU, minutes
-#   snakemake --profile profiles/slurm all           # full benchmark on a SLURM cluster
-#   snakemake benchmark_table                        # rebuild the tables from existing results
+#   snakemake --configfile config/demo.yaml --cores 2 all   # embedded demo, CPU, minutes, ends in the tables
+#   snakemake --profile slurm all                           # full benchmark on a SLURM cluster
+#   snakemake benchmark_table                               # rebuild the tables from existing results
+# Stages, contracts and config keys: docs/architecture.md.
 
 configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+# Each stage's input functions, run lists and targets, then its rules.
+include: "rules/helpers/download.smk"
+include: "rules/helpers/index.smk"
+include: "rules/helpers/preprocess.smk"
+include: "rules/helpers/curate.smk"
+include: "rules/helpers/pretrain.smk"
+include: "rules/helpers/finetune.smk"
+include: "rules/helpers/aggregate.smk"
+include: "rules/helpers/qc.smk"
 include: "rules/download.smk"
 include: "rules/index.smk"
 include: "rules/preprocess.smk"

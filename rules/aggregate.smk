@@ -7,31 +7,6 @@
 #   the config asks for, so `snakemake all` ends in the tables;
 # - `benchmark_table`, named as a target (`snakemake benchmark_table`), gathers whatever metrics.json
 #   exist under results/downstream/ and forces no missing run.
-from openmind_bench.aggregate.collect import find_metrics_files  # noqa: E402
-
-BENCHMARK_OUTPUTS = {
-    "table_csv": f"{omb_names.BENCHMARK_DIR}/benchmark_table.csv",
-    "table_md": f"{omb_names.BENCHMARK_DIR}/benchmark_table.md",
-    "table_tex": f"{omb_names.BENCHMARK_DIR}/benchmark_table.tex",
-    "ranks": f"{omb_names.BENCHMARK_DIR}/ranks_bootstrap.csv",
-    "intervals": f"{omb_names.BENCHMARK_DIR}/bootstrap_intervals.csv",
-    "plots": f"{omb_names.BENCHMARK_DIR}/plots",
-}
-
-
-def benchmark_targets():
-    return [v for k, v in BENCHMARK_OUTPUTS.items() if k != "plots"]
-
-
-def metrics_on_disk(wildcards):
-    """The metrics.json files that exist when the DAG is built: the table reports whatever is there."""
-    return [str(p) for p in find_metrics_files(omb_names.DOWNSTREAM_ROOT)]
-
-
-def registry_if_present(wildcards):
-    """The dataset registry when it exists (without one the ID/OOD means stay empty)."""
-    path = config["downstream_registry"]
-    return [path] if Path(path).is_file() else []
 
 
 ruleorder: benchmark_table_of_config > benchmark_table

@@ -16,6 +16,11 @@ _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
+
+envvars:
+    "PYTHONPATH",
+
+
 from openmind_bench import config as omb_config  # noqa: E402
 from openmind_bench import names as omb_names  # noqa: E402
 
@@ -37,7 +42,7 @@ wildcard_constraints:
 
 def get_final_output():
     """What `all` builds: every stage's outputs for the runs the config asks for, ending in the
-    benchmark tables (each stage's rules file defines its target list)."""
+    benchmark tables (each stage's helpers file defines its target list)."""
     return [
         "results/index/images.parquet",
         "results/index/shards.tsv",

@@ -2,31 +2,6 @@
 # nnssl pretrain_data.json (raw images) plus its preprocessed twin (our .b2nd files).
 # Logic lives in openmind_bench.curation; `openmind-bench select` is the same stage outside Snakemake.
 
-SELECTIONS = {
-    omb_names.check_name(s["name"], f"selections[{i}].name"): s for i, s in enumerate(config["selections"])
-}
-
-
-def selection_settings(wildcards):
-    return SELECTIONS[wildcards.selection]
-
-
-def selection_collection_index(wildcards):
-    """Position of the selection in the config list, nnssl's collection_index (1-based)."""
-    return list(SELECTIONS).index(wildcards.selection) + 1
-
-
-def quality_tables(wildcards):
-    """Tables of image quality scores (image_id, quality_score) overriding the index's; none yet."""
-    return []
-
-
-def selection_targets():
-    return [
-        *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),
-        *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
-    ]
-
 
 rule select_pretrain_data:
     input:

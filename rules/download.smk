@@ -2,26 +2,6 @@
 # Logic lives in openmind_bench.sources; `openmind-bench fetch` is the same stage outside Snakemake.
 
 
-def snapshot_of(wildcards):
-    return DATASET_TABLE.loc[wildcards.dataset, "snapshot"]
-
-
-def raw_manifest(wildcards):
-    return f"data/raw/{SOURCE}/{wildcards.dataset}/download_manifest.json"
-
-
-def fetch_inputs(wildcards):
-    """The demo mirror must exist before a local fetch from it."""
-    if config["source"]["build_demo"]:
-        return {"demo": f"{config['source']['root']}/ground_truth/ground_truth.json"}
-    return {}
-
-
-def fetch_rejection_parts():
-    return [f"results/qc/parts/fetch/{SOURCE}/{d}.tsv" for d in DATASETS]
-
-
-
 rule demo_mirror:
     output:
         truth=f"{config['source']['root']}/ground_truth/ground_truth.json",

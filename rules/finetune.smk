@@ -2,55 +2,6 @@
 # dataset x run x fold (torchrun inside the job, like pre-training). The wildcard is `target_dataset`
 # because `dataset` is constrained to OpenNeuro ids. Logic: openmind_bench.downstream; run names and
 # the results layout: openmind_bench.names; `openmind-bench finetune` is the same stage outside Snakemake.
-from openmind_bench.downstream import settings as omb_finetune  # noqa: E402  (torch-free)
-
-FINETUNE = config["finetune"]
-DOWNSTREAM = config["downstream"]
-# The demo builds its downstream sets where the registry is told to read them.
-DOWNSTREAM_DEMO_ROOT = DOWNSTREAM["root"] or "data/demo_downstream"
-DOWNSTREAM_DATASET_FOLDS = omb_finetune.dataset_folds(config)
-FINETUNE_TARGETS = omb_finetune.targets(config, PRETRAIN_RUNS)
-
-
-def finetune_targets():
-    """results/downstream/{dataset}/{run}/fold_{k}/metrics.json of every run the config asks for."""
-    return FINETUNE_TARGETS
-
-
-def downstream_data(wildcards):
-    """The demo downstream sets when the config builds them (downstream.build_demo); real datasets are
-    read where they lie."""
-    return [rules.demo_downstream.output.truth] if DOWNSTREAM["build_demo"] else []
-
-
-def finetune_checkpoint(wildcards):
-    name = omb_names.parse_run(wildcards.finetune_run)
-    return [omb_names.pretrain_checkpoint(name.pretrain_run)] if name.pretrained else []
-
-
-def finetune_settings(wildcards):
-    """The run's resolved settings, from config and wildcards alone: a plain param, so a change of
-    any setting re-runs this run (Snakemake's params trigger) and no other."""
-    name = omb_names.parse_run(wildcards.finetune_run)
-    return omb_finetune.resolve(
-        config,
-        wildcards.target_dataset,
-        wildcards.finetune_run,
-        wildcards.fold,
-        split=omb_finetune.split_path(config, wildcards.target_dataset),
-        pretrained_checkpoint=omb_names.pretrain_checkpoint(name.pretrain_run) if name.pretrained else None,
-        low_data_subset=(omb_finetune.split_path(config, wildcards.target_dataset, name.low_data_n)
-                         if name.low_data_n else None),
-    ).to_dict()
-
-
-def finetune_threads(wildcards):
-    return max(1, FINETUNE["resources"]["gpu"]) * FINETUNE["resources"]["cpus_per_gpu"]
-
-
-def downstream_rejection_parts():
-    """QC parts of the downstream split jobs."""
-    return [f"results/qc/parts/downstream/{d}.tsv" for d in DOWNSTREAM_DATASET_FOLDS]
 
 
 rule demo_downstream:

@@ -2,15 +2,6 @@
 # Logic lives in openmind_bench.bids and openmind_bench.metadata; `openmind-bench index` is the same stage.
 
 
-def n_shards_of(wildcards):
-    return N_SHARDS[wildcards.dataset]
-
-
-def index_rejection_parts():
-    return [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
-
-
-
 rule index_dataset:
     input:
         manifest=raw_manifest,

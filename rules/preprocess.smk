@@ -3,22 +3,6 @@
 # a shard are known only from the data, so the manifest is the declared output).
 # Logic lives in openmind_bench.preprocess; `openmind-bench preprocess` is the same stage outside Snakemake.
 
-PREPROCESS_ROOT = "results/preprocessed"
-
-
-def preprocess_index_tables(wildcards):
-    """Index tables whose rows are preprocessed (stages that add rows or mask paths extend this)."""
-    return ["results/index/images.parquet"]
-
-
-def preprocess_manifests(wildcards=None):
-    """Every shard manifest of the run (known from config alone)."""
-    return [f"{PREPROCESS_ROOT}/{d}/shard-{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
-
-
-def preprocess_rejection_parts():
-    return [f"results/qc/parts/preprocess/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
-
 
 rule preprocess_shard:
     input:

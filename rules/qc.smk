@@ -2,16 +2,6 @@
 # Logic lives in openmind_bench.qc; `openmind-bench qc-gather` is the same step outside Snakemake.
 
 
-def rejection_parts():
-    """Every per-job rejection record of the stages in this run (known from config alone)."""
-    return [
-        *fetch_rejection_parts(),
-        *index_rejection_parts(),
-        *preprocess_rejection_parts(),
-        *downstream_rejection_parts(),
-    ]
-
-
 localrules:
     qc_rejected,
 

@@ -106,7 +106,7 @@ def test_settings_resolve_per_run(tmp_path):
         run_settings.PretrainSettings.from_dict({**s.to_dict(), "epochz": 3})
 
 
-def test_run_logs_checkpoints_and_is_idempotent(tmp_path):
+def test_run_logs_checkpoints_and_a_rerun_trains_again(tmp_path):
     s = small_settings(tmp_path / "run", "spark3d_anon", epochs=2)
     outcome = trainer.run(s)
     assert outcome.status == "finished"
@@ -119,7 +119,10 @@ def test_run_logs_checkpoints_and_is_idempotent(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "settings.json").read_text())["method"] == "spark3d_anon"
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporary files
-    assert trainer.run(s).status == "already_done"
+    # A job Snakemake runs again (settings changed, or forced) trains anew: never "already done".
+    stamp = (out / checkpoint.FINAL).stat().st_mtime_ns
+    assert trainer.run(s).status == "finished"
+    assert (out / checkpoint.FINAL).stat().st_mtime_ns > stamp
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):

@@ -1,4 +1,5 @@
-"""The Snakemake workflow itself: lint, dry runs of both configs, and a real run on the demo."""
+"""The Snakemake workflow itself: lint, dry runs with exact job counts, config errors naming the key,
+and (slow) a real run of the demo: resumable, re-run exactly where a setting changed, and reported."""
 
 from pathlib import Path
 
@@ -8,12 +9,43 @@ import yaml
 
 from conftest import run_snakemake
 
+# Jobs per rule of `snakemake -n all` on the demo config.
+DEMO_JOBS = {
+    "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "preprocess_shard": 6,
+    "select_pretrain_data": 1, "pretrain": 3, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
+    "qc_rejected": 1, "benchmark_table_of_config": 1,
+}
+# A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
+# (spark3d has no Primus implementation), two schedules, two datasets of the full table.
+NAMES_CONFIG = {
+    "datasets": ["ds000001", "ds000002"],
+    "selections": [{"name": "t1.v2", "modalities": ["T1w"]}, {"name": "t2-only", "modalities": ["T2w"]},
+                   {"name": "all_images"}],
+    "pretrain": {"methods": ["mae", "spark3d"], "selections": ["t1.v2", "t2-only", "all_images"]},
+    "finetune": {"datasets": ["ATL", "COS"]},
+}
+
 
 def _workdir(tmp_path: Path, repo: Path, overrides: dict | None = None) -> Path:
     """A fresh working directory: the repository's config/, plus an overlay config file."""
     (tmp_path / "config").symlink_to(repo / "config")
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overrides or {}))
     return tmp_path
+
+
+def _job_counts(proc) -> dict[str, int]:
+    """The `Job stats:` table of a (dry) run: rule -> jobs."""
+    out = proc.stdout + proc.stderr
+    if "Job stats:" not in out:
+        return {}
+    counts = {}
+    for line in out.split("Job stats:", 1)[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
 
 
 def test_lint_clean(tmp_path, repo):
@@ -23,28 +55,53 @@ def test_lint_clean(tmp_path, repo):
         assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("configfile, datasets", [("config/demo.yaml", 3), ("config/config.yaml", None)])
-def test_dry_run_all(tmp_path, repo, configfile, datasets):
+def test_dry_run_demo_job_counts(tmp_path, repo):
     work = _workdir(tmp_path, repo)
-    proc = run_snakemake(work, "--configfile", str(repo / configfile), "-n", "all", "--quiet", "rules")
+    proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), "-n", "all")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _job_counts(proc) == DEMO_JOBS
+
+
+def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
+    work = _workdir(tmp_path, repo, NAMES_CONFIG)
+    proc = run_snakemake(work, "--configfile", str(work / "overlay.yaml"), "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(repo / "config" / "openneuro_datasets.tsv", sep="\t", comment="#").set_index("dataset_id")
+    shards = sum(-(-int(table.loc[d, "expected_images"]) // 200) for d in NAMES_CONFIG["datasets"])
+    pretrain_runs = 3 * 3  # selections x (mae on ResEncL and PrimusM, spark3d on ResEncL)
+    schedules, epochs = 2, 1  # sawtooth, warmup at 150 epochs
+    runs = pretrain_runs * schedules * epochs + 2  # + scratch ResEncL and PrimusM
+    assert _job_counts(proc) == {
+        "all": 1, "fetch_dataset": 2, "index_dataset": 2, "gather_index": 1, "preprocess_shard": shards,
+        "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": 2, "finetune": 2 * runs,
+        "qc_rejected": 1, "benchmark_table_of_config": 1,
+    }
     out = proc.stdout + proc.stderr
-    n = datasets or len(pd.read_csv(repo / "config" / "openneuro_datasets.tsv", sep="\t", comment="#"))
-    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-              if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts["fetch_dataset"] == n and counts["index_dataset"] == n and counts["gather_index"] == 1
+    assert "results/pretrain/mae__PrimusM__t1.v2/checkpoint_final.pt" in out
+    assert "results/downstream/COS/spark3d__ResEncL__t2-only__sawtooth__150/fold_test/metrics.json" in out
 
 
-def test_bad_config_value_stops_with_key_named(tmp_path, repo):
-    work = _workdir(tmp_path, repo, {"shard_size": -3})
+@pytest.mark.parametrize("overrides, key", [
+    ({"shard_size": -3}, "config key 'shard_size'"),
+    ({"selections": [{"name": "t1__v2"}]}, "config key 'selections.0.name'"),
+    ({"pretrain": {"methods": ["maee"]}}, "config key 'pretrain.methods[0]'"),
+    ({"pretrain": {"architectures": ["ResEncXL"]}}, "config key 'pretrain.architectures[0]'"),
+    ({"pretrain": {"selections": ["t1"]}}, "config key 'pretrain.selections[0]'"),
+    ({"finetune": {"scratch_architectures": ["Swin"]}}, "config key 'finetune.scratch_architectures[0]'"),
+    ({"datasets_table": "config/absent.tsv"}, "datasets table config/absent.tsv does not exist"),
+])
+def test_bad_config_stops_with_key_named(tmp_path, repo, overrides, key):
+    work = _workdir(tmp_path, repo, overrides)
     proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-n", "all")
     assert proc.returncode != 0
-    assert "config key 'shard_size'" in proc.stdout + proc.stderr
+    assert key in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
-def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth):
+@pytest.mark.slow
+def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}})
-    proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-c2", "all")
+    configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
+    proc = run_snakemake(work, *configs, "-c2", "all", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]
     images = pd.read_parquet(work / "results/index/images.parquet")
     assert len(images) == len(demo_truth["images"])
@@ -52,19 +109,46 @@ def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth)
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
     # scratch + mae x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
-    for rule in ("fetch", "index"):
+    # `all` ends in the benchmark tables
+    table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
+    assert {"scratch", "mae"} <= set(table.method) and len(list((work / "results/benchmark/plots").glob("*.png")))
+    for rule in ("fetch", "index", "pretrain", "downstream", "aggregate"):
         assert list((work / "logs" / rule).rglob("*.log")), rule
         assert list((work / "logs/benchmarks" / rule).rglob("*.tsv")), rule
 
     # nothing left to do on a second run
-    proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-c2", "all")
+    proc = run_snakemake(work, *configs, "-c2", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+    # a changed setting re-runs exactly the jobs it shapes, and those after them
+    def jobs_after(change: dict) -> dict:
+        (work / "change.yaml").write_text(yaml.safe_dump(change))
+        proc = run_snakemake(work, *configs, str(work / "change.yaml"), "-n", "all")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _job_counts(proc)
+
+    # pre-training epochs: the three pre-training runs, the six fine-tuning runs from mae__ResEncTiny__demo
+    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 3, "finetune": 6,
+                                                      "benchmark_table_of_config": 1}
+    # the sliding-window overlap: every fine-tuning run, nothing before
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 9,
+                                                                        "benchmark_table_of_config": 1}
+
+    # the report holds the benchmark tables and plots
+    proc = run_snakemake(work, *configs, "--report", str(work / "report.html"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "benchmark_table.csv" in html and "ranks_bootstrap.csv" in html and ".png" in html
+
+    # `benchmark_table` gathers what exists and forces nothing
+    proc = run_snakemake(work, *configs, "-c1", "benchmark_table", "--forcerun", "benchmark_table")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _job_counts(proc) == {"benchmark_table": 1}
 
     # any single output can be re-made by naming it
     target = work / "results/index/datasets/ds990002.parquet"
     before = pd.read_parquet(target)
     target.unlink()
-    proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-c1",
-                         "results/index/datasets/ds990002.parquet")
+    proc = run_snakemake(work, *configs, "-c1", "results/index/datasets/ds990002.parquet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)

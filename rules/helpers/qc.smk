@@ -1,0 +1,10 @@
+# Helpers of the qc rules (rules/qc.smk): input functions, run lists, targets.
+
+def rejection_parts():
+    """Every per-job rejection record of the stages in this run (known from config alone)."""
+    return [
+        *fetch_rejection_parts(),
+        *index_rejection_parts(),
+        *preprocess_rejection_parts(),
+        *downstream_rejection_parts(),
+    ]
