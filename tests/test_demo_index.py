@@ -184,7 +184,10 @@ def test_defacing_and_skull_stripping_match_masks(demo_mirror, demo_truth):
 def test_builder_is_deterministic(tmp_path, demo_mirror):
     spec = [s for s in _specs() if s.id == "ds990002"][0]
     DemoBuilder(tmp_path, seed=0).write_dataset(spec)
-    for path in sorted((tmp_path / "ds990002").rglob("*.nii.gz")):
+    paths = sorted((tmp_path / "ds990002").rglob("*.nii.gz"))
+    # every image of the spec, so an empty build (or a moved folder) cannot pass unnoticed
+    assert len(paths) == len(list((demo_mirror / "ds990002").rglob("*.nii.gz"))) >= 7, paths
+    for path in paths:
         again = np.asarray(nib.load(path).dataobj)
         first = np.asarray(nib.load(demo_mirror / "ds990002" / path.relative_to(tmp_path / "ds990002")).dataobj)
         assert np.array_equal(again, first), path

@@ -71,7 +71,10 @@ def test_fetch_copies_selection_and_resumes(tmp_path, source_options):
     t1 = dest / "sub-01/anat/sub-01_T1w.nii.gz"
     os.utime(t1, (1, 1))
     (tmp_path / "mirror/ds000042/participants.tsv").write_text("participant_id\tage\nsub-01\t31\n")
+    leftover = dest / "sub-01/anat/.sub-01_T1w.nii.gz.tmp-4242"  # a copy killed with -9
+    leftover.write_text("half")
     fetch_dataset(source_options, "ds000042", "1.0.0", dest, dest / "download_manifest.json", rej)
+    assert not leftover.exists()
     assert t1.stat().st_mtime == 1
     assert "31" in (dest / "participants.tsv").read_text()
     assert not list(dest.rglob(".*.tmp-*"))

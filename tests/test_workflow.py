@@ -42,6 +42,7 @@ def test_bad_config_value_stops_with_key_named(tmp_path, repo):
     assert "config key 'shard_size'" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth):
     work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}})
     proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-c2", "all")
