@@ -35,6 +35,51 @@ def demo_truth(demo_mirror) -> dict:
     return json.loads((demo_mirror / "ground_truth" / "ground_truth.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def downstream_demo(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo downstream sets (segmentation + classification) and their ground truth, read-only."""
+    from openmind_bench.demo.downstream import build_downstream
+
+    root = tmp_path_factory.mktemp("downstream_demo") / "sets"
+    truth = build_downstream(root, seed=0)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def downstream_root(downstream_demo) -> Path:
+    return downstream_demo[0]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the machine is shared, and more threads are slower and less reproducible."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def lying_nifti(path: Path, compress: bool = True) -> Path:
+    """A tiny NIfTI whose header claims 1024^3 int16 voxels (2 GiB) over a few bytes of data."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1024))
+    header.set_data_dtype(np.int16)
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + np.arange(64, dtype=np.int16).tobytes()
+    Path(path).write_bytes(gzip.compress(raw) if compress else raw)
+    return Path(path)
+
+
 def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
     exe = shutil.which("snakemake", path=str(VENV_BIN)) or "snakemake"
     return [exe, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]

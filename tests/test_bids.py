@@ -55,3 +55,60 @@ def test_dwi_companion_inherited(tmp_path):
     rel = "sub-01/dwi/sub-01_dwi.nii.gz"
     assert index.companion(rel, parse_name(rel), ".bval") == "sub-01/dwi/sub-01_dwi.bval"
     assert index.companion(rel, parse_name(rel), ".bvec") == "dwi.bvec"
+
+
+def _tiny_dataset(root, participants: str):
+    """A one-subject raw tree (two T1w, one with a lying header) and its fetch manifest."""
+    import nibabel as nib
+    import numpy as np
+
+    from conftest import lying_nifti
+    from openmind_bench.sources.base import FileRecord, Manifest
+
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.8.0"}))
+    (root / "participants.tsv").write_text(participants)
+    anat = root / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    data = np.random.default_rng(0).normal(size=(6, 6, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), anat / "sub-01_T1w.nii.gz")
+    lying_nifti(anat / "sub-01_run-2_T1w.nii.gz")
+    rels = ["dataset_description.json", "participants.tsv", "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/sub-01_run-2_T1w.nii.gz"]
+    return Manifest(dataset="ds000077", source="local", snapshot="1.0.0",
+                    files=[FileRecord(path=r, size=(root / r).stat().st_size) for r in rels])
+
+
+def _index(root, manifest, verify_data):
+    from openmind_bench.bids.index import index_dataset
+    from openmind_bench.qc import Rejections
+
+    rejections = Rejections("index")
+    table = index_dataset("ds000077", root, manifest, 1, ["T1w"], rejections, verify_data=verify_data)
+    return table, rejections.frame()
+
+
+def test_participants_problems_and_lying_header_are_recorded(tmp_path):
+    tsv = "participant_id\tage\nsub-01\t24\nsub-02\t30\nsub-01\t99\n"
+    root = tmp_path / "ds000077"
+    manifest = _tiny_dataset(root, tsv)
+    for verify_data in (False, True):
+        table, rejected = _index(root, manifest, verify_data)
+        reasons = dict(zip(rejected.image, rejected.reason))
+        # the duplicate: first row kept, the file, the subject and the line named
+        assert list(table.age) == [24.0]
+        assert reasons["ds000077/participants.tsv"] == ("participant sub-01 listed again on line 4 (first on "
+                                                        "line 2): the first row is kept, line 4 ignored")
+        # a header claiming 1024^3 over a few bytes: said so, no MemoryError, nothing allocated
+        why = reasons["ds000077/sub-01/anat/sub-01_run-2_T1w.nii.gz"]
+        assert why.startswith("header claims 1024x1024x1024 voxels of int16 (2 GiB) but the file holds only"), why
+        assert "MemoryError" not in why
+
+
+def test_empty_participants_file_is_recorded(tmp_path):
+    root = tmp_path / "ds000077"
+    manifest = _tiny_dataset(root, "")
+    table, rejected = _index(root, manifest, False)
+    assert len(table) == 1 and table.age.isna().all()
+    assert list(rejected.image) == ["ds000077/participants.tsv", "ds000077/sub-01/anat/sub-01_run-2_T1w.nii.gz"]
+    assert "participants.tsv is empty" in rejected.reason.iloc[0]

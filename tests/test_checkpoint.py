@@ -18,12 +18,7 @@ PLAN_KEYS = {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels
              "key_to_encoder", "key_to_stem", "keys_to_in_proj", "key_to_lpe"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder_and_stem(state_dict: dict, plan: dict) -> dict:

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import yaml
@@ -45,7 +46,7 @@ def test_every_schema_key_has_description_and_default(schema):
     ],
 )
 def test_errors_name_key_and_value(schema, patch, key, value):
-    with pytest.raises(cfg.ConfigError) as err:
+    with pytest.raises(cfg.ConfigError, match=re.escape(f"'{key}'")) as err:
         cfg.validate(copy.deepcopy(patch), schema)
     assert f"'{key}'" in str(err.value)
     assert value in str(err.value)

@@ -18,15 +18,8 @@ from openmind_bench.metrics import RunIdentity, evaluate_case_files, segmentatio
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("downstream") / "sets"
-    truth = build_downstream(root, seed=0)
-    return root, truth
-
-
-@pytest.fixture(scope="module")
-def data(demo, repo):
-    root, _ = demo
+def data(downstream_demo, repo):
+    root, _ = downstream_demo
     registry = load_registry(repo / "config" / "downstream_demo.yaml", root=root)
     datasets, errors = read_datasets(registry)
     assert errors == {}
@@ -38,8 +31,8 @@ def load(path):
     return np.asarray(img.dataobj), img
 
 
-def test_files_match_the_ground_truth(demo):
-    root, truth = demo
+def test_files_match_the_ground_truth(downstream_demo):
+    root, truth = downstream_demo
     assert json.loads((root / "ground_truth" / "downstream.json").read_text()) == json.loads(json.dumps(truth))
     for dataset in (SEG_T1, SEG_T1_FLAIR):
         info = truth["datasets"][dataset]
@@ -61,8 +54,8 @@ def test_files_match_the_ground_truth(demo):
     assert len({c["subject"] for c in cls.values()}) == 12 and len({c["site"] for c in cls.values()}) == 3
 
 
-def test_lesions_carry_the_contrast_of_their_modality(demo):
-    root, truth = demo
+def test_lesions_carry_the_contrast_of_their_modality(downstream_demo):
+    root, truth = downstream_demo
     case = next(c for c, v in truth["datasets"][SEG_T1_FLAIR]["cases"].items() if v["patient"])
     label, _ = load(root / SEG_T1_FLAIR / "labelsTr" / f"{case}.nii.gz")
     t1, _ = load(root / SEG_T1_FLAIR / "imagesTr" / f"{case}_0000.nii.gz")
@@ -76,8 +69,8 @@ def test_lesions_carry_the_contrast_of_their_modality(demo):
     assert (wm_label == 1).sum() > 5000
 
 
-def test_readers_take_the_demo_sets_as_written(data, demo):
-    _, truth = demo
+def test_readers_take_the_demo_sets_as_written(data, downstream_demo):
+    _, truth = downstream_demo
     for name, dataset in (("DemoLesionT1", SEG_T1), ("DemoLesionT1FLAIR", SEG_T1_FLAIR)):
         d = data[name]
         assert d.rejected == [] and len(d.cases) == 12
@@ -105,8 +98,8 @@ def test_splits_of_the_demo_sets(data, tmp_path):
             assert {labels[c] for c in doc["test"]} == {0, 1}  # both classes in the test set
 
 
-def test_metrics_on_demo_cases_reach_the_aggregation(data, demo, tmp_path):
-    _, truth = demo
+def test_metrics_on_demo_cases_reach_the_aggregation(data, downstream_demo, tmp_path):
+    _, truth = downstream_demo
     d = data["DemoLesionT1"]
     labels = d.spec.labels
     scored = {}
@@ -135,8 +128,8 @@ def test_metrics_on_demo_cases_reach_the_aggregation(data, demo, tmp_path):
     assert {case for _, _, case in parsed["rows"]} == set(scored)
 
 
-def test_build_is_deterministic(demo, tmp_path):
-    root, truth = demo
+def test_build_is_deterministic(downstream_demo, tmp_path):
+    root, truth = downstream_demo
     again = build_downstream(tmp_path / "again", seed=0)
     assert again == truth
     case = next(iter(truth["datasets"][SEG_T1_FLAIR]["cases"]))

@@ -40,6 +40,31 @@ def test_demo_is_valid_bids_but_for_injected_faults(demo_mirror, demo_truth, dat
         assert any(p.startswith(dataset) and location.split(".")[0][1:] in p for p in fault_paths)
 
 
+def _validator_errors(tree: Path) -> set[tuple[str, str]]:
+    proc = subprocess.run([VALIDATOR, "--format", "json", str(tree)], capture_output=True,
+                          text=True, timeout=300, env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads(proc.stdout)
+    return {(i["code"], i.get("location") or "") for i in report["issues"]["issues"] if i["severity"] == "error"}
+
+
+@pytest.mark.skipif(VALIDATOR is None, reason="bids-validator-deno is not installed")
+def test_fetched_tree_bookkeeping_is_not_a_bids_error(indexed, tmp_path):
+    """The fetch's manifest and resume state inside data/raw/... are kept out of the BIDS view."""
+    fetched = indexed["work"] / "raw" / "local" / "ds990002"
+    tree = tmp_path / "ds990002"
+    shutil.copytree(fetched, tree)
+    (tree / ".fetch_state.json").write_text('{"source": "openneuro", "files": {}}')  # as an S3 fetch leaves it
+    assert (tree / "download_manifest.json").is_file()
+    errors = _validator_errors(tree)
+    ours = {e for e in errors if "download_manifest" in e[1] or "fetch_state" in e[1]}
+    assert not ours, ours
+    # what is left are the demo's injected faults, as in the mirror itself
+    assert errors <= {("JSON_INVALID", "/sub-04/anat/sub-04_FLAIR.json")}, errors
+    # and without the .bidsignore the validator does object to the manifest (the check can fail)
+    (tree / ".bidsignore").unlink()
+    assert any("download_manifest" in location for _, location in _validator_errors(tree))
+
+
 @pytest.fixture(scope="module")
 def indexed(demo_mirror, repo, tmp_path_factory):
     """Fetch (local source) and index every demo dataset as the workflow does."""
@@ -159,7 +184,10 @@ def test_defacing_and_skull_stripping_match_masks(demo_mirror, demo_truth):
 def test_builder_is_deterministic(tmp_path, demo_mirror):
     spec = [s for s in _specs() if s.id == "ds990002"][0]
     DemoBuilder(tmp_path, seed=0).write_dataset(spec)
-    for path in sorted((tmp_path / "ds990002").rglob("*.nii.gz")):
+    paths = sorted((tmp_path / "ds990002").rglob("*.nii.gz"))
+    # every image of the spec, so an empty build (or a moved folder) cannot pass unnoticed
+    assert len(paths) == len(list((demo_mirror / "ds990002").rglob("*.nii.gz"))) >= 7, paths
+    for path in paths:
         again = np.asarray(nib.load(path).dataobj)
         first = np.asarray(nib.load(demo_mirror / "ds990002" / path.relative_to(tmp_path / "ds990002")).dataobj)
         assert np.array_equal(again, first), path

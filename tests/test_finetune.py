@@ -10,7 +10,6 @@ import torch
 from openmind_bench import config as omb_config
 from openmind_bench import names, nets
 from openmind_bench.aggregate.collect import collect, read_metrics_json
-from openmind_bench.demo.downstream import build_downstream
 from openmind_bench.downstream import finetune, schedules, settings as run_settings, splits, transfer
 from openmind_bench.downstream.readers import case_table, read_dataset
 from openmind_bench.registry import load_registry
@@ -18,13 +17,6 @@ from openmind_bench.registry import load_registry
 from test_transfer import pretrained_checkpoint
 
 REGISTRY = "config/downstream_demo.yaml"
-
-
-@pytest.fixture(scope="session")
-def downstream_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("downstream_demo")
-    build_downstream(root, seed=0)
-    return root
 
 
 def _settings(root, tmp_path, dataset, run, checkpoint=None, **overrides):

@@ -71,3 +71,27 @@ def test_acquisition_units():
     fields = h.acquisition_fields({"RepetitionTime": 8.2, "EchoTime": 0.0032, "MagneticFieldStrength": "1.5T"})
     assert fields["repetition_time"] == 8.2 and fields["echo_time"] == 0.0032
     assert fields["field_strength"] == 1.5 and fields["manufacturer"] == "unknown"
+
+
+def test_duplicated_participant_keeps_first_row_and_is_reported():
+    tsv = ("participant_id\tage\tsex\n"
+           "sub-01\t24\tM\n"
+           "\n"
+           "sub-02\t30\tF\n"
+           "sub-01\t99\tF\n")
+    problems = []
+    table = h.participants_table(tsv, None, problems)
+    assert table["01"]["age"] == 24.0 and table["01"]["sex"] == "M"
+    assert problems == ["participant sub-01 listed again on line 5 (first on line 2): the first row is kept, "
+                        "line 5 ignored"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "participants.tsv is empty"),
+    ("  \n\n", "participants.tsv is empty"),
+    ("participant_id\tage\n", "header but no participant rows"),
+])
+def test_empty_participants_file_is_reported(text, problem):
+    problems = []
+    assert h.participants_table(text, None, problems) == {}
+    assert len(problems) == 1 and problem in problems[0]

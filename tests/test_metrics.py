@@ -145,7 +145,7 @@ def test_classification_metrics_hand_computed():
     assert math.isnan(single["AUROC"]) and single["balanced_accuracy"] == pytest.approx(0.5)
     three = classification_metrics([0, 1, 2], np.eye(3))
     assert three == {"balanced_accuracy": 1.0, "AUROC": 1.0}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1, got \[0, 3\]"):
         classification_metrics([0, 3], np.eye(2))
 
 
@@ -189,5 +189,5 @@ def test_classification_metrics_json_and_run_identity(tmp_path):
         RunIdentity(dataset="D", method="mae", architecture="resenc_l", fold=0)
     bad = dict(doc, cases=[{"case": "x", "DSC": 1.5}])
     write_metrics(bad, tmp_path / "bad.json")
-    with pytest.raises(CollectError):
+    with pytest.raises(CollectError, match=r"bad\.json: .*DSC.* = 1\.5 is outside \[0, 1\]"):
         read_metrics_json(tmp_path / "bad.json")

@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import lying_nifti
 from openmind_bench.bids.index import conform
 from openmind_bench.preprocess import ImageRejected, PreprocessSettings, preprocess_image, to_original_grid
 from openmind_bench.preprocess.resample import lowres_axis, new_shape_for, zoom_to_shape
@@ -262,6 +263,7 @@ def shard_case(tmp_path_factory):
     }
     _write_gz_truncated(root / "truncated.nii.gz", files["good"])
     files["truncated"] = root / "truncated.nii.gz"
+    files["huge"] = lying_nifti(root / "huge.nii.gz")
     anat_ok = save(root / "anat_ok.nii.gz", anat, eye, np.uint8)
     anat_bad = save(root / "anat_bad.nii.gz", anat[:-2], eye, np.uint8)
     rows = []
@@ -289,6 +291,7 @@ def test_bad_images_are_rejected_with_reasons_and_the_shard_finishes(shard_case)
     expected = {
         "nan": "NaN", "zero": "empty", "constant": "constant", "thin": "degenerate",
         "truncated": "unreadable", "badmask": "anatomy mask",
+        "huge": "header claims 1024x1024x1024 voxels of int16 (2 GiB) but the file holds only",
     }
     assert set(reasons) == {f"ds000001__sub-{k}_T1w" for k in expected}
     for key, word in expected.items():
@@ -326,6 +329,43 @@ def test_a_shard_where_every_image_fails_unexpectedly_fails(shard_case, monkeypa
         shard.run_preprocess_shard([root / "images.parquet"], "ds000001", 0, root / "pp2", root / "m2.tsv",
                                    root / "r2.tsv", PreprocessSettings())
     assert not (root / "m2.tsv").exists()
+
+
+def test_rerun_removes_its_own_stale_temporaries_only(shard_case):
+    """A kill -9 leaves `.NAME.tmp-PID` beside the outputs; the next run of the shard removes those
+    of its own images and files, never another shard's."""
+    root, _, _ = shard_case
+    out = root / "preprocessed"
+    good = out / "ds000001/sub-good/ses-DEFAULT"
+    stale = [good / ".ds000001__sub-good_T1w.b2nd.tmp-4242", good / ".ds000001__sub-good_T1w__anat.b2nd.tmp-1",
+             good / ".ds000001__sub-good_T1w.json.tmp-77", root / ".rerun_manifest.tsv.tmp-5"]
+    # an image that was never written (rejected this time) can have a leftover too
+    (out / "ds000001/sub-nan/ses-DEFAULT").mkdir(parents=True)
+    stale.append(out / "ds000001/sub-nan/ses-DEFAULT/.ds000001__sub-nan_T1w__anon.b2nd.tmp-9")
+    for path in stale:
+        path.write_bytes(b"half")
+    (stale[0].with_name(".ds000001__sub-good_T1w.pkl.tmp-3")).mkdir()  # directory-shaped leftover
+    stale.append(stale[0].with_name(".ds000001__sub-good_T1w.pkl.tmp-3"))
+    other = out / "ds000001/sub-other_shard/ses-DEFAULT/.ds000001__sub-other_shard_T1w.b2nd.tmp-4242"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another shard's job is writing this")
+    unrelated = good / ".notes.txt.tmp-1"
+    unrelated.write_bytes(b"not an output of this shard")
+    manifest = run_preprocess_shard([root / "images.parquet"], "ds000001", 0, out, root / "rerun_manifest.tsv",
+                                    root / "rerun_rejected.tsv", PreprocessSettings(spacing=(2.5, 2.5, 2.5)))
+    assert len(manifest) == 2
+    assert [p for p in stale if p.exists()] == []
+    assert other.exists() and unrelated.exists()
+    leftovers = sorted(p.name for p in out.rglob(".*.tmp-*"))
+    assert leftovers == sorted([other.name, unrelated.name]), leftovers
+
+
+def test_header_claiming_more_data_than_the_file_holds(tmp_path):
+    with pytest.raises(ImageRejected, match=r"huge\.nii\.gz: header claims 1024x1024x1024 voxels of int16 "
+                                            r"\(2 GiB\) but the file holds only \d+ compressed bytes"):
+        preprocess_image(lying_nifti(tmp_path / "huge.nii.gz"), PreprocessSettings())
+    with pytest.raises(ImageRejected, match=r"holds only \d+ bytes"):
+        preprocess_image(lying_nifti(tmp_path / "huge.nii", compress=False), PreprocessSettings())
 
 
 def test_image_rejected_names_file_and_problem(tmp_path):

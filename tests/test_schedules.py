@@ -111,7 +111,7 @@ def test_primus_and_scratch_peaks_and_primus_decoder_factor():
     # the families of openmind_bench.nets' presets, and name prefixes for others
     assert family_of("ResEncL") == "cnn" and family_of("PrimusTiny") == "transformer"
     assert family_of("resenc_l") == "cnn" and family_of("primus_m") == "transformer"
-    with pytest.raises(ScheduleError):
+    with pytest.raises(ScheduleError, match="architecture 'swin': not a preset"):
         family_of("swin")
     s = schedule_for_run("sawtooth", "PrimusM", pretrained=True, epochs=150, steps_per_epoch=S)
     assert s.peak_lr == 1e-4

@@ -1,7 +1,10 @@
 """The SLURM profile on a real single-node cluster (Debian slurm-wlm + munge, on localhost)."""
 
+import os
 import re
 import socket
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -29,15 +32,26 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def test_profile_runs_targets_through_sbatch(tmp_path, repo, cluster, demo_mirror):
+def test_profile_runs_targets_through_sbatch(tmp_path, repo, cluster, demo_mirror, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
+    # the user's command as written: `openmind-bench install-profile` puts the profile into
+    # ~/.config/snakemake/slurm, where `snakemake --profile slurm` finds it by name
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    install = subprocess.run([sys.executable, "-m", "openmind_bench", "install-profile",
+                              "--partition-cpu", "cpu", "--partition-gpu", "gpu"],
+                             capture_output=True, text=True, env=os.environ, cwd=work)
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert (home / ".config" / "snakemake" / "slurm" / "config.yaml").is_file()
     (work / "config").symlink_to(repo / "config")
     overlay = work / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}}))
     target = "results/index/datasets/ds990002.parquet"
     proc = run_snakemake(
-        work, "--profile", str(repo / "profiles" / "slurm"),
+        work, "--profile", "slurm",
         "--configfile", str(repo / "config" / "demo.yaml"), str(overlay),
         # no accounting database on the test cluster: squeue, and quick status polls
         "--slurm-status-command", "squeue", "--seconds-between-status-checks", "2",
@@ -46,6 +60,7 @@ def test_profile_runs_targets_through_sbatch(tmp_path, repo, cluster, demo_mirro
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:] + cluster.logs()
+    assert re.search(r"Using profiles? slurm\b", out), out[:3000]  # found by name
     images = pd.read_parquet(work / target)
     assert set(images.dataset) == {"ds990002"} and len(images) == 7
 

@@ -71,7 +71,10 @@ def test_fetch_copies_selection_and_resumes(tmp_path, source_options):
     t1 = dest / "sub-01/anat/sub-01_T1w.nii.gz"
     os.utime(t1, (1, 1))
     (tmp_path / "mirror/ds000042/participants.tsv").write_text("participant_id\tage\nsub-01\t31\n")
+    leftover = dest / "sub-01/anat/.sub-01_T1w.nii.gz.tmp-4242"  # a copy killed with -9
+    leftover.write_text("half")
     fetch_dataset(source_options, "ds000042", "1.0.0", dest, dest / "download_manifest.json", rej)
+    assert not leftover.exists()
     assert t1.stat().st_mtime == 1
     assert "31" in (dest / "participants.tsv").read_text()
     assert not list(dest.rglob(".*.tmp-*"))
@@ -113,3 +116,29 @@ def test_missing_description_fails_clearly(tmp_path, source_options):
 def test_missing_dataset_fails_clearly(tmp_path, source_options):
     with pytest.raises(SourceError, match="ds000777"):
         fetch_dataset(source_options, "ds000777", "1.0.0", tmp_path / "d", tmp_path / "m.json", Rejections("fetch"))
+
+
+def test_bookkeeping_files_listed_in_bidsignore(tmp_path, source_options):
+    """download_manifest.json and the resume state stay out of the BIDS view; a shipped
+    .bidsignore keeps its lines, and re-runs add nothing twice."""
+    _dataset(tmp_path / "mirror")
+    dest = tmp_path / "raw" / "ds000042"
+    rej = Rejections("fetch")
+    fetch_dataset(source_options, "ds000042", "1.0.0", dest, dest / "download_manifest.json", rej)
+    lines = (dest / ".bidsignore").read_text().splitlines()
+    assert "/download_manifest.json" in lines and "/.fetch_state.json" in lines
+    assert ".bidsignore" not in [f.path for f in Manifest.read(dest / "download_manifest.json").files]
+
+    # the dataset's own .bidsignore (as a fetch of it would place it) is extended, not replaced
+    (dest / ".bidsignore").write_text("*_final.nii.gz")  # no trailing newline
+    fetch_dataset(source_options, "ds000042", "1.0.0", dest, dest / "download_manifest.json", rej)
+    fetch_dataset(source_options, "ds000042", "1.0.0", dest, dest / "download_manifest.json", rej)
+    lines = (dest / ".bidsignore").read_text().splitlines()
+    assert lines[0] == "*_final.nii.gz"
+    assert lines.count("/download_manifest.json") == 1 and lines.count("/.fetch_state.json") == 1
+
+    # a manifest kept outside the tree is not listed
+    other = tmp_path / "raw2" / "ds000042"
+    fetch_dataset(source_options, "ds000042", "1.0.0", other, tmp_path / "manifest.json", rej)
+    assert (other / ".bidsignore").read_text().splitlines()[-1] == "/.fetch_state.json"
+    assert "/download_manifest.json" not in (other / ".bidsignore").read_text()

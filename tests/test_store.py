@@ -32,11 +32,14 @@ def test_layout_is_clipped_to_the_array():
     assert s.layout((10, 12, 14)) == ((10, 12, 14), (10, 12, 14))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"codec": "snappy"}, {"clevel": 12}, {"chunk_shape": (64, 64)}, {"block_shape": (128, 32, 32)},
+@pytest.mark.parametrize("kwargs, message", [
+    ({"codec": "snappy"}, "unknown blosc2 codec 'snappy'"),
+    ({"clevel": 12}, "clevel must be in 0..9, got 12"),
+    ({"chunk_shape": (64, 64)}, "chunk_shape must be three positive integers"),
+    ({"block_shape": (128, 32, 32)}, r"block_shape \(128, 32, 32\) exceeds chunk_shape"),
 ])
-def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         StoreSettings(**kwargs)
 
 

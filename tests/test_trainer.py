@@ -47,12 +47,7 @@ def small_settings(out_dir: Path, method: str = "mae", arch: str = "ResEncTiny",
     return settings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def final_weights(out_dir: Path) -> dict:

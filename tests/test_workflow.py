@@ -152,3 +152,37 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     proc = run_snakemake(work, *configs, "-c1", "results/index/datasets/ds990002.parquet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)
+
+
+def _mark_incomplete(work: Path, *outputs: str) -> None:
+    """Leave outputs as a job killed with -9 leaves them: on disk, with Snakemake's incomplete marker."""
+    import base64
+
+    for out in outputs:
+        (work / out).parent.mkdir(parents=True, exist_ok=True)
+        (work / out).write_text("half-written")
+        marker = work / ".snakemake" / "incomplete" / base64.urlsafe_b64encode(out.encode()).decode()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text('{"external_jobid": null}')
+
+
+def test_default_workflow_profile_reruns_incomplete_outputs(tmp_path, repo):
+    """profiles/default/ makes a plain re-run after kill -9 re-make the half-written outputs."""
+    work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(tmp_path / "mirror"),
+                                                "build_demo": False}})
+    manifest = "data/raw/local/ds990002/download_manifest.json"
+    _mark_incomplete(work, manifest, "results/qc/parts/fetch/local/ds990002.tsv")
+    args = ("--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-n", manifest)
+    # without the workflow profile Snakemake stops and asks for --rerun-incomplete
+    proc = run_snakemake(work, *args, "--workflow-profile", "none")
+    assert proc.returncode != 0 and "rerun-incomplete" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    proc = run_snakemake(work, *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    # --rerun-incomplete turns the incomplete outputs into forced re-runs
+    assert "workflow specific profile profiles/default" in out and "reason: Forced execution" in out, out[-3000:]
+    # the SLURM profile given by path keeps working beside it (both apply)
+    proc = run_snakemake(work, *args, "--profile", str(repo / "profiles" / "slurm"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Using profile" in out and "and workflow specific profile" in out

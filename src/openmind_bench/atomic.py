@@ -16,6 +16,41 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def temporaries_of(path: str | os.PathLike) -> list[Path]:
+    """Temporary names `atomic_path` uses for `path` (any PID) that exist now."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.tmp-*"))
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def remove_temporaries(paths) -> list[Path]:
+    """Delete what a killed writer of `paths` left behind (their `.name.tmp-PID` files).
+
+    Only for outputs with a single writer (one Snakemake job owns them): a temporary of its
+    own outputs found before the job writes is a leftover of an earlier, killed run, whatever
+    its PID (on a cluster the PID may belong to another node). Returns the removed paths.
+    """
+    removed = []
+    for path in paths:
+        for tmp in temporaries_of(path):
+            if tmp.name.endswith(f".tmp-{os.getpid()}"):
+                continue  # this process is writing it
+            try:
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only on success."""

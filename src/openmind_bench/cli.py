@@ -27,6 +27,7 @@ STAGES = [
     "openmind_bench.downstream.cli",
     "openmind_bench.qc_cli",
     "openmind_bench.aggregate.cli",
+    "openmind_bench.profiles",
 ]
 
 

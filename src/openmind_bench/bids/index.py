@@ -18,6 +18,7 @@ import pandas as pd
 from openmind_bench.bids.entities import MODALITY_OF_SUFFIX, NIFTI_EXTENSIONS, datatype_of, parse_name
 from openmind_bench.bids.sidecars import SidecarIndex
 from openmind_bench.metadata import harmonise
+from openmind_bench.nifti import data_size_problem, memory_problem
 from openmind_bench.qc import Rejections
 from openmind_bench.sharding import image_id, shard_of
 from openmind_bench.sources.base import Manifest, snapshot_from_description
@@ -136,9 +137,14 @@ def read_header(path: Path, verify_data: bool) -> tuple[dict, str | None]:
         return {}, "non-finite or singular affine"
     if any(not math.isfinite(z) or z <= 0 for z in zooms):
         return {}, f"invalid voxel size {zooms}"
+    size_problem = data_size_problem(path, img)
+    if size_problem:
+        return {}, size_problem
     if verify_data:
         try:
             data = np.asanyarray(img.dataobj)
+        except MemoryError as e:
+            return {}, memory_problem(img, e)
         except Exception as e:
             return {}, f"unreadable voxel data: {type(e).__name__}: {e}"
         if not np.all(np.isfinite(data)):
@@ -175,10 +181,14 @@ def index_dataset(
     if "participants.tsv" in relpaths:
         info = _read_json(raw_dir / "participants.json", rejections, dataset, "participants.json") \
             if "participants.json" in relpaths else {}
+        problems: list[str] = []
         try:
-            participants = harmonise.participants_table(_read_text(raw_dir / "participants.tsv"), info)
+            participants = harmonise.participants_table(_read_text(raw_dir / "participants.tsv"), info, problems)
         except Exception as e:
             rejections.add(f"{dataset}/participants.tsv", f"malformed participants.tsv: {e}", dataset)
+        for problem in problems:  # recorded, the images stay indexed
+            log.warning("%s/participants.tsv: %s", dataset, problem)
+            rejections.add(f"{dataset}/participants.tsv", problem, dataset)
 
     session_age: dict[tuple[str, str], float] = {}
     for rel in relpaths:

@@ -127,9 +127,22 @@ def harmonise_health(value, levels: dict | None = None) -> tuple[str, str]:
     return "patient", text
 
 
-def participants_table(tsv_text: str | None, json_info: dict | None) -> dict[str, dict]:
-    """participant_id (without `sub-`) -> harmonised fields, from participants.tsv/.json."""
-    if not tsv_text:
+def _row_lines(tsv_text: str) -> list[int]:
+    """1-based file line of each data row as pandas reads them (blank lines skipped)."""
+    lines = [n for n, line in enumerate(tsv_text.splitlines(), 1) if line.strip(" \r")]
+    return lines[1:]
+
+
+def participants_table(tsv_text: str | None, json_info: dict | None,
+                       problems: list[str] | None = None) -> dict[str, dict]:
+    """participant_id (without `sub-`) -> harmonised fields, from participants.tsv/.json.
+
+    What is wrong but not fatal is appended to `problems` (one line each) when given: an empty
+    file or one without rows, and a participant listed twice (the first row is kept).
+    """
+    problems = [] if problems is None else problems
+    if not tsv_text or not tsv_text.strip():
+        problems.append("participants.tsv is empty: no participant metadata for this dataset")
         return {}
     from io import StringIO
 
@@ -137,6 +150,9 @@ def participants_table(tsv_text: str | None, json_info: dict | None) -> dict[str
     info = json_info or {}
     if "participant_id" not in table.columns:
         raise ValueError("participants.tsv has no participant_id column")
+    if table.empty:
+        problems.append("participants.tsv has a header but no participant rows")
+        return {}
     age_col = find_column(table.columns, AGE_COLUMNS)
     sex_col = find_column(table.columns, SEX_COLUMNS)
     hand_col = find_column(table.columns, HAND_COLUMNS)
@@ -147,9 +163,17 @@ def participants_table(tsv_text: str | None, json_info: dict | None) -> dict[str
         return entry.get("Levels") if isinstance(entry, dict) else None
 
     unit = age_unit(age_col, info.get(age_col)) if age_col else "years"
-    out = {}
-    for _, row in table.iterrows():
+    line_of = _row_lines(tsv_text)
+    if len(line_of) != len(table):  # quoting or odd blank lines: fall back to row numbers
+        line_of = [i + 2 for i in range(len(table))]
+    out, first_line = {}, {}
+    for i, (_, row) in enumerate(table.iterrows()):
         pid = _norm(row["participant_id"]).removeprefix("sub-")
+        if pid in out:
+            problems.append(f"participant sub-{pid} listed again on line {line_of[i]} (first on line "
+                            f"{first_line[pid]}): the first row is kept, line {line_of[i]} ignored")
+            continue
+        first_line[pid] = line_of[i]
         health, diagnosis = harmonise_health(row[health_col], levels(health_col)) if health_col else ("unknown", "")
         out[pid] = {
             "age": harmonise_age(row[age_col], unit) if age_col else math.nan,

@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from openmind_bench.nifti import data_size_problem, memory_problem
 from openmind_bench.preprocess.resample import (
     lowres_axis,
     new_shape_for,
@@ -82,6 +83,9 @@ def _load(path: Path, what: str) -> nib.Nifti1Image:
         raise ImageRejected(f"{what} {path} does not exist") from None
     except Exception as e:  # nibabel raises many types for broken headers
         raise ImageRejected(f"{what} {path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
+    problem = data_size_problem(path, img)
+    if problem:
+        raise ImageRejected(f"{what} {path}: {problem}")
     try:
         return nib.funcs.squeeze_image(img)  # (X, Y, Z, 1) -> (X, Y, Z)
     except Exception as e:
@@ -91,6 +95,8 @@ def _load(path: Path, what: str) -> nib.Nifti1Image:
 def _voxels(img: nib.Nifti1Image, path: Path, what: str) -> np.ndarray:
     try:
         return np.asarray(img.get_fdata(dtype=np.float32))
+    except MemoryError as e:
+        raise ImageRejected(f"{what} {path}: {memory_problem(img, e)}") from None
     except Exception as e:  # truncated gzip, short file, ...
         raise ImageRejected(f"{what} {path}: unreadable voxel data ({type(e).__name__}: {e})") from None
 

@@ -57,6 +57,22 @@ def _text(value) -> str:
     return str(value)
 
 
+def remove_leftovers(rows: pd.DataFrame, out_root: str | Path, dataset: str, *paths: str | Path) -> int:
+    """Remove temporary files (`.name.tmp-PID`) a killed run of this shard left beside its outputs.
+
+    Only the shard's own output names are looked at (image ids belong to exactly one shard, and
+    one job runs a shard), so a concurrent shard of the same dataset is never touched.
+    """
+    outputs = [Path(p) for p in paths]
+    for row in rows.itertuples(index=False):
+        outputs += image_files(out_root, dataset, _text(row.subject), _text(row.session), row.image_id).all()
+    removed = atomic.remove_temporaries(outputs)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by a killed run, e.g. %s", dataset, len(removed),
+                 removed[0])
+    return len(removed)
+
+
 def run_preprocess_shard(
     index_tables: Sequence[str | Path],
     dataset: str,
@@ -68,6 +84,7 @@ def run_preprocess_shard(
 ) -> pd.DataFrame:
     """Preprocess every 3D image of the shard; returns (and writes) the shard manifest."""
     rows = shard_rows(index_tables, dataset, shard)
+    remove_leftovers(rows, out_root, dataset, manifest_path, rejected_path)
     rejections = Rejections(STAGE)
     written = []
     unexpected = 0

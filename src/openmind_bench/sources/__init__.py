@@ -14,7 +14,8 @@ from typing import Callable
 
 from openmind_bench.qc import Rejections
 from openmind_bench.sources import local, openmind_release, openneuro
-from openmind_bench.sources.base import Manifest, check_snapshot
+from openmind_bench.sources.base import Manifest, check_snapshot, keep_out_of_bids
+from openmind_bench.sources.state import STATE_FILE
 
 FETCHERS: dict[str, Callable[..., Manifest]] = {
     "local": local.fetch,
@@ -36,5 +37,10 @@ def fetch_dataset(
         raise ValueError(f"source kind {kind!r} is not available; known: {sorted(FETCHERS)}")
     manifest = FETCHERS[kind](dataset, snapshot, Path(dest), source, rejections)
     check_snapshot(manifest, Path(dest), on_mismatch=source.get("on_snapshot_mismatch", "warn"))
+    # the bookkeeping files inside the tree stay out of the BIDS view (validator runs stay clean)
+    ours = [STATE_FILE]
+    if Path(manifest_path).resolve().parent == Path(dest).resolve():
+        ours.insert(0, Path(manifest_path).name)
+    keep_out_of_bids(Path(dest), ours)
     manifest.write(manifest_path)
     return manifest

@@ -100,6 +100,34 @@ class Manifest:
         return None
 
 
+BIDSIGNORE = ".bidsignore"
+_BIDSIGNORE_HEADER = "# openmind-bench: fetch bookkeeping, not part of the dataset"
+
+
+def keep_out_of_bids(dest: Path, names: list[str]) -> bool:
+    """List the fetch's own files (manifest, resume state) in the dataset's `.bidsignore`.
+
+    They sit inside the dataset folder (the manifest is the rule's output there), so without
+    this the official BIDS validator reports them as files that are not BIDS. A `.bidsignore`
+    the dataset ships keeps its lines; ours are appended once. Returns True if the file changed.
+    """
+    path = Path(dest) / BIDSIGNORE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    present = {line.strip() for line in text.splitlines()}
+    missing = [f"/{n}" for n in names if f"/{n}" not in present and n not in present]
+    if not missing:
+        return False
+    if text and not text.endswith("\n"):
+        text += "\n"
+    if _BIDSIGNORE_HEADER not in present:
+        text += _BIDSIGNORE_HEADER + "\n"
+    atomic.write_text(path, text + "".join(f"{m}\n" for m in missing))
+    return True
+
+
 def previous_manifest(path: Path) -> Manifest | None:
     try:
         return Manifest.read(path)

@@ -23,6 +23,7 @@ from openmind_bench.sources.base import (
     md5_of,
     selected,
 )
+from openmind_bench.sources.state import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def fetch(dataset: str, snapshot: str, dest: Path, options: dict, rejections: Re
     if not root.is_dir():
         raise SourceError(f"{dataset}: not found in local source {root}")
     manifest = Manifest(dataset=dataset, source="local", snapshot=snapshot)
+    stale = remove_stale_temporaries(dest)  # a killed copy's `.name.tmp-PID` files
+    if stale:
+        log.info("%s: removed %d temporary file(s) left by a killed run", dataset, stale)
     files = [p for p in _walk(root)]
     wanted = []
     for path in files:

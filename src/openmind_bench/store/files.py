@@ -49,6 +49,10 @@ class ImageFiles:
     def nnssl_properties(self) -> Path:
         return self.stem.with_name(self.stem.name + ".pkl")
 
+    def all(self) -> tuple[Path, ...]:
+        """Every file written for the image."""
+        return (self.image, self.anon, self.anat, self.properties, self.nnssl_properties)
+
     def complete(self) -> bool:
         return all(p.is_file() for p in (self.image, self.anon, self.anat, self.properties))
 
