@@ -77,3 +77,43 @@ def test_config_sections_fill_defaults_and_name_bad_keys():
 
     with pytest.raises(config.ConfigError, match="pretrain.epochs"):
         config.section("pretrain", {"epochs": 0})
+
+
+def _schema_keys(node, keys=None) -> set[str]:
+    keys = set() if keys is None else keys
+    if isinstance(node, dict):
+        for key, child in (node.get("properties") or {}).items():
+            keys.add(key)
+            _schema_keys(child, keys)
+        if isinstance(node.get("items"), dict):
+            _schema_keys(node["items"], keys)
+    return keys
+
+
+def _is_literal(node) -> bool:
+    if isinstance(node, ast.Constant):
+        return node.value is not None
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return all(_is_literal(e) for e in node.elts)
+    if isinstance(node, ast.BinOp):
+        return _is_literal(node.left) and _is_literal(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return _is_literal(node.operand)
+    return False
+
+
+def test_no_dataclass_repeats_a_schema_default_as_a_literal(repo):
+    """A dataclass field named like a config key takes its default from the schema, never a literal."""
+    keys = _schema_keys(yaml.safe_load((repo / "config" / "schema.yaml").read_text())) - RUNTIME_FIELDS
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in OWN_DEFAULT_TABLES:
+            continue
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            if not any("dataclass" in ast.unparse(d) for d in cls.decorator_list):
+                continue
+            for stmt in cls.body:
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and stmt.target.id in keys and stmt.value is not None and _is_literal(stmt.value)):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{stmt.lineno} {cls.name}.{stmt.target.id}")
+    assert offenders == []

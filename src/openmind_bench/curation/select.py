@@ -19,7 +19,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from openmind_bench import atomic
+from openmind_bench import atomic, config
 from openmind_bench.curation.pretrain_data import build_collection
 from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
@@ -32,15 +32,19 @@ INDEX_COLUMNS = ["image_id", "path", "derived_from", "age", "sex", "handedness",
                  "quality_score"]
 
 
+# The schema's defaults of a `selections` entry, read once.
+_DEFAULTS = config.validate({"selections": [{"name": "x"}]}, config.SCHEMA_PATH)["selections"][0]
+
+
 @dataclass(frozen=True)
 class Selection:
     """One entry of the config list `selections`."""
 
     name: str
-    modalities: tuple[str, ...] = ()
-    datasets: tuple[str, ...] = ()
-    max_quality_score: float | None = None
-    keep_unscored: bool = True
+    modalities: tuple[str, ...] = tuple(_DEFAULTS["modalities"])
+    datasets: tuple[str, ...] = tuple(_DEFAULTS["datasets"])
+    max_quality_score: float | None = _DEFAULTS["max_quality_score"]
+    keep_unscored: bool = _DEFAULTS["keep_unscored"]
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Selection":

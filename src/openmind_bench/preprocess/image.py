@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from openmind_bench import config
 from openmind_bench.nifti import data_size_problem, memory_problem
 from openmind_bench.preprocess.resample import (
     lowres_axis,
@@ -32,16 +33,19 @@ class ImageRejected(Exception):
     """A broken or unusable image; the message is the one-line reason recorded in the QC table."""
 
 
+_DEFAULTS = config.section("preprocess")  # the schema's, read once
+
+
 @dataclass(frozen=True)
 class PreprocessSettings:
     """Everything that changes the stored arrays (config key `preprocess`)."""
 
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    order: int = 3
-    mask_order: int = 1
-    anisotropy_threshold: float = 3.0
-    anisotropic_axis_order: int = 0
-    max_voxels: int = 512**3
+    spacing: tuple[float, float, float] = tuple(_DEFAULTS["spacing"])
+    order: int = _DEFAULTS["order"]
+    mask_order: int = _DEFAULTS["mask_order"]
+    anisotropy_threshold: float = _DEFAULTS["anisotropy_threshold"]
+    anisotropic_axis_order: int = _DEFAULTS["anisotropic_axis_order"]
+    max_voxels: int = _DEFAULTS["max_voxels"]
     store: StoreSettings = field(default_factory=StoreSettings)
 
     def __post_init__(self):

@@ -18,7 +18,9 @@ from typing import Sequence
 import blosc2
 import numpy as np
 
-from openmind_bench import atomic
+from openmind_bench import atomic, config
+
+_DEFAULTS = config.section("preprocess")["store"]  # the schema's, read once
 
 CODECS = {
     "zstd": blosc2.Codec.ZSTD,
@@ -33,10 +35,10 @@ CODECS = {
 class StoreSettings:
     """Compression and layout of every array the preprocessing writes."""
 
-    codec: str = "zstd"
-    clevel: int = 3
-    chunk_shape: tuple[int, int, int] = (64, 64, 64)
-    block_shape: tuple[int, int, int] = (32, 32, 32)
+    codec: str = _DEFAULTS["codec"]
+    clevel: int = _DEFAULTS["clevel"]
+    chunk_shape: tuple[int, int, int] = tuple(_DEFAULTS["chunk_shape"])
+    block_shape: tuple[int, int, int] = tuple(_DEFAULTS["block_shape"])
 
     def __post_init__(self):
         if self.codec not in CODECS:
