@@ -33,7 +33,16 @@ METHODS: dict[str, dict[str, str]] = {
     "spark3d": {"cnn": "spark3d"},
     "simmim": {"transformer": "simmim_primus"},
     "models_genesis": {"cnn": "models_genesis", "transformer": "models_genesis"},
+    "simclr": {"cnn": "simclr", "transformer": "simclr"},
+    "voco": {"cnn": "voco", "transformer": "voco"},
+    "volume_fusion": {"cnn": "volume_fusion", "transformer": "volume_fusion"},
+    "swinunetr": {"cnn": "swinunetr", "transformer": "swinunetr"},
+    "barlow_twins": {"cnn": "barlow_twins", "transformer": "barlow_twins"},
+    "vicreg": {"cnn": "vicreg", "transformer": "vicreg"},
 }
+
+# Base methods with an anonymisation-aware variant (a voxel-wise reconstruction loss to mask).
+ANON_AWARE = ("mae", "spark3d", "simmim", "models_genesis")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,8 @@ def parse(name: str) -> MethodName:
         raise ValueError(
             f"unknown method {name!r}: a base name of {sorted(METHODS)} with optional '_anat' and '_anon' suffixes"
         )
+    if anon and base not in ANON_AWARE:
+        raise ValueError(f"method {name!r}: only {list(ANON_AWARE)} have an anonymisation-aware '_anon' variant")
     return MethodName(base, anat, anon)
 
 
@@ -86,6 +97,29 @@ def settings_for(name: str, family: str, overrides: dict | None = None) -> dict:
     return settings
 
 
+def patch_sizes(name: str, family: str, patch_size: Sequence[int], overrides: dict | None = None
+                ) -> tuple[list[int], list[int]]:
+    """(loader patch, network patch) of a run: what the batch source crops and what the network sees
+    (and the checkpoint's plan records). The same `patch_size` for most methods; SimCLR-like methods and
+    VoCo take a larger region from the loader and feed the network smaller crops of it."""
+    settings = settings_for(name, family, overrides)
+    sizes = getattr(_module(implementation(name, family)), "sizes", None)
+    if sizes is None:
+        return [int(p) for p in patch_size], [int(p) for p in patch_size]
+    loader, network = sizes(settings, patch_size)
+    return [int(p) for p in loader], [int(p) for p in network]
+
+
+def grad_clip(name: str, family: str, default: float, overrides: dict | None = None) -> float:
+    """The gradient-norm clip of a run: the method's own for the family (`grad_clip: {family: value}`
+    in its settings, 0 = none) or else the family's optimisation default."""
+    per_family = settings_for(name, family, overrides).get("grad_clip") or {}
+    value = per_family.get(family)
+    if value is None:
+        return float(default)
+    return float(value) if float(value) > 0 else float("inf")
+
+
 def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Sequence[int],
           overrides: dict | None = None) -> "nn.Module":
     """The method `name` around `backbone` (built from `arch`), its settings DEFAULTS + `overrides`."""
@@ -94,4 +128,5 @@ def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Se
     return _module(impl).build(backbone, dict(arch.kwargs), patch_size, anon_aware=parse(name).anon_aware, **settings)
 
 
-__all__ = ["METHODS", "MethodName", "parse", "implementation", "compatible", "settings_for", "build"]
+__all__ = ["METHODS", "ANON_AWARE", "MethodName", "parse", "implementation", "compatible", "settings_for",
+           "patch_sizes", "grad_clip", "build"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from openmind_bench import atomic, nets, ssl
 
 DEFAULTS: dict = {
-    "methods": ["mae", "spark3d", "simmim", "models_genesis"],
+    "methods": ["mae", "spark3d", "simmim", "models_genesis", "simclr", "voco", "volume_fusion", "swinunetr",
+                "barlow_twins", "vicreg"],
     "architectures": ["ResEncL", "PrimusM"],
     "selections": ["all"],
     "epochs": 1000,
@@ -27,7 +28,7 @@ DEFAULTS: dict = {
     "checkpoint_every": 50,
     "num_workers": 6,
     "amp": True,
-    "amp_dtype": "bfloat16",
+    "amp_dtype": "float16",
     "compile": False,
     "log_every_steps": 25,
     "recommended_downstream_patch_size": [160, 160, 160],
@@ -120,6 +121,11 @@ class PretrainSettings:
 
     def arch(self) -> nets.Architecture:
         return nets.resolve(self.architecture, self.architecture_presets)
+
+    @property
+    def loader_patch_size(self) -> list[int]:
+        """What the batch source crops: `patch_size`, or the method's region (SimCLR, VoCo)."""
+        return ssl.patch_sizes(self.method, self.arch().family, self.patch_size, self.method_settings)[0]
 
     @property
     def anatomy_aware(self) -> bool:
