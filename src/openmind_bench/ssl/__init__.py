@@ -110,6 +110,14 @@ def patch_sizes(name: str, family: str, patch_size: Sequence[int], overrides: di
     return [int(p) for p in loader], [int(p) for p in network]
 
 
+def loader_augmentation(name: str, family: str) -> bool:
+    """Whether the loader applies nnssl's MAE spatial augmentation (rotation, scaling, mirroring) to
+    this method's patches: yes for MAE, Spark3D and SimMIM; no where nnssl applies none (Models
+    Genesis) or the method makes its own views (the contrastive and pseudo-segmentation methods).
+    A module says no with `LOADER_AUGMENTATION = False`."""
+    return bool(getattr(_module(implementation(name, family)), "LOADER_AUGMENTATION", True))
+
+
 def grad_clip(name: str, family: str, default: float, overrides: dict | None = None) -> float:
     """The gradient-norm clip of a run: the method's own for the family (`grad_clip: {family: value}`
     in its settings, 0 = none) or else the family's optimisation default."""
@@ -129,4 +137,4 @@ def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Se
 
 
 __all__ = ["METHODS", "ANON_AWARE", "MethodName", "parse", "implementation", "compatible", "settings_for",
-           "patch_sizes", "grad_clip", "build"]
+           "patch_sizes", "loader_augmentation", "grad_clip", "build"]

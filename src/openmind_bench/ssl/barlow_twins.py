@@ -10,6 +10,9 @@ from torch import nn
 
 from openmind_bench.ssl import features, views
 
+# The method makes its own views: no spatial augmentation in the loader.
+LOADER_AUGMENTATION = False
+
 DEFAULTS = {
     "region_size": [192, 192, 64],
     "crop_size": [64, 64, 64],

@@ -24,6 +24,9 @@ from torch import nn
 
 from openmind_bench.ssl import masking
 
+# nnssl's Models Genesis trainer applies no spatial augmentation (its flips are part of the corruption).
+LOADER_AUGMENTATION = False
+
 DEFAULTS = {
     "nonlinear_rate": 0.9,
     "paint_rate": 0.9,

@@ -23,6 +23,9 @@ from torch import nn
 from openmind_bench.nets import primus
 from openmind_bench.ssl import features, views
 
+# The method makes its own views: no spatial augmentation in the loader.
+LOADER_AUGMENTATION = False
+
 DEFAULTS = {
     "max_cutout_fraction": 0.3,
     "max_box_fraction": 0.25,

@@ -29,6 +29,9 @@ from torch import nn
 
 from openmind_bench.ssl import features, views
 
+# The method makes its own views: no spatial augmentation in the loader.
+LOADER_AUGMENTATION = False
+
 DEFAULTS = {
     "region_size": [256, 256, 64],
     "base_grid": [4, 4, 1],

@@ -22,6 +22,9 @@ from torch import nn
 
 from openmind_bench.ssl import features, views
 
+# The method makes its own views: no spatial augmentation in the loader.
+LOADER_AUGMENTATION = False
+
 DEFAULTS = {
     "levels": [0.0, 0.25, 0.5, 0.75, 1.0],
     "n_boxes": [10, 40],

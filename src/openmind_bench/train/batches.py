@@ -49,7 +49,7 @@ class LoaderBatches:
         if first_step:
             seed = int(np.random.SeedSequence([seed, first_step]).generate_state(1)[0])
         return self._loader(self.settings.train_data, steps=steps, rank=rank, world_size=world_size,
-                            batch_size=batch_size, seed=seed, augment=True)
+                            batch_size=batch_size, seed=seed, augment=self.settings.loader_augmentation)
 
     def val(self, *, steps, rank, world_size, batch_size, seed):
         if not self.settings.val_data:

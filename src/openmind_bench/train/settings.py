@@ -128,6 +128,10 @@ class PretrainSettings:
         return ssl.patch_sizes(self.method, self.arch().family, self.patch_size, self.method_settings)[0]
 
     @property
+    def loader_augmentation(self) -> bool:
+        return ssl.loader_augmentation(self.method, self.arch().family)
+
+    @property
     def anatomy_aware(self) -> bool:
         return ssl.parse(self.method).anatomy_aware
 
