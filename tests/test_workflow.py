@@ -50,7 +50,7 @@ def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth)
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
-    # scratch + mae x {default, frozen} on the three demo downstream sets, per-case metrics each
+    # scratch + simclr x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
     for rule in ("fetch", "index"):
         assert list((work / "logs" / rule).rglob("*.log")), rule
