@@ -33,6 +33,9 @@ def test_dry_run_all(tmp_path, repo, configfile, datasets):
     counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["fetch_dataset"] == n and counts["index_dataset"] == n and counts["gather_index"] == 1
+    if datasets is None:
+        # every method on both architectures: 10 methods x 2 - spark3d (CNN only) - simmim (Primus only)
+        assert counts["pretrain"] == 18
 
 
 def test_bad_config_value_stops_with_key_named(tmp_path, repo):

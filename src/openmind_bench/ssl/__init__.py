@@ -7,6 +7,15 @@ A method is an `nn.Module` that holds the backbone as `self.backbone` (so the ch
   randomness comes from the per-sample `seeds`, so DDP and resumed runs draw the same views;
 - `forward(view) -> loss`: a scalar; the training loop stays the same for every method.
 
+Optional, per implementation module or class:
+- `views_on_device = True` (class): `make_view` gets the batch already on the training device and
+  builds its views there in torch (heavy views: crops, mixing, rotations, corruption);
+- `sizes(settings, patch_size) -> (loader patch, network patch)` (module): the loader delivers a
+  region and the network sees crops of it (SimCLR-like methods, VoCo); the checkpoint's plan
+  records the network patch;
+- `LOADER_AUGMENTATION = False` (module): no nnssl MAE spatial augmentation in the loader;
+- `grad_clip: {family: value}` in DEFAULTS: the method's own gradient clipping (0 = none).
+
 Method names: a base name of `METHODS` with optional suffixes `_anat` (patches sampled with their
 centre inside the anatomy mask; a loader option) and `_anon` (anonymised voxels removed from the
 loss), in that order, e.g. `spark3d_anat_anon`. A base name maps per architecture family to an
