@@ -101,7 +101,8 @@ def method_views_per_cpu_second(selection, method, patch, batch, n_batches) -> d
     """Loader + (CPU-side) view construction for `method`, one process, CPU seconds."""
     from openmind_bench import nets, ssl
 
-    arch = nets.resolve("ResEncTiny")  # the view does not depend on the network's size
+    # The view does not depend on the network's size: a tiny one of a family the method has.
+    arch = nets.resolve("ResEncTiny" if ssl.compatible(method, "cnn") else "PrimusTiny")
     loader_patch, network_patch = ssl.patch_sizes(method, arch.family, [patch] * 3)
     augment = ssl.loader_augmentation(method, arch.family)
     loader = make_pretrain_loader(selection, tuple(loader_patch), batch, seed=0, num_workers=0, augment=augment,
@@ -148,7 +149,7 @@ def methods_report(args, selection) -> None:
         headroom = " / ".join(f"{supply / (args.batch * v):.1f}x" for v in per_arch.values()) or \
             f"feeds {supply / (2 * args.batch):.2f} steps/s at 2x"
         print(f"| {method} | {r['loader_patch']} | {'yes' if r['augment'] else 'no'} | {r['load_ms']:.0f} "
-              f"| {r['view_ms']:.0f} | {'device' if r['view_on_device'] else 'CPU worker'} "
+              f"| {r['view_ms']:.0f} | {'device' if r['view_on_device'] else 'CPU'} "
               f"| {r['views_per_cpu_s']:.2f} | {steps} | {headroom} |")
 
 

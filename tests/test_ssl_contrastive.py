@@ -278,3 +278,30 @@ def test_checkpoint_fine_tunes(tmp_path, method, arch):
         assert "eva.pos_embed" in loaded and state["network_weights"]["eva.pos_embed"].shape[1] == 2**3
         assert net.state_dict()["eva.pos_embed"].shape[1] == 4**3
     net(torch.randn(1, 1, *downstream))
+
+
+def test_simclr_under_ddp_two_gloo_processes_equals_one_process(tmp_path):
+    """The engine with 2 torchrun gloo processes (1 sample each; views built on the device, negatives
+    gathered across the ranks) ends with the weights of 1 process on the 2-sample batch."""
+    from openmind_bench.train import launch
+
+    def settings(out):
+        section = {"patch_size": PATCH, "epochs": 1, "steps_per_epoch": 2, "val_steps": 1, "total_batch_size": 2,
+                   "method_settings": {"simclr": SMALL["simclr"]}}
+        s = run_settings.resolve(section, "simclr", "ResEncTiny", out_dir=str(out))
+        s.batch_source, s.threads = "openmind_bench.train.batches:template_batches", 1
+        return s
+
+    assert launch.launch(settings(tmp_path / "two"), nproc=2, threads=2) == 0
+    assert trainer.run(settings(tmp_path / "one")).status == "finished"
+    a = checkpoint.load(tmp_path / "one" / checkpoint.FINAL)
+    b = checkpoint.load(tmp_path / "two" / checkpoint.FINAL)
+    torch.manual_seed(trainer.derive_seed(0, 0))
+    initial = nets.resolve("ResEncTiny").build(PATCH[:2] + [16]).state_dict()
+    moved = 0
+    for part in ("network_weights", "pretext_weights"):
+        for key, value in a[part].items():
+            assert torch.allclose(value, b[part][key], rtol=1e-4, atol=1e-6), key
+            moved += part == "network_weights" and value.is_floating_point() and not torch.equal(value, initial[key])
+    assert moved > 0.5 * len(initial)  # training happened
+    assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-4)
