@@ -79,7 +79,8 @@ def write_nnunet_layout(path: Path, volume: np.ndarray, patch: int) -> str:
     if path.exists():
         path.unlink()
     blosc2.asarray(data, urlpath=str(path), chunks=chunks, blocks=blocks, cparams=cparams)
-    return f"nnU-Net 2.8.1 lz4hc L5 chunks {'x'.join(map(str, chunks[1:]))} blocks {'x'.join(map(str, blocks[1:]))} {flt.name}"
+    shapes = f"chunks {'x'.join(map(str, chunks[1:]))} blocks {'x'.join(map(str, blocks[1:]))}"
+    return f"nnU-Net 2.8.1 lz4hc L5 {shapes} {flt.name}"
 
 
 def main() -> int:

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
                     continue
                 rows.append(json.loads(found[0]))
                 r = rows[-1]
-                print(f"{method:16s} {arch:11s} {r['amp']:8s} compile={int(r['compile'])} {r['steps_per_s']:7.2f} steps/s "
+                print(f"{method:16s} {arch:11s} {r['amp']:8s} compile={int(r['compile'])} "
+                      f"{r['steps_per_s']:7.2f} steps/s "
                       f"{r['peak_memory_mb']:9.0f} MB", file=sys.stderr)
 
     header = ("| method | arch | params (M) | loader patch | network patch | batch | device | amp | compile | steps/s "
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
-        print(f"| {r['method']} | {r['arch']} | {r['parameters_m']:.2f} | {r['patch']} | {r['network_patch']} | {r['batch']} "
+        print(f"| {r['method']} | {r['arch']} | {r['parameters_m']:.2f} | {r['patch']} | {r['network_patch']} "
+              f"| {r['batch']} "
               f"| {r['device']} "
               f"| {r['amp']} | {'on' if r['compile'] else 'off'} | {r['steps_per_s']:.2f} | {r['samples_per_s']:.2f} "
               f"| {r['view_ms_per_step']:.1f} | {r['peak_memory_mb']:.0f} |")

@@ -151,7 +151,8 @@ def corrupt(image: torch.Tensor, anon: torch.Tensor | None, rng: np.random.Gener
     if rng.random() < settings["nonlinear_rate"]:
         x = nonlinear_intensity(x, rng)
     if rng.random() < settings["paint_rate"]:
-        x = in_paint(x, rng, generator) if rng.random() < 1.0 - settings["outpaint_rate"] else out_paint(x, rng, generator)
+        inside = rng.random() < 1.0 - settings["outpaint_rate"]
+        x = in_paint(x, rng, generator) if inside else out_paint(x, rng, generator)
     if unit:
         x = x * (high - low) + low
     return x.float(), target, anon

@@ -79,7 +79,8 @@ def prediction_loss(base: torch.Tensor, target: torch.Tensor, overlap: torch.Ten
     """base (B, Nb, D) (no gradient), target (B, Nt, D), overlap (B, Nt, Nb)."""
     logits = F.relu(F.cosine_similarity(base.detach()[:, None], target[:, :, None], dim=-1))
     positive = (overlap > 0).to(logits.dtype)
-    pos = ((-torch.log(1 - (overlap - logits).abs() + 1e-6)) * overlap).sum((1, 2)) / overlap.sum((1, 2)).clamp_min(1e-6)
+    pos = (-torch.log(1 - (overlap - logits).abs() + 1e-6)) * overlap
+    pos = pos.sum((1, 2)) / overlap.sum((1, 2)).clamp_min(1e-6)
     neg = (logits**2 * (1 - positive)).sum((1, 2)) / ((1 - positive).sum((1, 2)) + 1e-6)
     return (pos + neg).mean()
 
@@ -110,7 +111,8 @@ class VoCo(nn.Module):
         self.momentum = None if momentum is None else float(momentum)
         self.weights = (float(pred_weight), float(reg_weight))
         if self.momentum is not None:
-            self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "projector": copy.deepcopy(self.projector)})
+            self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone),
+                                          "projector": copy.deepcopy(self.projector)})
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
@@ -122,7 +124,8 @@ class VoCo(nn.Module):
 
     def target_boxes(self, seed: int) -> np.ndarray:
         r = views.rng(seed, 21)
-        starts = np.stack([r.integers(0, s - c + 1, size=self.n_targets) for s, c in zip(self.region_size, self.crop_size)], 1)
+        starts = np.stack([r.integers(0, s - c + 1, size=self.n_targets)
+                           for s, c in zip(self.region_size, self.crop_size)], 1)
         return np.stack([starts, starts + np.array(self.crop_size)], 1)
 
     def make_view(self, batch: dict, seeds: Sequence[int]) -> dict:
