@@ -11,6 +11,16 @@ on batch B needs about B * S / (patches per CPU-second) worker cores (`cpus_per_
 for the training process.
 
     python benchmarks/loader.py [--patch 160] [--batch 2] [--batches 12] [--workers 0 1 2 4]
+
+`--methods` instead reports, per pre-training method, views per CPU-second of one worker: the loader
+at the method's own patch (SimCLR-like and VoCo: their region) with the method's loader
+augmentation, plus the method's view construction where it runs on the CPU (the reconstruction
+methods; the others build their views on the training device). Next to it: the steps/s one GPU
+needs (`--throughput`, the JSON rows of benchmarks/pretrain_throughput.py --json, else the
+`--steps-per-s` given) and the headroom (cpus_per_gpu - 1 workers' views/s over batch x steps/s;
+the goal is >= 2).
+
+    python benchmarks/loader.py --methods [--throughput gpu.json] [--cpus-per-gpu 8] [--batch 2]
 """
 
 from __future__ import annotations
@@ -87,6 +97,62 @@ def patches_per_cpu_second(selection, patch, batch, n_batches, augment, anatomy_
     return n_batches * batch / (time.process_time() - t0)
 
 
+def method_views_per_cpu_second(selection, method, patch, batch, n_batches) -> dict:
+    """Loader + (CPU-side) view construction for `method`, one process, CPU seconds."""
+    from openmind_bench import nets, ssl
+
+    # The view does not depend on the network's size: a tiny one of a family the method has.
+    arch = nets.resolve("ResEncTiny" if ssl.compatible(method, "cnn") else "PrimusTiny")
+    loader_patch, network_patch = ssl.patch_sizes(method, arch.family, [patch] * 3)
+    augment = ssl.loader_augmentation(method, arch.family)
+    loader = make_pretrain_loader(selection, tuple(loader_patch), batch, seed=0, num_workers=0, augment=augment,
+                                  anatomy_aware=False, steps=n_batches + 1, pin_memory=False)
+    model = ssl.build(method, arch.build(network_patch), arch, [patch] * 3)
+    on_device = bool(getattr(model, "views_on_device", False))
+    it = iter(loader)
+    first = next(it)
+    model.make_view(first, list(range(batch)))
+    load = view = 0.0
+    for i in range(n_batches):
+        t0 = time.process_time()
+        b = next(it)
+        t1 = time.process_time()
+        model.make_view(b, list(range(i * batch, (i + 1) * batch)))
+        t2 = time.process_time()
+        load, view = load + t1 - t0, view + t2 - t1
+    samples = n_batches * batch
+    cpu_per_sample = (load + (0.0 if on_device else view)) / samples
+    return {"method": method, "loader_patch": "x".join(map(str, loader_patch)), "augment": augment,
+            "load_ms": 1e3 * load / samples, "view_ms": 1e3 * view / samples, "view_on_device": on_device,
+            "views_per_cpu_s": 1.0 / cpu_per_sample}
+
+
+def methods_report(args, selection) -> None:
+    import json
+
+    from openmind_bench import ssl
+
+    needed = {}
+    if args.throughput:
+        for row in json.loads(Path(args.throughput).read_text()):
+            needed.setdefault(row["method"], {})[row["arch"]] = row["steps_per_s"]
+    print(f"per method, one worker, {args.patch}^3 base patch, batch {args.batch}, {args.batches} batches, "
+          f"cpus_per_gpu {args.cpus_per_gpu} ({args.cpus_per_gpu - 1} loader workers)")
+    print("| method | loader patch | loader aug. | load ms/sample | view ms/sample | view on | views/s per worker "
+          "| GPU steps/s needed | headroom |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method in args.method_list or list(ssl.METHODS):
+        r = method_views_per_cpu_second(selection, method, args.patch, args.batch, args.batches)
+        supply = r["views_per_cpu_s"] * (args.cpus_per_gpu - 1)
+        per_arch = needed.get(method) or ({"given": args.steps_per_s} if args.steps_per_s else {})
+        steps = " / ".join(f"{a} {v:.2f}" for a, v in per_arch.items()) or "-"
+        headroom = " / ".join(f"{supply / (args.batch * v):.1f}x" for v in per_arch.values()) or \
+            f"feeds {supply / (2 * args.batch):.2f} steps/s at 2x"
+        print(f"| {method} | {r['loader_patch']} | {'yes' if r['augment'] else 'no'} | {r['load_ms']:.0f} "
+              f"| {r['view_ms']:.0f} | {'device' if r['view_on_device'] else 'CPU'} "
+              f"| {r['views_per_cpu_s']:.2f} | {steps} | {headroom} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--selection", help="a selection's pretrain_data.json (default: a synthetic store)")
@@ -95,10 +161,18 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}))
+    parser.add_argument("--methods", dest="method_list", nargs="*", default=None,
+                        help="per-method views/s per worker (all methods when none are named)")
+    parser.add_argument("--throughput", help="pretrain_throughput.py --json rows: the GPU steps/s to feed")
+    parser.add_argument("--steps-per-s", type=float, default=0.0, help="GPU steps/s to feed when no --throughput")
+    parser.add_argument("--cpus-per-gpu", type=int, default=8, help="the profile's cpus_per_gpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         selection = args.selection or build_store(Path(tmp), args.images)
+        if args.method_list is not None:
+            methods_report(args, selection)
+            return 0
         print(f"{args.patch}^3 patches, batch {args.batch}, {args.batches} timed batches after warm-up, "
               f"{os.cpu_count()} CPUs visible")
         modes = ((True, False), (False, False), (True, True))

@@ -8,7 +8,10 @@ borders too, so boxes may stick out and get padded) and times open + read, one t
 
     python benchmarks/patch_reads.py [--reads 20] [--patch 160] [--sweep]
 
-`--sweep` also times other chunk/block shapes and codecs (what the defaults were chosen from).
+`--sweep` also times other chunk/block shapes and codecs (what the defaults were chosen from), and
+nnU-Net 2.8.1's own case layout (`nnUNetDatasetBlosc2.save_case`: LZ4HC level 5, blocks and chunks
+from its `comp_blosc2_params` for a 160^3 patch, i.e. 32^3 blocks and chunks of about 1.5 patch
+sides, and the smaller of NOFILTER / SHUFFLE on a centre slab).
 """
 
 from __future__ import annotations
@@ -64,6 +67,22 @@ def time_nifti(path: Path, patch, lowers) -> list[float]:
     return out
 
 
+def write_nnunet_layout(path: Path, volume: np.ndarray, patch: int) -> str:
+    """The array as nnU-Net 2.8.1 writes a case (its own functions, so the layout is exactly its)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+    data = np.ascontiguousarray(volume[None])
+    blocks, chunks = comp_blosc2_params(data.shape, (patch,) * 3, data.itemsize)
+    codec, clevel = blosc2.Codec.LZ4HC, 5
+    flt = nnUNetDatasetBlosc2._select_filter(data, blocks, chunks, codec, clevel)
+    cparams = {"codec": codec, "filters": [flt], "nthreads": 1, "clevel": clevel}
+    if path.exists():
+        path.unlink()
+    blosc2.asarray(data, urlpath=str(path), chunks=chunks, blocks=blocks, cparams=cparams)
+    shapes = f"chunks {'x'.join(map(str, chunks[1:]))} blocks {'x'.join(map(str, blocks[1:]))}"
+    return f"nnU-Net 2.8.1 lz4hc L5 {shapes} {flt.name}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=20)
@@ -85,20 +104,25 @@ def main() -> int:
                 (f"{c} L{l} chunks {ch} blocks {bl}",
                  StoreSettings(codec=c, clevel=l, chunk_shape=(ch,) * 3, block_shape=(bl,) * 3))
                 for c, l in (("zstd", 3), ("zstd", 8), ("lz4", 5), ("lz4hc", 5))
-                for ch, bl in ((64, 32), (64, 16), (128, 32), (96, 32))
+                for ch, bl in ((64, 32), (64, 16), (128, 32), (96, 32), (160, 32))
             ]
         print(f"volume {'x'.join(map(str, volume.shape))} float32 ({volume.nbytes / 1e6:.0f} MB), {args.reads} random "
               f"{args.patch}^3 reads, one thread, median")
         print(f"  .nii.gz (nibabel, gzip level 1)      {os.path.getsize(nifti) / 1e6:7.1f} MB  "
               f"{nii * 1e3:8.1f} ms/patch")
+        if args.sweep:
+            settings.append(("nnunet", None))
         for name, s in settings:
             path = tmp / "head.b2nd"
             t0 = time.perf_counter()
-            write_array(path, volume[None], s)
+            if s is None:
+                name = write_nnunet_layout(path, volume, args.patch)
+            else:
+                write_array(path, volume[None], s)
             write = time.perf_counter() - t0
             time_store(path, volume.shape, args.patch, lowers[:1])
             b2 = np.median(time_store(path, volume.shape, args.patch, lowers))
-            print(f"  .b2nd {name:32s} {os.path.getsize(path) / 1e6:7.1f} MB  {b2 * 1e3:8.1f} ms/patch  "
+            print(f"  .b2nd {name:40s} {os.path.getsize(path) / 1e6:7.1f} MB  {b2 * 1e3:8.1f} ms/patch  "
                   f"{nii / b2:5.1f}x faster  (write {write:.2f} s)")
     return 0
 

@@ -50,7 +50,7 @@ def test_round_trip_is_exact_and_uses_the_layout(tmp_path, volume):
     arr = open_array(path)
     assert np.array_equal(arr[...], volume)
     assert arr.chunks == (1, 16, 16, 16) and arr.blocks == (1, 8, 8, 8)
-    assert arr.schunk.cparams.codec == blosc2.Codec.ZSTD and arr.schunk.cparams.clevel == 5
+    assert arr.schunk.cparams.codec == blosc2.Codec.LZ4HC and arr.schunk.cparams.clevel == 5
     assert [p.name for p in path.parent.iterdir()] == ["img.b2nd"]  # no temporary left behind
 
 

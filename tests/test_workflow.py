@@ -12,7 +12,7 @@ from conftest import run_snakemake
 # Jobs per rule of `snakemake -n all` on the demo config.
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 3, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
+    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
 }
 # A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
@@ -81,6 +81,17 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
     assert "results/downstream/COS/spark3d__ResEncL__t2-only__sawtooth__150/fold_test/metrics.json" in out
 
 
+def test_dry_run_full_config_has_every_method_on_both_architectures(tmp_path, repo):
+    work = _workdir(tmp_path, repo)
+    proc = run_snakemake(work, "-n", "all", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = _job_counts(proc)
+    n = len(pd.read_csv(repo / "config" / "openneuro_datasets.tsv", sep="\t", comment="#"))
+    assert counts["fetch_dataset"] == n and counts["index_dataset"] == n and counts["gather_index"] == 1
+    # 10 methods x 2 architectures - spark3d (CNN only) - simmim (Primus only)
+    assert counts["pretrain"] == 18 and counts["benchmark_table_of_config"] == 1
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"shard_size": -3}, "config key 'shard_size'"),
     ({"selections": [{"name": "t1__v2"}]}, "config key 'selections.0.name'"),
@@ -107,11 +118,11 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
-    # scratch + mae x {default, frozen} on the three demo downstream sets, per-case metrics each
+    # scratch + simclr x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
     # `all` ends in the benchmark tables
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
-    assert {"scratch", "mae"} <= set(table.method) and len(list((work / "results/benchmark/plots").glob("*.png")))
+    assert {"scratch", "simclr"} <= set(table.method) and len(list((work / "results/benchmark/plots").glob("*.png")))
     for rule in ("fetch", "index", "pretrain", "downstream", "aggregate"):
         assert list((work / "logs" / rule).rglob("*.log")), rule
         assert list((work / "logs/benchmarks" / rule).rglob("*.tsv")), rule
@@ -127,8 +138,8 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _job_counts(proc)
 
-    # pre-training epochs: the three pre-training runs, the six fine-tuning runs from mae__ResEncTiny__demo
-    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 3, "finetune": 6,
+    # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo
+    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 5, "finetune": 6,
                                                       "benchmark_table_of_config": 1}
     # the sliding-window overlap: every fine-tuning run, nothing before
     assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 9,

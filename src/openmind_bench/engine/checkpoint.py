@@ -33,8 +33,9 @@ _MUST_MATCH = ("method", "architecture", "patch_size", "total_batch_size", "seed
                "method_settings")
 
 
-def pretrain_plan(settings) -> dict:
-    """nnssl's `Plan` of the pre-training data (spacing, normalisation, patch size)."""
+def pretrain_plan(settings, patch_size=None) -> dict:
+    """nnssl's `Plan` of the pre-training data (spacing, normalisation, patch size: the network's input,
+    `patch_size` when given, e.g. the 64^3 crops of SimCLR and VoCo)."""
     plan = settings.pretrain_plan
     spacing = [float(s) for s in plan["spacing"]]
     return {
@@ -57,16 +58,16 @@ def pretrain_plan(settings) -> dict:
                 "resampling_fn_mask": "resample_data_or_seg_to_shape",
                 "resampling_fn_mask_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
                 "spacing": spacing,
-                "patch_size": [int(p) for p in settings.patch_size],
+                "patch_size": [int(p) for p in (patch_size or settings.patch_size)],
             }
         },
     }
 
 
-def adaptation_plan(arch: nets.Architecture, backbone: "nn.Module", settings) -> dict:
+def adaptation_plan(arch: nets.Architecture, backbone: "nn.Module", settings, patch_size=None) -> dict:
     return {
         "architecture_plans": nets.nnssl_architecture_plans(arch),
-        "pretrain_plan": pretrain_plan(settings),
+        "pretrain_plan": pretrain_plan(settings, patch_size),
         "pretrain_num_input_channels": 1,
         "recommended_downstream_patchsize": [int(p) for p in settings.recommended_downstream_patch_size],
         **nets.adaptation_keys(backbone),

@@ -41,7 +41,7 @@ class LoaderBatches:
         from openmind_bench.data import make_pretrain_loader
 
         s = self.settings
-        return make_pretrain_loader(path, tuple(s.patch_size), batch_size, seed=seed, rank=rank,
+        return make_pretrain_loader(path, tuple(s.loader_patch_size), batch_size, seed=seed, rank=rank,
                                     world_size=world_size, num_workers=s.num_workers,
                                     anatomy_aware=s.anatomy_aware, augment=augment, steps=steps)
 
@@ -49,7 +49,7 @@ class LoaderBatches:
         if first_step:
             seed = int(np.random.SeedSequence([seed, first_step]).generate_state(1)[0])
         return self._loader(self.settings.train_data, steps=steps, rank=rank, world_size=world_size,
-                            batch_size=batch_size, seed=seed, augment=True)
+                            batch_size=batch_size, seed=seed, augment=self.settings.loader_augmentation)
 
     def val(self, *, steps, rank, world_size, batch_size, seed):
         if not self.settings.val_data:
@@ -85,7 +85,7 @@ class TemplateBatches:
     """
 
     def __init__(self, settings):
-        self.patch = [int(p) for p in settings.patch_size]
+        self.patch = [int(p) for p in settings.loader_patch_size]
         image, anon, anat = template_volumes()
         if any(p > s for p, s in zip(self.patch, image.shape)):
             raise ValueError(f"patch {self.patch} is larger than the template {list(image.shape)}")

@@ -59,6 +59,15 @@ class PretrainSettings(JsonSettings):
         return nets.resolve(self.architecture, self.architecture_presets)
 
     @property
+    def loader_patch_size(self) -> list[int]:
+        """What the batch source crops: `patch_size`, or the method's region (SimCLR, VoCo)."""
+        return ssl.patch_sizes(self.method, self.arch().family, self.patch_size, self.method_settings)[0]
+
+    @property
+    def loader_augmentation(self) -> bool:
+        return ssl.loader_augmentation(self.method, self.arch().family)
+
+    @property
     def anatomy_aware(self) -> bool:
         return ssl.parse(self.method).anatomy_aware
 

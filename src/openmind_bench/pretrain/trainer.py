@@ -1,5 +1,6 @@
 """The pre-training engine: one flat loop for every method (the method makes its view of the batch and
-returns its loss), DDP over torchrun's processes, bf16 autocast on CUDA, per-family optimiser and
+returns its loss), DDP over torchrun's processes, fp16 autocast + GradScaler on CUDA as nnssl (bf16
+selectable; CPU runs in float32), per-family optimiser and
 schedule, a validation loss on held-out subjects, atomic checkpoints, resume, and SIGTERM/SIGUSR1 =
 checkpoint and exit cleanly.
 
@@ -43,6 +44,15 @@ class Outcome:
     checkpoint: Path
 
 
+def make_view(method, batch: dict, seeds, device: torch.device) -> dict:
+    """The method's view of a CPU batch on `device`. Methods whose views are heavy (crops, mixing,
+    rotations, augmentation: `views_on_device = True`) build them from the batch already on the
+    training device, in torch; the others build them on the CPU and the view moves."""
+    if getattr(method, "views_on_device", False):
+        return method.make_view(to_device(batch, device), seeds)
+    return to_device(method.make_view(batch, seeds), device)
+
+
 def validate(model, method, source, settings: PretrainSettings, ctx, local_batch: int, amp_context) -> float:
     """Mean loss over `val_steps` held-out batches; the same patches and masks every epoch."""
     if settings.val_steps <= 0:
@@ -58,7 +68,7 @@ def validate(model, method, source, settings: PretrainSettings, ctx, local_batch
             for step, batch in zip(range(settings.val_steps), batches):
                 n = batch["image"].shape[0]
                 seeds = sample_seeds(settings.seed, _TAG_VAL_SAMPLE, 0, step, ctx.rank * local_batch, n)
-                view = to_device(method.make_view(batch, seeds), ctx.device)
+                view = make_view(method, batch, seeds, ctx.device)
                 with amp_context:
                     sums[0] += model(view).double()
                 sums[1] += 1
@@ -89,13 +99,15 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
 
     arch = settings.arch()
     patch = [int(p) for p in settings.patch_size]
+    # The network sees `network_patch` (SimCLR, VoCo: crops of the loader's region); the plan records it.
+    _, network_patch = ssl.patch_sizes(settings.method, arch.family, patch, settings.method_settings)
     torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))  # same initial weights on every rank
-    backbone = arch.build(patch)
+    backbone = arch.build(network_patch)
     method_settings = ssl.settings_for(settings.method, arch.family, settings.method_settings)
     method = ssl.build(settings.method, backbone, arch, patch, settings.method_settings).to(ctx.device)
     optimizer = optimisation.build_optimizer(method.parameters(), settings.optimisation, ctx.device)
     grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
-    plan = checkpoint.adaptation_plan(arch, backbone, settings)
+    plan = checkpoint.adaptation_plan(arch, backbone, settings, patch_size=network_patch)
 
     start_epoch, start_step, history, partial = 0, 0, [], [0.0, 0]
     if latest.exists():
@@ -118,7 +130,8 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         model = torch.compile(model)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
-    grad_clip = float(settings.optimisation.get("grad_clip", math.inf))
+    grad_clip = ssl.grad_clip(settings.method, arch.family, float(settings.optimisation.get("grad_clip", math.inf)),
+                              settings.method_settings)
 
     def save(path: Path, epochs_done: int, step_in_epoch: int, partial_epoch=None) -> None:
         if ctx.is_main:
@@ -155,7 +168,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                                          f"epoch {epoch + 1}/{epochs}", ctx.is_main):
                 seeds = sample_seeds(settings.seed, _TAG_SAMPLE, epoch, step, ctx.rank * local_batch,
                                      batch["image"].shape[0])
-                view = to_device(method.make_view(batch, seeds), ctx.device)
+                view = make_view(method, batch, seeds, ctx.device)
                 # Global RNG (drop-path, dropout) seeded from the position in the run.
                 torch.manual_seed(derive_seed(settings.seed, _TAG_TORCH, epoch, step, ctx.rank))
                 loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)

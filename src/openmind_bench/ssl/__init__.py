@@ -7,6 +7,15 @@ A method is an `nn.Module` that holds the backbone as `self.backbone` (so the ch
   randomness comes from the per-sample `seeds`, so DDP and resumed runs draw the same views;
 - `forward(view) -> loss`: a scalar; the training loop stays the same for every method.
 
+Optional, per implementation module or class:
+- `views_on_device = True` (class): `make_view` gets the batch already on the training device and
+  builds its views there in torch (heavy views: crops, mixing, rotations, corruption);
+- `sizes(settings, patch_size) -> (loader patch, network patch)` (module): the loader delivers a
+  region and the network sees crops of it (SimCLR-like methods, VoCo); the checkpoint's plan
+  records the network patch;
+- `LOADER_AUGMENTATION = False` (module): no nnssl MAE spatial augmentation in the loader;
+- `grad_clip: {family: value}` in DEFAULTS: the method's own gradient clipping (0 = none).
+
 Method names: a base name of `METHODS` with optional suffixes `_anat` (patches sampled with their
 centre inside the anatomy mask; a loader option) and `_anon` (anonymised voxels removed from the
 loss), in that order, e.g. `spark3d_anat_anon`. A base name maps per architecture family to an
@@ -33,7 +42,16 @@ METHODS: dict[str, dict[str, str]] = {
     "spark3d": {"cnn": "spark3d"},
     "simmim": {"transformer": "simmim_primus"},
     "models_genesis": {"cnn": "models_genesis", "transformer": "models_genesis"},
+    "simclr": {"cnn": "simclr", "transformer": "simclr"},
+    "voco": {"cnn": "voco", "transformer": "voco"},
+    "volume_fusion": {"cnn": "volume_fusion", "transformer": "volume_fusion"},
+    "swinunetr": {"cnn": "swinunetr", "transformer": "swinunetr"},
+    "barlow_twins": {"cnn": "barlow_twins", "transformer": "barlow_twins"},
+    "vicreg": {"cnn": "vicreg", "transformer": "vicreg"},
 }
+
+# Base methods with an anonymisation-aware variant (a voxel-wise reconstruction loss to mask).
+ANON_AWARE = ("mae", "spark3d", "simmim", "models_genesis")
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,8 @@ def parse(name: str) -> MethodName:
         raise ValueError(
             f"unknown method {name!r}: a base name of {sorted(METHODS)} with optional '_anat' and '_anon' suffixes"
         )
+    if anon and base not in ANON_AWARE:
+        raise ValueError(f"method {name!r}: only {list(ANON_AWARE)} have an anonymisation-aware '_anon' variant")
     return MethodName(base, anat, anon)
 
 
@@ -86,6 +106,37 @@ def settings_for(name: str, family: str, overrides: dict | None = None) -> dict:
     return settings
 
 
+def patch_sizes(name: str, family: str, patch_size: Sequence[int], overrides: dict | None = None
+                ) -> tuple[list[int], list[int]]:
+    """(loader patch, network patch) of a run: what the batch source crops and what the network sees
+    (and the checkpoint's plan records). The same `patch_size` for most methods; SimCLR-like methods and
+    VoCo take a larger region from the loader and feed the network smaller crops of it."""
+    settings = settings_for(name, family, overrides)
+    sizes = getattr(_module(implementation(name, family)), "sizes", None)
+    if sizes is None:
+        return [int(p) for p in patch_size], [int(p) for p in patch_size]
+    loader, network = sizes(settings, patch_size)
+    return [int(p) for p in loader], [int(p) for p in network]
+
+
+def loader_augmentation(name: str, family: str) -> bool:
+    """Whether the loader applies nnssl's MAE spatial augmentation (rotation, scaling, mirroring) to
+    this method's patches: yes for MAE, Spark3D and SimMIM; no where nnssl applies none (Models
+    Genesis) or the method makes its own views (the contrastive and pseudo-segmentation methods).
+    A module says no with `LOADER_AUGMENTATION = False`."""
+    return bool(getattr(_module(implementation(name, family)), "LOADER_AUGMENTATION", True))
+
+
+def grad_clip(name: str, family: str, default: float, overrides: dict | None = None) -> float:
+    """The gradient-norm clip of a run: the method's own for the family (`grad_clip: {family: value}`
+    in its settings, 0 = none) or else the family's optimisation default."""
+    per_family = settings_for(name, family, overrides).get("grad_clip") or {}
+    value = per_family.get(family)
+    if value is None:
+        return float(default)
+    return float(value) if float(value) > 0 else float("inf")
+
+
 def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Sequence[int],
           overrides: dict | None = None) -> "nn.Module":
     """The method `name` around `backbone` (built from `arch`), its settings DEFAULTS + `overrides`."""
@@ -94,4 +145,5 @@ def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Se
     return _module(impl).build(backbone, dict(arch.kwargs), patch_size, anon_aware=parse(name).anon_aware, **settings)
 
 
-__all__ = ["METHODS", "MethodName", "parse", "implementation", "compatible", "settings_for", "build"]
+__all__ = ["METHODS", "ANON_AWARE", "MethodName", "parse", "implementation", "compatible", "settings_for",
+           "patch_sizes", "loader_augmentation", "grad_clip", "build"]

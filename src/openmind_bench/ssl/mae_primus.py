@@ -2,6 +2,12 @@
 EVA encoder, a light EVA decoder (2 blocks, same width) sees the encoded tokens plus a learnable mask
 token at every dropped position, Primus' patch decoder maps tokens back to voxels, and the MSE is
 taken on the voxels of the dropped tokens (the token mask rebuilt at 8^3 voxel resolution).
+
+Deliberate difference from nnssl: nnssl's `create_mask` reads the kept-token indices in (w, h, d)
+order while the tokens are flattened as `b c w h d -> b (h w d) c`, so its loss mask is transposed
+in two axes and about a quarter of the loss lands on visible tokens. Here the kept indices, the
+token order and the loss mask share one raster order (Primus' own `(w h d)`): the loss looks at the
+dropped tokens only, as MAE means.
 """
 
 from __future__ import annotations

@@ -6,11 +6,14 @@ CNN encoder behaves as a sparse network on the visible blocks.
   and writes zeros elsewhere, so masked regions stay exactly zero through the whole encoder.
   The input itself is masked too (nnssl feeds the unmasked image and lets the first convolution read
   one voxel into the masked blocks; SparK masks the input).
-- A site of a coarser stage is visible when any voxel under it is visible (max-pooling of the mask);
-  with blocks at least as large as the total stride this is the exact block mask at every stage.
-- Densification before the decoder, per stage: masked-site InstanceNorm, a learnable mask token in
-  the masked sites, then a 3^3 convolution at every resolution but the highest (identity there), as
-  in the paper and nnssl's `SparK3D` (a summary's "every stage but the deepest" is a slip).
+- A site of a stage at least as fine as the mask grid is visible when any voxel under it is visible
+  (max-pooling of the mask): the exact block mask there. Feature maps coarser than the mask grid
+  (the 5^3 bottleneck under the 10^3 grid of 16^3 blocks at 160^3) are dense, as nnssl's
+  `spark_utils.py`: no mask there, plain InstanceNorm, no mask token.
+- Densification before the decoder, per stage: InstanceNorm without affine parameters (nnssl's
+  `InstanceNorm1d(affine=False)`) over the visible sites, a learnable mask token in the masked
+  sites, then a 3^3 convolution at every resolution but the highest (identity there), as in the
+  paper and nnssl's `SparK3D`.
 - Mask ratio ~ U(0.6, 0.9), drawn per sample (nnssl draws one per batch); 16^3 blocks as nnssl.
 
 The encoder's modules change class in place (`__class__`), so state-dict keys and shared module
@@ -34,7 +37,8 @@ DEFAULTS = {"mask_ratio_range": [0.6, 0.9], "block_size": 16}
 class VisibleSites:
     """The visible-site mask of the current batch at every resolution the encoder computes."""
 
-    def __init__(self):
+    def __init__(self, grid: Sequence[int]):
+        self.grid = tuple(int(g) for g in grid)
         self.voxels: torch.Tensor | None = None
         self._by_shape: dict[tuple, torch.Tensor] = {}
 
@@ -46,6 +50,8 @@ class VisibleSites:
         if self.voxels is None:
             return None
         shape = tuple(int(s) for s in shape)
+        if any(s < g for s, g in zip(shape, self.grid)):
+            return None  # coarser than the mask grid: dense
         if shape not in self._by_shape:
             full = tuple(self.voxels.shape[2:])
             if shape == full:
@@ -118,7 +124,7 @@ class Spark3D(nn.Module):
         if not 0.0 <= low <= high < 1.0:
             raise ValueError(f"spark3d mask_ratio_range {list(mask_ratio_range)} must satisfy 0 <= low <= high < 1")
         self.mask_ratio_range = (low, high)
-        self.visible_sites = VisibleSites()
+        self.visible_sites = VisibleSites(self.grid)
         if sparsify(backbone.encoder, self.visible_sites) == 0:
             raise ValueError("spark3d needs a CNN encoder with Conv3d layers")
         features = list(backbone.encoder.output_channels)
@@ -126,7 +132,7 @@ class Spark3D(nn.Module):
             [nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, c, 1, 1, 1), std=0.02, a=-0.02, b=0.02))
              for c in features]
         )
-        self.densify_norms = nn.ModuleList([nn.InstanceNorm3d(c, eps=1e-5, affine=True) for c in features])
+        self.densify_norms = nn.ModuleList([nn.InstanceNorm3d(c, eps=1e-5, affine=False) for c in features])
         self.densify_projs = nn.ModuleList(
             [nn.Identity() if i == 0 else nn.Conv3d(c, c, kernel_size=3, padding=1, bias=True)
              for i, c in enumerate(features)]
@@ -159,9 +165,12 @@ class Spark3D(nn.Module):
             dense = []
             for i, feat in enumerate(features):
                 visible = self.visible_sites.at(feat.shape[2:])
-                normed = masked_instance_norm(feat, visible, self.densify_norms[i].weight,
-                                              self.densify_norms[i].bias, self.densify_norms[i].eps)
-                filled = torch.where(visible > 0, normed, self.mask_tokens[i].to(normed.dtype).expand_as(normed))
+                if visible is None:  # dense stage: nothing masked, nothing to fill
+                    filled = self.densify_norms[i](feat)
+                else:
+                    normed = masked_instance_norm(feat, visible, None, None, self.densify_norms[i].eps)
+                    filled = torch.where(visible > 0, normed,
+                                         self.mask_tokens[i].to(normed.dtype).expand_as(normed))
                 dense.append(self.densify_projs[i](filled))
         finally:
             self.visible_sites.set(None)

@@ -1,0 +1,309 @@
+"""The contrastive and pseudo-segmentation methods (SimCLR, VoCo, VolumeFusion, SwinUNETR-style, Barlow
+Twins, VICReg) on the small networks and crops of the MNI152 template: the losses equal their formulas
+on hand-made batches, negatives gathered over 2 gloo ranks equal one process, VoCo's overlap targets and
+VolumeFusion's labels are exact, every method learns, and every checkpoint fine-tunes."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from openmind_bench import nets, ssl
+from openmind_bench.downstream import transfer
+from openmind_bench.ssl import features, views, voco, volume_fusion
+from openmind_bench import config as omb_config
+from openmind_bench.engine import checkpoint, distributed, optimisation, step as engine_step
+from openmind_bench.pretrain import batches, settings as run_settings, trainer
+
+NEW = ["simclr", "voco", "volume_fusion", "swinunetr", "barlow_twins", "vicreg"]
+# Scaled down: 16^3 crops of 32 x 32 x 16 regions, 2 x 2 x 1 VoCo bases, small projectors and boxes.
+TWO_VIEW = {"region_size": [32, 32, 16], "crop_size": [16, 16, 16], "projector_dims": [64, 64]}
+SMALL = {
+    "simclr": TWO_VIEW,
+    "barlow_twins": TWO_VIEW,
+    "vicreg": TWO_VIEW,
+    "voco": {"region_size": [32, 32, 16], "base_grid": [2, 2, 1], "projector_dims": [64, 64]},
+    "volume_fusion": {"min_box_size": 2, "n_boxes": [4, 10]},
+    "swinunetr": {"contrastive_dim": 32},
+}
+PATCH = [16, 16, 16]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def build(method: str, arch_name: str, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    arch = nets.resolve(arch_name)
+    overrides = {**SMALL[ssl.parse(method).base], **extra}
+    loader, network = ssl.patch_sizes(method, arch.family, PATCH, overrides)
+    return ssl.build(method, arch.build(network), arch, PATCH, overrides), loader
+
+
+def direct_nt_xent(z1, z2, t):
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n = len(z) // 2
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denominator = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / denominator)
+    return total / (2 * n)
+
+
+HAND = (torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 3.0, 1.0]]),
+        torch.tensor([[0.8, 0.1, 2.5], [1.0, -1.0, 0.5], [-0.5, 2.0, 1.0]]))
+
+
+def test_simclr_loss_is_nt_xent_on_a_hand_made_batch():
+    z1, z2 = HAND
+    assert float(features.nt_xent(z1, z2, 0.5)) == pytest.approx(direct_nt_xent(z1, z2, 0.5), rel=1e-5)
+    # The method's loss is NT-Xent of its projected views, temperature 0.5 by default.
+    model, region = build("simclr", "ResEncTiny")
+    assert ssl.settings_for("simclr", "cnn")["temperature"] == 0.5
+    view = model.make_view({"image": torch.randn(3, 1, *region)}, [1, 2, 3])
+    assert view["views"].shape == (6, 1, 16, 16, 16)
+    with torch.no_grad():
+        z = model.embed(view["views"])
+        assert float(model(view)) == pytest.approx(direct_nt_xent(z[:3], z[3:], 0.5), rel=1e-4)
+
+
+def test_barlow_twins_and_vicreg_equal_their_formulas():
+    z1, z2 = HAND
+    n, d = z1.shape
+    a = (z1 - z1.mean(0)) / z1.std(0, unbiased=False)
+    b = (z2 - z2.mean(0)) / z2.std(0, unbiased=False)
+    expected = 0.0
+    for i in range(d):
+        for j in range(d):
+            c = float(sum(a[k, i] * b[k, j] for k in range(n)) / n)
+            expected += (1 - c) ** 2 if i == j else 5e-3 * c**2
+    assert float(features.barlow_twins(z1, z2, 5e-3)) == pytest.approx(expected, rel=1e-5)
+
+    def var_cov(z):
+        zc = z - z.mean(0)
+        std = [math.sqrt(float(zc[:, i].pow(2).sum()) / (n - 1) + 1e-4) for i in range(d)]
+        var = sum(max(0.0, 1 - s) for s in std) / d
+        cov = sum(float((zc[:, i] * zc[:, j]).sum() / (n - 1)) ** 2 for i in range(d) for j in range(d) if i != j) / d
+        return var, cov
+
+    invariance = float(((z1 - z2) ** 2).mean())
+    (v1, c1), (v2, c2) = var_cov(z1), var_cov(z2)
+    expected = 25 * invariance + 25 * (v1 + v2) / 2 + 1 * (c1 + c2)
+    assert float(features.vicreg(z1, z2, 25, 25, 1)) == pytest.approx(expected, rel=1e-5)
+    assert ssl.settings_for("vicreg", "cnn")["sim_weight"] == 25.0
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+        half = slice(2 * rank, 2 * rank + 2)
+        results = {}
+        for name, fn in (("nt_xent", lambda a, b: features.nt_xent(a, b, 0.5)),
+                         ("barlow", lambda a, b: features.barlow_twins(a, b, 5e-3)),
+                         ("vicreg", lambda a, b: features.vicreg(a, b, 25, 25, 1))):
+            a, b = z1[half].clone().requires_grad_(), z2[half].clone().requires_grad_()
+            loss = fn(a, b)
+            loss.backward()
+            # DDP averages gradients over the ranks: the rank's share of the one-process gradient.
+            results[name] = (loss.detach(), a.grad / world, b.grad / world)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_negatives_gathered_over_two_gloo_ranks_equal_one_process(tmp_path):
+    mp.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    for name, fn in (("nt_xent", lambda a, b: features.nt_xent(a, b, 0.5)),
+                     ("barlow", lambda a, b: features.barlow_twins(a, b, 5e-3)),
+                     ("vicreg", lambda a, b: features.vicreg(a, b, 25, 25, 1))):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = fn(a, b)
+        loss.backward()
+        for rank in range(2):
+            got_loss, grad_a, grad_b = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            half = slice(2 * rank, 2 * rank + 2)
+            assert float(got_loss) == pytest.approx(loss.item(), rel=1e-5), name
+            assert torch.allclose(grad_a, a.grad[half], atol=1e-6), name
+            assert torch.allclose(grad_b, b.grad[half], atol=1e-6), name
+
+
+def test_voco_overlap_targets_are_exact_for_hand_made_boxes():
+    bases = voco.base_boxes([256, 256, 64], [4, 4, 1])
+    assert len(bases) == 16 and bases[5].tolist() == [[64, 64, 0], [128, 128, 64]]
+    targets = np.array([
+        [[0, 0, 0], [64, 64, 64]],  # exactly base 0
+        [[32, 32, 0], [96, 96, 64]],  # a quarter in bases 0, 1, 4, 5
+        [[64, 16, 0], [128, 80, 64]],  # 3/4 in base 4, 1/4 in base 5
+    ])
+    o = voco.overlaps(targets, bases)
+    assert o[0, 0] == 1 and o[0].sum() == 1
+    assert o[1, [0, 1, 4, 5]].tolist() == [0.25] * 4 and o[1].sum() == 1
+    assert o[2, 4] == 0.75 and o[2, 5] == 0.25 and o[2].sum() == 1
+    # The view's bases are the grid cells of the region, in base_boxes' order, with their targets.
+    model, region = build("voco", "ResEncTiny")
+    image = torch.randn(1, 1, *region)
+    view = model.make_view({"image": image}, [9])
+    for i, (start, stop) in enumerate(voco.base_boxes(region, [2, 2, 1])):
+        assert torch.equal(view["bases"][i], views.crop(image[0], start, stop - start))
+    boxes = model.target_boxes(9)
+    for j, (start, stop) in enumerate(boxes):
+        assert torch.equal(view["targets"][j], views.crop(image[0], start, stop - start))
+    assert torch.allclose(view["overlap"][0], torch.as_tensor(voco.overlaps(boxes, model.bases), dtype=torch.float32))
+
+
+def test_volume_fusion_labels_match_the_fusion_coefficients_voxel_for_voxel():
+    boxes = [([0, 0, 0], [4, 4, 4], 2), ([2, 2, 2], [4, 4, 4], 4), ([10, 0, 0], [6, 16, 16], 1)]
+    labels = volume_fusion.level_map(boxes, PATCH, "cpu")
+    assert labels[0, 0, 0] == 2 and labels[3, 3, 3] == 4 and labels[5, 5, 5] == 4 and labels[12, 15, 15] == 1
+    assert labels[8, 8, 8] == 0 and int((labels == 4).sum()) == 64
+    model, _ = build("volume_fusion", "ResEncTiny")
+    a, b = torch.rand(1, 1, *PATCH) + 1, -torch.rand(1, 1, *PATCH) - 1  # a > 0 > b
+    view = model.make_view({"image": torch.cat([a, b])}, [3, 4])
+    drawn = volume_fusion.draw_boxes(3, PATCH, (4, 10), 2, 0.625, 5)
+    assert torch.equal(view["labels"][0], volume_fusion.level_map(drawn, PATCH, "cpu"))
+    alpha = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])[view["labels"]][:, None]
+    partners = torch.cat([b, a])
+    assert torch.allclose(view["input"], alpha * torch.cat([a, b]) + (1 - alpha) * partners)
+    assert set(view["labels"].unique().tolist()) > {0}
+
+
+RUNS = [(m, a) for m in NEW for a in ("ResEncTiny", "PrimusTiny")]
+
+
+@pytest.mark.parametrize("method, arch", RUNS)
+def test_loss_decreases(method, arch):
+    """A few dozen AdamW steps on fresh crops every step (views built as the engine does): the loss on
+    fixed held-out crops drops. VoCo runs with its EMA teacher (the default)."""
+    model, region = build(method, arch)
+    source = batches.TemplateBatches(type("S", (), {"loader_patch_size": region})())
+    cnn = nets.resolve(arch).family == "cnn"
+    cfg = {"optimizer": "adamw", "lr": 3e-3 if cnn else 1e-3, "weight_decay": 0.0}
+    optimizer = optimisation.build_optimizer(model.parameters(), cfg, torch.device("cpu"))
+    held_out = next(iter(source.val(steps=1, rank=0, world_size=1, batch_size=4, seed=7)))
+    held_out_view = model.make_view(held_out, [101, 102, 103, 104])
+
+    def held_out_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = float(model(held_out_view))
+        model.train()
+        return value
+
+    before = held_out_loss()
+    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
+    steps = 30
+    for step, batch in enumerate(source.train(epoch=0, first_step=0, steps=steps, rank=0, world_size=1,
+                                               batch_size=4, seed=3)):
+        view = trainer.make_view(model, batch, [1000 + 4 * step + i for i in range(4)], torch.device("cpu"))
+        loss, _ = engine_step.train_step(model, view, optimizer, None, 12.0, contextlib.nullcontext(), ctx, None)
+        assert torch.isfinite(loss)
+    after = held_out_loss()
+    assert after < before - 0.05 * abs(before), (before, after)
+
+
+def test_voco_teacher_follows_the_student_by_ema():
+    model, region = build("voco", "ResEncTiny")
+    assert model.momentum == 0.9
+    teacher = dict(model.teacher["backbone"].named_parameters())
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    key = "encoder.stem.convs.0.conv.weight"
+    old = teacher[key].clone()
+    view = model.make_view({"image": torch.randn(1, 1, *region)}, [1])
+    model(view)
+    student = dict(model.backbone.named_parameters())[key]
+    assert torch.allclose(teacher[key], 0.9 * old + 0.1 * student.detach())
+    model.eval()
+    frozen = teacher[key].clone()
+    model(view)  # validation does not move the teacher
+    assert torch.equal(teacher[key], frozen)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_names_and_settings():
+    for m in NEW:
+        assert ssl.compatible(m, "cnn") and ssl.compatible(m, "transformer")
+    assert ssl.parse("simclr_anat") == ssl.MethodName("simclr", True, False)
+    with pytest.raises(ValueError, match="anonymisation-aware"):
+        ssl.parse("voco_anon")
+    assert ssl.patch_sizes("simclr", "transformer", [160] * 3) == ([192, 192, 64], [64, 64, 64])
+    assert ssl.patch_sizes("voco", "cnn", [160] * 3) == ([256, 256, 64], [64, 64, 64])
+    assert ssl.patch_sizes("volume_fusion", "cnn", [160] * 3) == ([160] * 3, [160] * 3)
+    assert ssl.grad_clip("simclr", "cnn", 12.0) == 0.1 and ssl.grad_clip("simclr", "transformer", 1.0) == 1.0
+    assert ssl.grad_clip("voco", "cnn", 12.0) == math.inf
+    assert not ssl.loader_augmentation("models_genesis", "cnn") and ssl.loader_augmentation("mae", "cnn")
+    assert omb_config.defaults()["pretrain"]["amp_dtype"] == "float16"
+
+
+@pytest.mark.parametrize("method, arch", [(m, a) for m in NEW for a in ("ResEncTiny", "PrimusTiny")])
+def test_checkpoint_fine_tunes(tmp_path, method, arch):
+    """One engine step, then the encoder and stem load into a fresh network at a downstream patch;
+    Primus position embeddings are interpolated from the pre-training crop the plan records."""
+    section = {"patch_size": PATCH, "epochs": 1, "steps_per_epoch": 1, "val_steps": 0, "total_batch_size": 2,
+               "optimisation": {"transformer": {"warmup_epochs": 0}},
+               "method_settings": {method: SMALL[method]}}
+    s = run_settings.resolve(section, method, arch, out_dir=str(tmp_path / "run"))
+    s.batch_source, s.threads = "openmind_bench.pretrain.batches:template_batches", 1
+    assert trainer.run(s).status == "finished"
+    state = checkpoint.load(tmp_path / "run" / checkpoint.FINAL)
+    crop = [16, 16, 16]
+    assert checkpoint.pretrain_patch_size(state["nnssl_adaptation_plan"]) == crop
+    downstream = [32, 32, 32]
+    pretrained = transfer.read_pretrained(tmp_path / "run" / checkpoint.FINAL)
+    net = nets.resolve(arch).build(downstream, 1, 3)
+    loaded = transfer.transfer(pretrained, net, downstream)
+    plan = state["nnssl_adaptation_plan"]
+    assert loaded and all(k.startswith((plan["key_to_encoder"], plan["key_to_stem"])) or k == plan["key_to_lpe"]
+                          for k in loaded)
+    if arch == "PrimusTiny":
+        assert "eva.pos_embed" in loaded and state["network_weights"]["eva.pos_embed"].shape[1] == 2**3
+        assert net.state_dict()["eva.pos_embed"].shape[1] == 4**3
+    net(torch.randn(1, 1, *downstream))
+
+
+def test_simclr_under_ddp_two_gloo_processes_equals_one_process(tmp_path):
+    """The engine with 2 torchrun gloo processes (1 sample each; views built on the device, negatives
+    gathered across the ranks) ends with the weights of 1 process on the 2-sample batch."""
+    from openmind_bench.pretrain import worker as launch
+
+    def settings(out):
+        section = {"patch_size": PATCH, "epochs": 1, "steps_per_epoch": 2, "val_steps": 1, "total_batch_size": 2,
+                   "method_settings": {"simclr": SMALL["simclr"]}}
+        s = run_settings.resolve(section, "simclr", "ResEncTiny", out_dir=str(out))
+        s.batch_source, s.threads = "openmind_bench.pretrain.batches:template_batches", 1
+        return s
+
+    assert launch.launch(settings(tmp_path / "two"), nproc=2, threads=2) == 0
+    assert trainer.run(settings(tmp_path / "one")).status == "finished"
+    a = checkpoint.load(tmp_path / "one" / checkpoint.FINAL)
+    b = checkpoint.load(tmp_path / "two" / checkpoint.FINAL)
+    torch.manual_seed(engine_step.derive_seed(0, 0))
+    initial = nets.resolve("ResEncTiny").build(PATCH[:2] + [16]).state_dict()
+    moved = 0
+    for part in ("network_weights", "pretext_weights"):
+        for key, value in a[part].items():
+            assert torch.allclose(value, b[part][key], rtol=1e-4, atol=1e-6), key
+            moved += part == "network_weights" and value.is_floating_point() and not torch.equal(value, initial[key])
+    assert moved > 0.5 * len(initial)  # training happened
+    assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-4)
