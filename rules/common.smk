@@ -55,6 +55,7 @@ def rejection_parts():
     parts += [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/preprocess/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
     parts += downstream_rejection_parts()
+    parts += masks_rejection_parts()
     return parts
 
 
@@ -63,8 +64,8 @@ PREPROCESS_ROOT = "results/preprocessed"
 
 
 def preprocess_index_tables(wildcards):
-    """Index tables whose rows are preprocessed (stages that add rows or mask paths extend this)."""
-    return ["results/index/images.parquet"]
+    """Index tables whose rows are preprocessed: the image tables with their masks (rules/masks.smk)."""
+    return [MASKED_INDEX] if MASKS_ENABLED else image_tables()
 
 
 def preprocess_manifests(wildcards=None):
@@ -90,8 +91,8 @@ def selection_collection_index(wildcards):
 
 
 def quality_tables(wildcards):
-    """Tables of image quality scores (image_id, quality_score) overriding the index's; none yet."""
-    return []
+    """Tables of image quality scores (image_id, quality_score) overriding the index's (rules/quality.smk)."""
+    return ["results/quality/iqs.parquet"] if MASKS_ENABLED else []
 
 
 # ---- pre-training
@@ -196,6 +197,7 @@ def get_final_output():
         "results/index/images.parquet",
         "results/index/shards.tsv",
         "results/qc/rejected.tsv",
+        *quality_tables(None),
         *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),
         *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
         *pretrain_targets(),

@@ -18,6 +18,7 @@ rule select_pretrain_data:
     params:
         selection=selection_settings,
         collection_index=selection_collection_index,
+        downstream_registry=DOWNSTREAM_REGISTRY,
     resources:
         mem_mb=config["resources"]["curate"]["mem_mb"],
         runtime=config["resources"]["curate"]["runtime"],

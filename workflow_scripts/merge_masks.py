@@ -1,0 +1,11 @@
+"""Snakemake adapter: rule merge_masks -> openmind_bench.masks.shard.merge_index."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
+
+from openmind_bench.logs import log_to
+from openmind_bench.masks.shard import merge_index
+
+with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    merge_index(list(snakemake.input.tables), list(snakemake.input.masks), snakemake.output.index)
