@@ -8,9 +8,10 @@ zeroes everything but the brain. So:
    Gaussian of it, RMS over a small window) is far below the image's typical level;
 2. when most of the field-of-view border is featureless, the background itself was removed:
    the image is brain only (skull-stripped, or a masked derived map). The anatomy is the
-   remaining foreground; the anonymised region is the head that was removed, estimated as a
-   shell around the brain (skull and scalp) plus the neck and face below it (the brain's
-   footprint extruded inferiorly, eroded);
+   remaining foreground; the anonymised region is the head that was removed, estimated from
+   the brain alone: a shell around it (skull and scalp), the neck below it (its footprint
+   extruded inferiorly, eroded) and the face in front of its lower half (extruded anteriorly,
+   eroded). The head's directions come from the affine;
 3. otherwise the head is the thresholded foreground (holes filled); featureless components in
    contact with it are anonymised (zeroed ones exactly, blurred ones grown by the filter's
    reach, inside the head), and the anatomy is the head minus them.
@@ -43,6 +44,7 @@ class ClassicalSettings:
     foreground_fraction: float
     shell_mm: float
     extrusion_erosion_mm: float
+    face_erosion_mm: float
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ClassicalSettings":
@@ -96,23 +98,35 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values)) if values.size and values.max() > values.min() else 0.0
 
 
-def _inferior_axis(affine: np.ndarray) -> tuple[int, bool]:
-    """Voxel axis closest to the world's superior-inferior axis, and whether it points superior."""
-    axis = int(np.argmax(np.abs(affine[2, :3])))
-    return axis, bool(affine[2, axis] > 0)
+def _world_axis(affine: np.ndarray, world: int) -> tuple[int, bool]:
+    """Voxel axis closest to world axis `world` (0 R, 1 A, 2 S) and whether it points that way."""
+    axis = int(np.argmax(np.abs(affine[world, :3])))
+    return axis, bool(affine[world, axis] > 0)
+
+
+def _extrude(mask: np.ndarray, axis: int, towards_low: bool) -> np.ndarray:
+    """Every voxel on the low (or high) index side of a mask voxel along `axis`, the mask included."""
+    m = np.moveaxis(mask, axis, -1)
+    if towards_low:
+        m = np.logical_or.accumulate(m[..., ::-1], axis=-1)[..., ::-1]
+    else:
+        m = np.logical_or.accumulate(m, axis=-1)
+    return np.moveaxis(m, -1, axis)
 
 
 def _removed_head(brain: np.ndarray, affine: np.ndarray, spacing, s: ClassicalSettings) -> np.ndarray:
-    """The head a skull-stripping removed: shell around the brain plus neck and face below it."""
+    """The head a skull-stripping removed: a skull-and-scalp shell around the brain, the neck below
+    it (the brain's footprint extruded inferiorly, eroded) and the face in front of its lower half
+    (the lower brain extruded anteriorly, eroded)."""
     head = ndi.distance_transform_edt(~brain, sampling=spacing) <= s.shell_mm
-    axis, superior = _inferior_axis(affine)
-    column = np.moveaxis(brain, axis, -1)
-    if superior:  # everything below (lower index) a brain voxel
-        column = np.logical_or.accumulate(column[..., ::-1], axis=-1)[..., ::-1]
-    else:
-        column = np.logical_or.accumulate(column, axis=-1)
-    column = np.moveaxis(column, -1, axis)
-    head |= ndi.distance_transform_edt(column, sampling=spacing) > s.extrusion_erosion_mm
+    si, superior = _world_axis(affine, 2)
+    head |= ndi.distance_transform_edt(_extrude(brain, si, superior), sampling=spacing) > s.extrusion_erosion_mm
+    ap, anterior = _world_axis(affine, 1)
+    index = np.indices(brain.shape)[si]
+    centre = float(index[brain].mean())
+    lower = brain & ((index < centre) if superior else (index > centre))
+    face = _extrude(lower, ap, not anterior) & ((index < centre) if superior else (index > centre))
+    head |= ndi.distance_transform_edt(face, sampling=spacing) > s.face_erosion_mm
     return head & ~brain
 
 

@@ -47,9 +47,14 @@ def mask_paths(out_root: str | Path, dataset: str, subject: str, session: str, i
 
 
 def _save(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import gzip
+
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img.header.set_xyzt_units("mm")
+    payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)  # the temporary name hides the extension
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(tmp))
+        Path(tmp).write_bytes(payload)
 
 
 def make_masker(settings: dict):
