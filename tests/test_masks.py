@@ -207,3 +207,92 @@ def test_release_masks_that_pass_are_used_as_shipped(tmp_path, settings):
     assert (row.anat_mask, row.anon_mask) == (str(paths["anat"]), str(paths["anon"]))
     assert row.anatomy_source == "release" and row.mask_kind == "release"
     assert len(pd.read_csv(tmp_path / "rejected.tsv", sep="\t")) == 0
+
+
+def _tiny_nnunet_model(folder: Path, winning_label: int) -> None:
+    """An nnU-Net v2 model folder (dataset.json, plans.json, fold_0/checkpoint_final.pth) with a
+    two-stage PlainConvUNet whose last layer always votes for `winning_label`."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [2, 2, 2]],
+            "n_conv_per_stage": [1, 1], "n_conv_per_stage_decoder": [1], "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    plans = {
+        "dataset_name": "Dataset999_TinyMasks", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [2.0, 2.0, 2.0],
+        "original_median_shape_after_transp": [24, 24, 24], "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [24, 24, 24],
+            "spacing": [2.0, 2.0, 2.0], "normalization_schemes": ["ZScoreNormalization"],
+            "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+            "architecture": arch, "batch_dice": False,
+        }},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {
+            "max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 1.0,
+            "std": 0.2}},
+    }
+    dataset = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "anatomy": 1, "anonymized": 2},
+               "numTraining": 1, "file_ending": ".nii.gz"}
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    pm = PlansManager(plans)
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3,
+                                                   enable_deep_supervision=False)
+    head = net.decoder.seg_layers[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+        head.bias[winning_label] = 5.0
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": None},
+               folder / "fold_0" / "checkpoint_final.pth")
+
+
+@pytest.mark.parametrize("winning_label", [1, 2])
+def test_nnunet_backend_runs_a_model_folder(tmp_path, settings, winning_label):
+    pytest.importorskip("nnunetv2")
+    import torch
+
+    from openmind_bench.masks.shard import make_masker
+
+    torch.set_num_threads(1)
+    folder = tmp_path / "model"
+    _tiny_nnunet_model(folder, winning_label)
+    masker = make_masker({**settings, "backend": "nnunet", "nnunet": {**settings["nnunet"], "model_folder": str(folder)}})
+    rng = np.random.default_rng(0)
+    data = rng.random((20, 22, 18)).astype(np.float32)  # anisotropic shape: catches transposed axes
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    masks = masker(data, affine)
+    assert masks.anat.shape == data.shape and masks.anon.shape == data.shape
+    assert masks.kind == "nnunet"
+    if winning_label == 1:
+        assert masks.anat.all() and not masks.anon.any()
+    else:
+        assert masks.anon.all() and not masks.anat.any()
+
+
+def test_nnunet_backend_needs_a_model_folder(settings):
+    from openmind_bench.masks.shard import make_masker
+
+    with pytest.raises(ValueError, match="model_folder"):
+        make_masker({**settings, "backend": "nnunet"})
