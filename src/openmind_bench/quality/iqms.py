@@ -72,17 +72,21 @@ def fwhm(image: np.ndarray, mask: np.ndarray, noise_sd: float = 0.0) -> float:
     white noise's standard deviation given, its share of both variances is taken out first, so
     that the estimate measures the anatomy's sharpness rather than the noise's."""
     values = []
-    noise_var = noise_sd ** 2 if math.isfinite(noise_sd) else 0.0
-    var = float(image[mask].var()) - noise_var
-    if var <= 0:
+    total = float(image[mask].var())
+    if total <= 0:
         return math.nan
+    # the noise cannot explain more than 90% of the variance (air may hold ghosts, not only noise)
+    noise_var = min(noise_sd ** 2 if math.isfinite(noise_sd) else 0.0, 0.9 * total)
+    var = total - noise_var
     for axis in range(3):
         diff = np.diff(image, axis=axis)
         both = np.take(mask, range(1, mask.shape[axis]), axis=axis) & np.take(mask, range(mask.shape[axis] - 1), axis=axis)
         if both.sum() < 10:
             continue
-        ratio = 1.0 - (float(diff[both].var()) - 2.0 * noise_var) / (2.0 * var)
-        if 0 < ratio < 1:
+        ratio = min(1.0 - max(float(diff[both].var()) - 2.0 * noise_var, 0.0) / (2.0 * var), 0.999)
+        if ratio <= 0:  # neighbours uncorrelated (white noise): no smoothness
+            values.append(0.0)
+        elif ratio < 1:
             values.append(math.sqrt(-2.0 * math.log(2.0) / math.log(ratio)))
     return float(np.mean(values)) if values else math.nan
 
