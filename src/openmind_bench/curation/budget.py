@@ -73,7 +73,7 @@ def image_costs(images: pd.DataFrame, unit: str) -> np.ndarray:
     raise ValueError(f"budget unit {unit!r}: voxels or bytes")
 
 
-def test_subjects(registry_path) -> set[tuple[str, str]]:
+def downstream_test_subjects(registry_path) -> set[tuple[str, str]]:
     """(OpenNeuro dataset, subject) pairs of downstream test sets that also live on OpenNeuro.
 
     Registry field `openneuro: {dataset: dsNNNNNN, subjects: [...]}` of a `role: test` entry;

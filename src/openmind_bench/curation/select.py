@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from openmind_bench import atomic
-from openmind_bench.curation.budget import drop_test_subjects, image_costs, solve_budget, test_subjects, weights
+from openmind_bench.curation.budget import drop_test_subjects, image_costs, solve_budget, downstream_test_subjects, weights
 from openmind_bench.curation.pretrain_data import build_collection
 from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
@@ -116,7 +116,7 @@ def run_selection(
     """
     selection = Selection.from_config(selection_cfg)
     images = load_images(index_tables, manifests, quality_tables)
-    excluded = test_subjects(downstream_registry)
+    excluded = downstream_test_subjects(downstream_registry)
     before = len(images)
     images = drop_test_subjects(images, excluded)
     if len(images) < before:
