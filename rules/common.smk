@@ -61,6 +61,13 @@ def rejection_parts():
 
 # ---- preprocessing and curation
 PREPROCESS_ROOT = "results/preprocessed"
+# Every table of images (the columns of results/index/images.parquet). A stage that adds images (the
+# DWI stage's derived maps) appends its table here: they then get masks, scores and preprocessing.
+IMAGE_TABLES = ["results/index/images.parquet"]
+
+
+def image_tables(wildcards=None):
+    return list(IMAGE_TABLES)
 
 
 def preprocess_index_tables(wildcards):

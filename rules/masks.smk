@@ -1,30 +1,8 @@
 # Masks: one job per (dataset, shard) writes an anatomy and an anonymisation mask for every 3D image of
-# the image tables (the index, plus tables later stages append to IMAGE_TABLES, e.g. DWI-derived maps);
+# the image tables (image_tables() in common.smk: the index, plus tables later stages append to
+# IMAGE_TABLES, e.g. DWI-derived maps);
 # merge_masks joins them onto those tables as the index preprocessing reads.
 # Logic lives in openmind_bench.masks; `openmind-bench masks` is the same stage outside Snakemake.
-
-MASKS_ENABLED = config["masks"]["enabled"]
-# Every table of images (same columns as results/index/images.parquet); a stage that adds images
-# appends its table here and its images get masks and scores without further changes.
-IMAGE_TABLES = ["results/index/images.parquet"]
-
-
-def image_tables(wildcards=None):
-    return list(IMAGE_TABLES)
-
-
-def mask_tables(wildcards=None):
-    return [f"results/masks/{d}/shard-{k}.parquet" for d in DATASETS for k in range(N_SHARDS[d])]
-
-
-def masks_rejection_parts():
-    if not MASKS_ENABLED:
-        return []
-    return [f"results/qc/parts/{stage}/{d}/{k}.tsv" for stage in ("masks", "quality")
-            for d in DATASETS for k in range(N_SHARDS[d])]
-
-
-MASKED_INDEX = "results/index/images_masked.parquet"
 
 
 rule masks_shard:

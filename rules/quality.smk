@@ -3,10 +3,6 @@
 # Logic lives in openmind_bench.quality; `openmind-bench quality` is the same stage outside Snakemake.
 
 
-def quality_parts(wildcards=None):
-    return [f"results/quality/parts/{d}/shard-{k}.parquet" for d in DATASETS for k in range(N_SHARDS[d])]
-
-
 rule quality_shard:
     input:
         index=MASKED_INDEX,

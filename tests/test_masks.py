@@ -296,3 +296,24 @@ def test_nnunet_backend_needs_a_model_folder(settings):
 
     with pytest.raises(ValueError, match="model_folder"):
         make_masker({**settings, "backend": "nnunet"})
+
+
+def test_cli_masks_and_quality_verbs(tmp_path):
+    from openmind_bench.cli import main
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 0.02, (40, 40, 40)).astype(np.float32)
+    data[10:30, 10:30, 10:30] += 1.0 + 0.1 * rng.random((20, 20, 20)).astype(np.float32)
+    data = np.abs(data)
+    image = tmp_path / "sub-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), image)
+    table = _table(tmp_path, [{"image_id": "ds000001__sub-01_T1w", "subject": "01", "path": str(image)}])
+    assert main(["masks", "--index", str(table), "--dataset", "ds000001", "--shard", "0", "--out",
+                 str(tmp_path / "m.parquet"), "--rejected", str(tmp_path / "rm.tsv"),
+                 "--out-root", str(tmp_path / "masks")]) == 0
+    masks = pd.read_parquet(tmp_path / "m.parquet")
+    assert masks.mask_kind.tolist() == ["none"] and 0.12 <= masks.anatomy_fraction[0] <= 0.18  # the 20^3 cube, its edge voxels included
+    merge_index([table], [tmp_path / "m.parquet"], tmp_path / "masked.parquet")
+    assert main(["quality", "--index", str(tmp_path / "masked.parquet"), "--dataset", "ds000001", "--shard", "0",
+                 "--out", str(tmp_path / "q.parquet"), "--rejected", str(tmp_path / "rq.tsv")]) == 0
+    assert 1 <= pd.read_parquet(tmp_path / "q.parquet").image_score[0] <= 5

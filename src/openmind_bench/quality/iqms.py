@@ -1,8 +1,9 @@
 """MRIQC's no-reference image quality metrics of a structural image, implemented here.
 
-The `mriqc` package does not install beside this project's pins (it brings its own nipype /
-niworkflows / templateflow stack and downloads templates), so the definitions of
-`mriqc.qc.anatomical` are implemented with the same formulas (Esteban et al. 2017, PLoS ONE):
+The `mriqc` package does not install beside this project's pins (mriqc 24.0.2, the newest
+resolvable here, would downgrade numpy 2.x to 1.26.4 and pandas, and brings niworkflows/templateflow,
+whose templates are downloaded on first use), so the definitions of `mriqc.qc.anatomical` are
+implemented with the same formulas (Esteban et al. 2017, PLoS ONE):
 
 - snr:   mean(fg) / (std(fg) * sqrt(n / (n - 1))) over the anatomy (MRIQC `snr`, its `snr_total`
          averaged over tissue classes; here over the two brightest tissue classes);
