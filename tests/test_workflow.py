@@ -52,7 +52,13 @@ def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth)
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
     # scratch + mae x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
-    for rule in ("fetch", "index"):
+    # masks and quality ran: every 3D image has masks and a score, and preprocessing used the masks
+    n_3d = sum(1 for t in demo_truth["images"].values() if t["modality"] != "DWI")
+    iqs = pd.read_parquet(work / "results/quality/iqs.parquet")
+    assert len(iqs) == n_3d and iqs.quality_score.between(1, 5).all()
+    masked = pd.read_parquet(work / "results/index/images_masked.parquet")
+    assert (masked[masked.n_volumes == 1].anon_mask.str.endswith("_mask-anonymization.nii.gz")).all()
+    for rule in ("fetch", "index", "masks", "quality"):
         assert list((work / "logs" / rule).rglob("*.log")), rule
         assert list((work / "logs/benchmarks" / rule).rglob("*.tsv")), rule
 

@@ -98,36 +98,45 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values)) if values.size and values.max() > values.min() else 0.0
 
 
-def _world_axis(affine: np.ndarray, world: int) -> tuple[int, bool]:
-    """Voxel axis closest to world axis `world` (0 R, 1 A, 2 S) and whether it points that way."""
-    axis = int(np.argmax(np.abs(affine[world, :3])))
-    return axis, bool(affine[world, axis] > 0)
-
-
-def _extrude(mask: np.ndarray, axis: int, towards_low: bool) -> np.ndarray:
-    """Every voxel on the low (or high) index side of a mask voxel along `axis`, the mask included."""
-    m = np.moveaxis(mask, axis, -1)
-    if towards_low:
-        m = np.logical_or.accumulate(m[..., ::-1], axis=-1)[..., ::-1]
-    else:
-        m = np.logical_or.accumulate(m, axis=-1)
-    return np.moveaxis(m, -1, axis)
+def _extrusion(brain: np.ndarray, world: np.ndarray, axis: int, forward: bool, erosion_mm: float,
+               cell_mm: float) -> np.ndarray:
+    """Voxels beyond some brain voxel along world axis `axis` (`forward`: towards larger values) whose
+    position across that axis lies in the brain's footprint eroded by `erosion_mm` (in world space,
+    so that a tilted head is extruded along the head's real axis, not a voxel axis)."""
+    across = [a for a in range(3) if a != axis]
+    cells = [np.floor((world[a] - world[a].min()) / cell_mm).astype(np.int64) for a in across]
+    shape2 = (int(cells[0].max()) + 1, int(cells[1].max()) + 1)
+    flat = np.ravel_multi_index((cells[0], cells[1]), shape2)
+    along = world[axis]
+    if forward:  # the most backward brain voxel of each cell: everything in front of it
+        edge = np.full(shape2[0] * shape2[1], np.inf)
+        np.minimum.at(edge, flat[brain], along[brain])
+    else:  # the highest brain voxel of each cell: everything below it
+        edge = np.full(shape2[0] * shape2[1], -np.inf)
+        np.maximum.at(edge, flat[brain], along[brain])
+    footprint = np.isfinite(edge).reshape(shape2)
+    footprint = ndi.binary_fill_holes(footprint)
+    inner = ndi.distance_transform_edt(footprint, sampling=cell_mm) > erosion_mm
+    inside = inner.ravel()[flat]
+    edge_of = edge[flat]
+    beyond = (along >= edge_of) if forward else (along <= edge_of)
+    return inside & beyond & np.isfinite(edge_of)
 
 
 def _removed_head(brain: np.ndarray, affine: np.ndarray, spacing, s: ClassicalSettings) -> np.ndarray:
     """The head a skull-stripping removed: a skull-and-scalp shell around the brain, the neck below
     it (the brain's footprint extruded inferiorly, eroded) and the face in front of its lower half
-    (the lower brain extruded anteriorly, eroded)."""
+    (the lower brain extruded anteriorly, eroded); directions in world (RAS) space."""
     head = ndi.distance_transform_edt(~brain, sampling=spacing) <= s.shell_mm
-    si, superior = _world_axis(affine, 2)
-    head |= ndi.distance_transform_edt(_extrude(brain, si, superior), sampling=spacing) > s.extrusion_erosion_mm
-    ap, anterior = _world_axis(affine, 1)
-    index = np.indices(brain.shape)[si]
-    centre = float(index[brain].mean())
-    lower = brain & ((index < centre) if superior else (index > centre))
-    face = _extrude(lower, ap, not anterior) & ((index < centre) if superior else (index > centre))
-    head |= ndi.distance_transform_edt(face, sampling=spacing) > s.face_erosion_mm
-    return head & ~brain
+    ijk = np.indices(brain.shape, dtype=np.float32).reshape(3, -1)
+    world = (affine[:3, :3] @ ijk + affine[:3, 3:]).astype(np.float32)
+    cell = float(max(min(spacing), 1.0))
+    b = brain.ravel()
+    head = head.ravel()
+    head |= _extrusion(b, world, 2, False, s.extrusion_erosion_mm, cell)
+    lower = world[2] < float(world[2][b].mean())
+    head |= _extrusion(b & lower, world, 1, True, s.face_erosion_mm, cell) & lower
+    return head.reshape(brain.shape) & ~brain
 
 
 def compute_masks(data: np.ndarray, affine: np.ndarray, settings: ClassicalSettings) -> Masks:
@@ -164,13 +173,14 @@ def compute_masks(data: np.ndarray, affine: np.ndarray, settings: ClassicalSetti
     anon = np.zeros(data.shape, bool)
     zeroed = np.abs(data) <= 1e-6
     kind = "none"
-    for i in range(1, n + 1):
-        comp = labels == i
+    for i, box in enumerate(ndi.find_objects(labels), start=1):
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # room for the rim
+        comp = labels[box] == i
         ring = ndi.binary_dilation(comp) & ~comp
-        if (ring & fg).sum() < settings.contact_fraction * max(ring.sum(), 1):
+        if (ring & fg[box]).sum() < settings.contact_fraction * max(ring.sum(), 1):
             continue  # featureless air (zero-padded corners) away from the head
-        anon |= comp
-        if zeroed[comp].mean() > 0.5:
+        anon[box] |= comp
+        if zeroed[box][comp].mean() > 0.5:
             kind = "defaced"
         elif kind == "none":
             kind = "face_blurred"
