@@ -47,6 +47,7 @@ def get_final_output():
         "results/index/images.parquet",
         "results/index/shards.tsv",
         "results/qc/rejected.tsv",
+        *quality_targets(),
         *selection_targets(),
         *pretrain_targets(),
         *finetune_targets(),

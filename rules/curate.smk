@@ -17,6 +17,7 @@ rule select_pretrain_data:
     params:
         selection=selection_settings,
         collection_index=selection_collection_index,
+        downstream_registry=config["downstream_registry"],
     resources:
         mem_mb=config["resources"]["curate"]["mem_mb"],
         runtime=config["resources"]["curate"]["runtime"],

@@ -14,11 +14,6 @@ def selection_collection_index(wildcards):
     return list(SELECTIONS).index(wildcards.selection) + 1
 
 
-def quality_tables(wildcards):
-    """Tables of image quality scores (image_id, quality_score) overriding the index's; none yet."""
-    return []
-
-
 def selection_targets():
     return [
         *expand("results/selections/{selection}/pretrain_data.json", selection=SELECTIONS),

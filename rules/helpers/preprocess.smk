@@ -4,8 +4,8 @@ PREPROCESS_ROOT = "results/preprocessed"
 
 
 def preprocess_index_tables(wildcards):
-    """Index tables whose rows are preprocessed (stages that add rows or mask paths extend this)."""
-    return ["results/index/images.parquet"]
+    """Index tables whose rows are preprocessed: the image tables with their masks (rules/masks.smk)."""
+    return [MASKED_INDEX] if MASKS_ENABLED else image_tables()
 
 
 def preprocess_manifests(wildcards=None):

@@ -6,5 +6,6 @@ def rejection_parts():
         *fetch_rejection_parts(),
         *index_rejection_parts(),
         *preprocess_rejection_parts(),
+        *masks_rejection_parts(),
         *downstream_rejection_parts(),
     ]

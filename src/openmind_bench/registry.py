@@ -19,6 +19,7 @@ File shape::
         subject_pattern: '^(?P<subject>.+)_ses'   # optional alternative: subject id from the case id
         zero_shot_from: BRM          # optional: also scored with models fine-tuned on BRM, untrained here
         reference: Liew et al. 2022, Sci Data
+        openneuro: {dataset: ds004884, subjects: [r001s001]}   # optional: test subjects also on OpenNeuro (never pre-trained on)
         uncertain: {role: why it is uncertain, ...}   # one note per field the papers do not settle
 
 Classification folders hold `images_dir` (default `imagesTr`) with `{case}_{0000..}{file_ending}`
@@ -44,7 +45,7 @@ ALLOWED = {"task": ("seg", "cls"), "role": ("dev", "test"), "domain": ("id", "oo
 DEFAULT_ROOT = "data/downstream"
 FORMATS = {"seg": "nnunet_raw", "cls": "image_folder"}
 REQUIRED = ("task", "role", "domain", "source", "modalities", "labels")
-OPTIONAL = ("title", "format", "nsd_tolerance_mm", "metadata", "subject_pattern", "zero_shot_from",
+OPTIONAL = ("openneuro", "title", "format", "nsd_tolerance_mm", "metadata", "subject_pattern", "zero_shot_from",
             "reference", "uncertain", "images_dir", "labels_csv", "file_ending", "notes")
 UNCERTAIN_KEYS = set(REQUIRED) | set(OPTIONAL) | {"identity"}
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import pandas as pd
 
 from openmind_bench import atomic, config
+from openmind_bench.curation.budget import drop_test_subjects, image_costs, solve_budget, downstream_test_subjects, weights
 from openmind_bench.curation.pretrain_data import build_collection
 from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
@@ -45,19 +46,21 @@ class Selection:
     datasets: tuple[str, ...] = tuple(_DEFAULTS["datasets"])
     max_quality_score: float | None = _DEFAULTS["max_quality_score"]
     keep_unscored: bool = _DEFAULTS["keep_unscored"]
+    budget: dict | None = _DEFAULTS.get("budget")
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Selection":
         if "name" not in cfg:
             raise ValueError(f"selection {cfg!r} has no name")
-        unknown = set(cfg) - {"name", "modalities", "datasets", "max_quality_score", "keep_unscored", "validation"}
+        unknown = set(cfg) - {"name", "modalities", "datasets", "max_quality_score", "keep_unscored", "validation",
+                            "budget"}
         if unknown:
             raise ValueError(f"selection {cfg['name']!r}: unknown key(s) {sorted(unknown)}")
         mqs = cfg.get("max_quality_score")
         return cls(name=str(cfg["name"]), modalities=tuple(cfg.get("modalities") or ()),
                    datasets=tuple(cfg.get("datasets") or ()),
                    max_quality_score=None if mqs is None else float(mqs),
-                   keep_unscored=bool(cfg.get("keep_unscored", True)))
+                   keep_unscored=bool(cfg.get("keep_unscored", True)), budget=cfg.get("budget") or None)
 
     def apply(self, images: pd.DataFrame) -> pd.DataFrame:
         keep = pd.Series(True, index=images.index)
@@ -68,7 +71,12 @@ class Selection:
         if self.max_quality_score is not None:
             score = pd.to_numeric(images.quality_score, errors="coerce")
             keep &= (score <= self.max_quality_score) | (score.isna() & self.keep_unscored)
-        return images[keep]
+        chosen = images[keep]
+        if self.budget:
+            b = self.budget
+            chosen = solve_budget(chosen, image_costs(chosen, b["unit"]), weights(chosen.quality_score, b["unscored_weight"]),
+                                  b["limit"], b.get("max_per_dataset"), b.get("max_per_modality"))
+        return chosen
 
 
 def load_images(index_tables: Sequence[str | Path], manifests: Sequence[str | Path],
@@ -103,6 +111,7 @@ def run_selection(
     quality_tables: Sequence[str | Path] = (),
     out_train: str | Path | None = None,
     out_val: str | Path | None = None,
+    downstream_registry: str | Path | None = None,
 ) -> pd.DataFrame:
     """Write one selection's raw pretrain_data.json, its preprocessed twin and images.tsv.
 
@@ -111,6 +120,12 @@ def run_selection(
     """
     selection = Selection.from_config(selection_cfg)
     images = load_images(index_tables, manifests, quality_tables)
+    excluded = downstream_test_subjects(downstream_registry)
+    before = len(images)
+    images = drop_test_subjects(images, excluded)
+    if len(images) < before:
+        log.info("selection %s: %d image(s) of downstream test subjects left out (no leakage)", selection.name,
+                 before - len(images))
     chosen = selection.apply(images).sort_values(["dataset", "subject", "session", "image_id"], kind="stable")
     if chosen.empty:
         raise ValueError(
