@@ -91,6 +91,7 @@ class FinetuneSettings:
     save_predictions: bool = True
     keep_checkpoint: bool = True
     preemption_exit_code: int = 0
+    nnunet: dict = field(default_factory=dict)  # config downstream.nnunet (segmentation runs in nnU-Net)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +196,7 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, out_dir: str, sp
         schedule_config={k: downstream[k] for k in _SCHEDULE_KEYS if k in downstream},
         optimisation=pretrain["optimisation"], architecture_presets=pretrain["architecture_presets"],
         low_data_subset=low_data_subset, split_settings=split_settings(config),
+        nnunet=dict(downstream.get("nnunet") or {}),
         **{k: section[k] for k in _SETTING_KEYS},
     )
 
