@@ -157,7 +157,8 @@ def build_schedule(settings: FinetuneSettings, name: RunName, family: str, task:
     return schedules.build_schedule(
         strategy, name.epochs, peak, settings.steps_per_epoch, decoder_warmup=int(warm["decoder"]),
         whole_warmup=int(warm["whole"]), decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"))
+        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"),
+        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
 
 
 def optimiser_config(settings: FinetuneSettings, family: str, task: str) -> dict:

@@ -17,8 +17,25 @@ from openmind_bench.train.launch import configure_worker_logging, torchrun_comma
 log = logging.getLogger(__name__)
 
 
+def uses_nnunet(settings: FinetuneSettings) -> bool:
+    """Segmentation datasets fine-tune inside nnU-Net v2 (`downstream.nnunet.engine: builtin` keeps
+    the MONAI loop below, until it is removed)."""
+    from openmind_bench.downstream.registry import load_registry
+
+    if (settings.nnunet or {}).get("engine") == "builtin":
+        return False
+    return load_registry(settings.registry, settings.root).get(settings.dataset).task == "seg"
+
+
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
     nproc = max(1, int(nproc))
+    if uses_nnunet(settings):
+        from openmind_bench.downstream.nnunet.run import finetune_segmentation
+
+        if nproc > 1:
+            log.warning("nnU-Net fine-tuning runs on one GPU (as the papers'); %d requested", nproc)
+        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)))
+        return 0
     if threads:
         settings.threads = max(1, int(threads) // nproc)
     if nproc == 1:

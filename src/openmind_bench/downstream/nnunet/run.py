@@ -57,12 +57,12 @@ def run_schedule(name, family: str, epochs: int, iterations: int, schedule_confi
         schedule_name = name.schedule or "default"
     else:
         schedule_name = "warmup" if family == "transformer" else "default"
-    whole = int(warm.get("sawtooth_whole", warm["whole"])) if schedule_name == "sawtooth" else int(warm["whole"])
     return schedules.build_schedule(
         schedule_name, epochs, schedules.peak_lr(family, name.pretrained, peaks), iterations,
-        decoder_warmup=int(warm["decoder"]), whole_warmup=whole,
+        decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
         decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"))
+        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"),
+        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
 
 
 def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_ids: list) -> dict:
