@@ -4,6 +4,15 @@
 # targets: openmind_bench.downstream.settings.
 
 
+def zero_shot_source(wildcards):
+    """A dataset scored zero-shot (`zero_shot_from` in the registry) needs the same run's model
+    fine-tuned on its source dataset (fold test); other datasets need nothing."""
+    from openmind_bench.downstream.nnunet.workflow import zero_shot_source_metrics
+
+    return zero_shot_source_metrics(DOWNSTREAM_REGISTRY, DOWNSTREAM_ROOT, wildcards.target_dataset,
+                                    wildcards.finetune_run)
+
+
 rule demo_downstream:
     output:
         truth=f"{DOWNSTREAM_DEMO_ROOT}/ground_truth/downstream.json",
@@ -49,6 +58,7 @@ rule finetune:
         data=downstream_data,
         split=rules.downstream_split.output.split,
         pretrained=finetune_checkpoint,
+        source_model=zero_shot_source,
     output:
         metrics="results/downstream/{target_dataset}/{finetune_run}/fold_{fold}/metrics.json",
     wildcard_constraints:

@@ -12,11 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("nnunetv2")
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: E402
 
+from openmind_bench.aggregate.collect import write_results  # noqa: E402
+from openmind_bench.aggregate.registry import load_registry as table_registry  # noqa: E402
+from openmind_bench.aggregate.results import read_results  # noqa: E402
+from openmind_bench.aggregate.table import build_table  # noqa: E402
 from openmind_bench.demo.downstream import build_downstream  # noqa: E402
 from openmind_bench.downstream import settings as run_settings, splits  # noqa: E402
 from openmind_bench.downstream.nnunet import dataset as nndata, plans as nnplans, run as nnrun  # noqa: E402
@@ -37,24 +42,29 @@ def lesion_set(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("nnunet")
     build_downstream(root / "data", seed=0)
-    spec = load_registry(REGISTRY, root / "data").get(DATASET)
+    registry = yaml.safe_load(Path(REGISTRY).read_text())  # + a copy of the lesion set scored zero-shot
+    registry["datasets"]["DemoZeroShot"] = {**registry["datasets"][DATASET], "role": "test",
+                                            "zero_shot_from": DATASET}
+    (root / "registry.yaml").write_text(yaml.safe_dump(registry))
+    spec = load_registry(root / "registry.yaml", root / "data").get(DATASET)
     data = read_dataset(spec)
     split_path = root / f"{DATASET}.json"
     split = splits.ensure_split(split_path, case_table(data), DATASET, spec.role,
                                 splits.SplitSettings(folds=3, test_fraction=0.25))
     results = root / "results" / "downstream" / DATASET
     prepared = nndata.prepare(data, split, results / nndata.DATA_DIR, spacing=[3.5] * 3, n_proc=1)
-    return {"root": root, "spec": spec, "data": data, "split": split, "split_path": split_path,
+    return {"root": root, "registry": root / "registry.yaml", "spec": spec, "data": data, "split": split, "split_path": split_path,
             "prepared": prepared, "results": results}
 
 
-def settings_for(lesion_set, run, checkpoint=None, epochs_steps=1, **downstream):
-    config = {"downstream_registry": REGISTRY,
+def settings_for(lesion_set, run, checkpoint=None, epochs_steps=1, dataset=DATASET, **downstream):
+    config = {"downstream_registry": str(lesion_set["registry"]),
               "downstream": {"root": str(lesion_set["root"] / "data"), "steps_per_epoch": epochs_steps,
                              "nnunet": {"val_iterations_per_epoch": 1}, **downstream},
               "finetune": {"scratch_patch_size": PATCH, "spacing": [3.5] * 3}}
-    out = lesion_set["results"] / run / "fold_test"
-    return run_settings.resolve(config, DATASET, run, "test", out_dir=str(out), split=str(lesion_set["split_path"]),
+    out = lesion_set["results"].parent / dataset / run / "fold_test"
+    split = lesion_set["split_path"].parent / f"{dataset}.json"
+    return run_settings.resolve(config, dataset, run, "test", out_dir=str(out), split=str(split),
                                 pretrained_checkpoint=str(checkpoint) if checkpoint else None)
 
 
@@ -234,3 +244,15 @@ def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesio
         ours = np.asarray(nib.load(str(out / "predictions" / f"{case}.nii.gz")).dataobj)
         theirs = np.asarray(nib.load(str(tmp_path / "pred" / f"{case}.nii.gz")).dataobj)
         assert np.array_equal(ours, theirs), case
+
+    # zero-shot: the same run's model scores another dataset's test split, and the row reaches the table
+    zs_spec = load_registry(lesion_set["registry"], lesion_set["root"] / "data").get("DemoZeroShot")
+    splits.ensure_split(lesion_set["split_path"].parent / "DemoZeroShot.json", case_table(read_dataset(zs_spec)),
+                        "DemoZeroShot", "test", splits.SplitSettings(folds=0, test_fraction=0.25))
+    zs = settings_for(lesion_set, s.run, ckpt, dataset="DemoZeroShot")
+    assert nnrun.finetune_segmentation(zs, threads=1) == "finished"
+    zs_doc = json.loads((Path(zs.out_dir) / "metrics.json").read_text())
+    assert zs_doc["zero_shot_from"] == DATASET and not (Path(zs.out_dir) / "nnunet").exists()  # nothing trained
+    write_results([out / "metrics.json", Path(zs.out_dir) / "metrics.json"], tmp_path / "results.tsv")
+    table = build_table(read_results(tmp_path / "results.tsv"), table_registry(lesion_set["registry"]))
+    assert table["DemoZeroShot"].notna().any() and table[DATASET].notna().any()

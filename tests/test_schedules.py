@@ -146,7 +146,7 @@ def test_warmups_longer_than_the_run_are_refused():
     with pytest.raises(ScheduleError, match="take 30 of 20 epochs"):
         build_schedule("sawtooth", 20, P, S, decoder_warmup=15, whole_warmup=15)
     with pytest.raises(ScheduleError, match="unknown fine-tuning schedule"):
-        build_schedule("cosine", E, P, S)
+        build_schedule("onecycle", E, P, S)
     # a warm-up of length 0 drops its phase
     s = build_schedule("warmup", 10, P, 1, whole_warmup=0)
     assert [p.name for p in s.phases] == ["train"] and s.lr("encoder", 0) == P
@@ -165,3 +165,10 @@ def test_custom_schedule_as_data():
     with pytest.raises(ScheduleError, match="trainable"):
         build_schedule("bad", 10, P, 1, custom={"bad": [{"trainable": ["head"]}]})
     assert math.isclose(sum(p.epochs for p in s.phases), 10)
+
+
+def test_cosine_is_the_classification_protocols_annealing():
+    s = build_schedule("cosine", 400, 1e-4, 3)
+    assert s.lr("encoder", 0) == pytest.approx(1e-4)
+    assert s.lr("decoder", 200 * 3) == pytest.approx(0.5e-4)
+    assert s.lr("stem", 399 * 3 + 2) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 399 / 400)))

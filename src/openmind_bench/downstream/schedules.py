@@ -6,7 +6,8 @@ the run's peak lr:
 
 - `linear_warmup`: peak * f * (e + 1) / L for epoch e = 0..L-1 of the phase (nnU-Net/nnssl's
   `Lin_incr_LRScheduler`: the last warm-up epoch reaches the peak);
-- `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch).
+- `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch);
+- `cosine`: peak * f * (1 + cos(pi * e / L)) / 2 (the classification protocol's cosine annealing).
 
 `f` is the phase's `lr_factor` (1 except decoder-only phases of Primus, see below). The rate
 changes once per epoch, as in nnU-Net: step s is in epoch s // steps_per_epoch.
@@ -37,12 +38,13 @@ repeating it (the multi-channel rule of the MAE paper's Tab. 8).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 GROUPS = ("stem", "encoder", "decoder")
 ALL = frozenset(GROUPS)
 DECODER = frozenset({"decoder"})
-CURVES = ("linear_warmup", "poly")
+CURVES = ("linear_warmup", "poly", "cosine")
 REST = "rest"  # length key of the final phase: whatever the others leave
 POLY_EXPONENT = 0.9
 
@@ -62,6 +64,7 @@ TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = 
         ("warmup", ALL, "linear_warmup", "whole", None),
         ("train", ALL, "poly", REST, None),
     ),
+    "cosine": (("train", ALL, "cosine", REST, None),),  # classification (not a segmentation schedule)
     "sawtooth": (
         ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder"),
         ("decoder_decay", DECODER, "poly", "decoder_down", "decoder"),
@@ -105,6 +108,8 @@ class Phase:
         length = self.epochs
         if self.curve == "linear_warmup":
             return self.lr_factor * (epoch_in_phase + 1) / length
+        if self.curve == "cosine":
+            return self.lr_factor * 0.5 * (1.0 + math.cos(math.pi * epoch_in_phase / length))
         return self.lr_factor * (1.0 - epoch_in_phase / length) ** exponent
 
 

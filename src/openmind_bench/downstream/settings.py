@@ -82,7 +82,8 @@ class FinetuneSettings:
     amp: bool = True
     amp_dtype: str = "bfloat16"
     sliding_window_overlap: float = 0.5
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.2
+    head_dropout: float = 0.2
     schedule_config: dict = field(default_factory=dict)  # peak_lr / warmup_epochs / poly_exponent / custom_schedules
     optimisation: dict = field(default_factory=lambda: dict(pretrain_settings.DEFAULTS["optimisation"]))
     architecture_presets: dict = field(default_factory=dict)
@@ -125,7 +126,8 @@ DEFAULTS: dict = {
     "spacing": [1.0, 1.0, 1.0],  # the pre-training data's spacing; None: every case's own grid
     "seed": 0,
     "sliding_window_overlap": 0.5,
-    "label_smoothing": 0.1,
+    "label_smoothing": 0.2,
+    "head_dropout": 0.2,
     "amp": True,
     "amp_dtype": "bfloat16",
     "save_predictions": True,
@@ -137,7 +139,7 @@ DOWNSTREAM_DEFAULTS: dict = {"schedules": ["sawtooth", "warmup"], "epochs": [150
                              "batch_size": 2, "low_data_n": []}
 DEFAULT_REGISTRY = "config/downstream_datasets.yaml"
 _SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed",
-                 "sliding_window_overlap", "label_smoothing", "amp", "amp_dtype", "save_predictions",
+                 "sliding_window_overlap", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
                  "keep_checkpoint", "preemption_exit_code")
 _SCHEDULE_KEYS = ("peak_lr", "warmup_epochs", "poly_exponent", "custom_schedules")
 

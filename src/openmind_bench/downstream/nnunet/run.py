@@ -152,9 +152,12 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         log.info("%s exists: run already complete", out / METRICS)
         return "already_done"
     name = parse_run(settings.run)
+    registry = load_registry(settings.registry, settings.root)
+    spec = registry.get(settings.dataset)
+    if spec.zero_shot_from:
+        return zero_shot(settings, registry, threads)
     if name.pretrained and not settings.checkpoint:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
-    spec = load_registry(settings.registry, settings.root).get(settings.dataset)
     data = read_dataset(spec)
     split = splits.read_split(settings.split)
     train_cases, eval_cases = finetune.training_cases(settings, data, name)
@@ -186,6 +189,50 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
                               1.0 - float(settings.sliding_window_overlap))
     doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold))
     doc["engine"] = "nnunetv2"
+    inference.write(doc, out)
+    return "finished"
+
+
+def source_run_dir(out_dir: str | Path, source: str) -> Path:
+    """`results/downstream/{source}/{run}/fold_test` for `results/downstream/{dataset}/{run}/fold_{k}`."""
+    out = Path(out_dir)
+    return out.parents[2] / source / out.parent.name / "fold_test"
+
+
+def zero_shot(settings, registry, threads: int = 1) -> str:
+    """Score the model the same run fine-tuned on `zero_shot_from` (its fixed train split, fold
+    `test`) on this dataset's test cases, untrained here (the MAE paper's BraTS-Mets rows)."""
+    from openmind_bench.downstream import inference
+    from openmind_bench.downstream.readers import read_dataset
+    from openmind_bench.downstream.settings import parse_run
+
+    spec = registry.get(settings.dataset)
+    source = registry.get(spec.zero_shot_from)
+    if str(settings.fold) != "test":
+        raise ValueError(f"dataset {spec.name} is scored zero-shot from {source.name}: only fold 'test' exists, "
+                         f"not {settings.fold!r}")
+    source_dir = source_run_dir(settings.out_dir, source.name)
+    model = model_folder(source_dir / "nnunet", nndata.dataset_name(source))
+    source_split = splits.read_split(Path(settings.split).parent / f"{source.name}.json")
+    fold = nndata.nnunet_fold(source_split, "test")
+    if not (model / f"fold_{fold}" / CHECKPOINT).exists():
+        raise FileNotFoundError(f"zero-shot {spec.name} <- {source.name}: no fine-tuned model at {model}/fold_{fold}")
+    channels = len(_json(model / "dataset.json")["channel_names"])
+    if channels != len(spec.modalities):
+        raise ValueError(f"zero-shot {spec.name} <- {source.name}: the model takes {channels} channel(s), "
+                         f"{spec.name} has {len(spec.modalities)} ({spec.modalities})")
+    data = read_dataset(spec)
+    _, test_ids = splits.partition(splits.read_split(settings.split), "test")
+    by_id = {c.case_id: c for c in data.cases}
+    cases = [by_id[c] for c in test_ids if c in by_id]
+    threads = max(1, int(threads or 1))
+    out = Path(settings.out_dir)
+    os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
+    with nndata.environment(None, None, source_dir / "nnunet", threads):
+        predictions = predict(model, fold, cases, out / "predictions", device_for(threads),
+                              1.0 - float(settings.sliding_window_overlap))
+    doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold))
+    doc.update(engine="nnunetv2", zero_shot_from=source.name)
     inference.write(doc, out)
     return "finished"
 
