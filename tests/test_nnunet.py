@@ -61,7 +61,7 @@ def settings_for(lesion_set, run, checkpoint=None, epochs_steps=1, dataset=DATAS
     config = {"downstream_registry": str(lesion_set["registry"]),
               "downstream": {"root": str(lesion_set["root"] / "data"), "steps_per_epoch": epochs_steps,
                              "nnunet": {"val_iterations_per_epoch": 1}, **downstream},
-              "finetune": {"scratch_patch_size": PATCH, "spacing": [3.5] * 3}}
+              "finetune": {"scratch_patch_size": PATCH, "spacing": [3.5] * 3, "sliding_window_overlap": 0.0}}
     out = lesion_set["results"].parent / dataset / run / "fold_test"
     split = lesion_set["split_path"].parent / f"{dataset}.json"
     return run_settings.resolve(config, dataset, run, "test", out_dir=str(out), split=str(split),
