@@ -4,15 +4,6 @@
 # targets: openmind_bench.downstream.settings.
 
 
-def zero_shot_source(wildcards):
-    """A dataset scored zero-shot (`zero_shot_from` in the registry) needs the same run's model
-    fine-tuned on its source dataset (fold test); other datasets need nothing."""
-    from openmind_bench.downstream.nnunet.workflow import zero_shot_source_metrics
-
-    return zero_shot_source_metrics(DOWNSTREAM_REGISTRY, DOWNSTREAM_ROOT, wildcards.target_dataset,
-                                    wildcards.finetune_run)
-
-
 rule demo_downstream:
     output:
         truth=f"{DOWNSTREAM_DEMO_ROOT}/ground_truth/downstream.json",
