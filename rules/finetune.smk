@@ -53,6 +53,7 @@ rule finetune:
         data=downstream_data,
         split=rules.downstream_split.output.split,
         pretrained=finetune_checkpoint,
+        source_model=zero_shot_source,
     output:
         metrics=omb_names.FINETUNE_METRICS,
     params:

@@ -47,7 +47,10 @@ def test_frozen_trains_only_the_decoder_throughout():
     for e in (0, 14, 15, 80, 149):
         assert s.trainable(step(e)) == frozenset({"decoder"})
         assert s.lr("encoder", step(e)) == 0.0 and s.lr("stem", step(e)) == 0.0
-        assert s.lr("decoder", step(e)) == pytest.approx(poly(P, e, E), rel=1e-12)
+    # the public frozen-encoder trainer: decoder warm-up over D, then poly over the rest
+    assert s.lr("decoder", step(0)) == pytest.approx(P / D)
+    assert s.lr("decoder", step(D - 1)) == pytest.approx(P)
+    assert s.lr("decoder", step(80)) == pytest.approx(poly(P, 80 - D, E - D), rel=1e-12)
 
 
 def test_warmup_is_linear_to_the_full_peak_then_poly():
@@ -116,7 +119,10 @@ def test_primus_and_scratch_peaks_and_primus_decoder_factor():
     s = schedule_for_run("sawtooth", "PrimusM", pretrained=True, epochs=150, steps_per_epoch=S)
     assert s.peak_lr == 1e-4
     assert s.lr("decoder", step(6)) == pytest.approx(1e-4 * 0.1)  # decoder phases at 0.1 x peak
-    assert s.lr("encoder", step(29)) == pytest.approx(1e-4)  # the whole-net warm-up reaches the full peak
+    # Primus Sawtooth-150: decoder stage 15, whole-net warm-up 50 epochs reaching the full peak
+    assert s.lr("encoder", step(15)) == pytest.approx(1e-4 / 50)
+    assert s.lr("encoder", step(64)) == pytest.approx(1e-4)
+    assert s.lr("encoder", step(65)) == pytest.approx(1e-4)
     scratch = schedule_for_run("default", "ResEncL", pretrained=False, epochs=1000, steps_per_epoch=S)
     assert scratch.lr("encoder", 0) == 1e-2
     assert warmup_for("cnn", 1000) == {"decoder": 50, "whole": 50, "decoder_lr_factor": 1.0}
@@ -142,7 +148,7 @@ def test_warmups_longer_than_the_run_are_refused():
     with pytest.raises(ScheduleError, match="take 30 of 20 epochs"):
         build_schedule("sawtooth", 20, P, S, decoder_warmup=15, whole_warmup=15)
     with pytest.raises(ScheduleError, match="unknown fine-tuning schedule"):
-        build_schedule("cosine", E, P, S)
+        build_schedule("onecycle", E, P, S)
     # a warm-up of length 0 drops its phase
     s = build_schedule("warmup", 10, P, 1, whole_warmup=0)
     assert [p.name for p in s.phases] == ["train"] and s.lr("encoder", 0) == P
@@ -161,3 +167,10 @@ def test_custom_schedule_as_data():
     with pytest.raises(ScheduleError, match="trainable"):
         build_schedule("bad", 10, P, 1, custom={"bad": [{"trainable": ["head"]}]})
     assert math.isclose(sum(p.epochs for p in s.phases), 10)
+
+
+def test_cosine_is_the_classification_protocols_annealing():
+    s = build_schedule("cosine", 400, 1e-4, 3)
+    assert s.lr("encoder", 0) == pytest.approx(1e-4)
+    assert s.lr("decoder", 200 * 3) == pytest.approx(0.5e-4)
+    assert s.lr("stem", 399 * 3 + 2) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 399 / 400)))

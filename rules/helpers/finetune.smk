@@ -49,3 +49,12 @@ def finetune_threads(wildcards):
 def downstream_rejection_parts():
     """QC parts of the downstream split jobs."""
     return [f"results/qc/parts/downstream/{d}.tsv" for d in DOWNSTREAM_DATASET_FOLDS]
+
+
+def zero_shot_source(wildcards):
+    """A dataset scored zero-shot (`zero_shot_from` in the registry) needs the same run's model
+    fine-tuned on its source dataset (fold test); other datasets need nothing."""
+    from openmind_bench.downstream.nnunet.workflow import zero_shot_source_metrics
+
+    return zero_shot_source_metrics(config["downstream_registry"], DOWNSTREAM["root"], wildcards.target_dataset,
+                                    wildcards.finetune_run)

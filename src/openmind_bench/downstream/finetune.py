@@ -57,9 +57,10 @@ CLASSIFICATION_PEAK_LR = 1.0e-4
 class PooledEncoderClassifier(nn.Module):
     """The backbone's encoder, global average pooling of its deepest features, a linear head."""
 
-    def __init__(self, backbone: nn.Module, n_classes: int):
+    def __init__(self, backbone: nn.Module, n_classes: int, dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
+        self.dropout = nn.Dropout(float(dropout))
         if hasattr(backbone, "eva"):
             width = backbone.eva.embed_dim if hasattr(backbone.eva, "embed_dim") else backbone.eva.num_features
         else:
@@ -74,7 +75,7 @@ class PooledEncoderClassifier(nn.Module):
         return self.backbone.encoder(image)[-1].mean(dim=(2, 3, 4))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(image))
+        return self.head(self.dropout(self.features(image)))
 
 
 class Objective(nn.Module):
@@ -126,7 +127,8 @@ def build_model(settings: FinetuneSettings, spec, name: RunName):
     keys = dict(pretrained.keys) if pretrained is not None and pretrained.keys else nets.adaptation_keys(backbone)
     loaded = transfer.transfer(pretrained, backbone, patch) if pretrained is not None else []
     if spec.task == "cls":
-        return PooledEncoderClassifier(backbone, len(spec.labels)), _prefixed(keys, "backbone."), patch, loaded
+        return (PooledEncoderClassifier(backbone, len(spec.labels), settings.head_dropout),
+                _prefixed(keys, "backbone."), patch, loaded)
     return backbone, keys, patch, loaded
 
 
@@ -144,11 +146,12 @@ def build_schedule(settings: FinetuneSettings, name: RunName, family: str, task:
         peak = schedules.peak_lr(family, name.pretrained, cfg["peak_lr"])
     warm = schedules.warmup_for(family, name.epochs, cfg["warmup_epochs"])
     if task == "cls" and schedule == "default":
-        schedule = "warmup"  # classification always warms up (MAE paper's classification protocol)
+        schedule = "cosine"  # the classification protocol: cosine annealing from the peak
     return schedules.build_schedule(
         schedule, name.epochs, peak, settings.steps_per_epoch, decoder_warmup=int(warm["decoder"]),
         whole_warmup=int(warm["whole"]), decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg["poly_exponent"]), custom=cfg["custom_schedules"])
+        poly_exponent=float(cfg["poly_exponent"]), custom=cfg["custom_schedules"],
+        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
 
 
 def optimiser_config(settings: FinetuneSettings, family: str, task: str) -> dict:

@@ -6,7 +6,8 @@ the run's peak lr:
 
 - `linear_warmup`: peak * f * (e + 1) / L for epoch e = 0..L-1 of the phase (nnU-Net/nnssl's
   `Lin_incr_LRScheduler`: the last warm-up epoch reaches the peak);
-- `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch).
+- `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch);
+- `cosine`: peak * f * (1 + cos(pi * e / L)) / 2 (the classification protocol's cosine annealing).
 
 `f` is the phase's `lr_factor` (1 except decoder-only phases of Primus, see below). The rate
 changes once per epoch, as in nnU-Net: step s is in epoch s // steps_per_epoch.
@@ -20,14 +21,16 @@ The five schedules of the OpenMind benchmark (`TEMPLATES`), with D the decoder w
 whole-network warm-up length from config:
 
 - default: the whole net, poly from the peak over all epochs;
-- frozen: only the decoder trains, poly from the peak; stem and encoder stay as loaded;
+- frozen: only the decoder trains: linear warm-up over D, then poly (the public frozen-encoder
+  trainer); stem and encoder stay as loaded;
 - warmup: the whole net, linear warm-up over W, then poly;
 - valley: the decoder alone with a decreasing (poly) lr over D, then the whole net: linear warm-up
   over W, then poly;
 - sawtooth: the decoder alone, linear warm-up over D // 2 then poly decay over the rest of D (the
   public trainer's decoder stage), then the whole net: linear warm-up over W to the full peak,
-  then poly. The public trainer's whole-net warm-up is documented to stop at half the peak and
-  jump; here every warm-up ends at its peak (tested).
+  then poly. The whole-net warm-up of sawtooth is `sawtooth_whole` epochs where the table names
+  it (the public Primus Sawtooth-150 trainer: 50), else W. Every warm-up ends at its peak, as on
+  the fine-tuning branch (nnU-Net master's `Lin_incr_offset_LRScheduler` stops at half the peak).
 
 The stem stays frozen in every decoder-only phase, also when extra input channels were made by
 repeating it (the multi-channel rule of the MAE paper's Tab. 8).
@@ -35,6 +38,7 @@ repeating it (the multi-channel rule of the MAE paper's Tab. 8).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from openmind_bench import config
@@ -43,7 +47,7 @@ from openmind_bench.names import CNN, FAMILIES, TRANSFORMER
 GROUPS = ("stem", "encoder", "decoder")
 ALL = frozenset(GROUPS)
 DECODER = frozenset({"decoder"})
-CURVES = ("linear_warmup", "poly")
+CURVES = ("linear_warmup", "poly", "cosine")
 REST = "rest"  # length key of the final phase: whatever the others leave
 _DOWNSTREAM = config.section("downstream")  # the schema's defaults, read once
 POLY_EXPONENT = float(_DOWNSTREAM["poly_exponent"])
@@ -52,7 +56,10 @@ STEPS_PER_EPOCH = int(_DOWNSTREAM["steps_per_epoch"])
 # (phase name, trainable groups, curve, length key, lr factor key)
 TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = {
     "default": (("train", ALL, "poly", REST, None),),
-    "frozen": (("train_decoder", DECODER, "poly", REST, None),),
+    "frozen": (
+        ("decoder_warmup", DECODER, "linear_warmup", "decoder", None),
+        ("train_decoder", DECODER, "poly", REST, None),
+    ),
     "warmup": (
         ("warmup", ALL, "linear_warmup", "whole", None),
         ("train", ALL, "poly", REST, None),
@@ -62,10 +69,11 @@ TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = 
         ("warmup", ALL, "linear_warmup", "whole", None),
         ("train", ALL, "poly", REST, None),
     ),
+    "cosine": (("train", ALL, "cosine", REST, None),),  # classification (not a segmentation schedule)
     "sawtooth": (
         ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder"),
         ("decoder_decay", DECODER, "poly", "decoder_down", "decoder"),
-        ("warmup", ALL, "linear_warmup", "whole", None),
+        ("warmup", ALL, "linear_warmup", "sawtooth_whole", None),
         ("train", ALL, "poly", REST, None),
     ),
 }
@@ -97,6 +105,8 @@ class Phase:
         length = self.epochs
         if self.curve == "linear_warmup":
             return self.lr_factor * (epoch_in_phase + 1) / length
+        if self.curve == "cosine":
+            return self.lr_factor * 0.5 * (1.0 + math.cos(math.pi * epoch_in_phase / length))
         return self.lr_factor * (1.0 - epoch_in_phase / length) ** exponent
 
 
@@ -222,8 +232,9 @@ def warmup_for(family: str, epochs: int, table: dict | None = None) -> dict:
     return {"decoder": min(tenth, budget - whole), "whole": whole, "decoder_lr_factor": factor}
 
 
-def _lengths(decoder: int, whole: int) -> dict[str, int]:
-    return {"decoder": decoder, "decoder_up": decoder // 2, "decoder_down": decoder - decoder // 2, "whole": whole}
+def _lengths(decoder: int, whole: int, sawtooth_whole: int | None = None) -> dict[str, int]:
+    return {"decoder": decoder, "decoder_up": decoder // 2, "decoder_down": decoder - decoder // 2, "whole": whole,
+            "sawtooth_whole": whole if sawtooth_whole is None else sawtooth_whole}
 
 
 def _parse_groups(value, where: str) -> frozenset:
@@ -265,7 +276,8 @@ def custom_template(name: str, phases: list[dict]) -> tuple:
 
 def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = STEPS_PER_EPOCH,
                    decoder_warmup: int = 0, whole_warmup: int = 0, decoder_lr_factor: float = 1.0,
-                   poly_exponent: float = POLY_EXPONENT, custom: dict | None = None) -> Schedule:
+                   poly_exponent: float = POLY_EXPONENT, custom: dict | None = None,
+                   sawtooth_whole_warmup: int | None = None) -> Schedule:
     """The schedule `name` (one of TEMPLATES, or of `custom`: name -> phase list) for one run.
 
     Phases whose length comes out as 0 are dropped (e.g. a zero-length warm-up).
@@ -281,7 +293,8 @@ def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = S
         raise ScheduleError(f"schedule {name!r}: epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be >= 1")
     if decoder_warmup < 0 or whole_warmup < 0:
         raise ScheduleError(f"schedule {name!r}: warm-up lengths must be >= 0")
-    lengths = _lengths(int(decoder_warmup), int(whole_warmup))
+    lengths = _lengths(int(decoder_warmup), int(whole_warmup),
+                       None if sawtooth_whole_warmup is None else int(sawtooth_whole_warmup))
     fixed = sum(length if isinstance(length, int) else lengths[length]
                 for _, _, _, length, _ in template if length != REST)
     rest = epochs - fixed
@@ -317,5 +330,5 @@ def schedule_for_run(name: str, architecture: str, pretrained: bool, epochs: int
         decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
         decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
         poly_exponent=float(config.get("poly_exponent", POLY_EXPONENT)),
-        custom=config.get("custom_schedules"),
+        custom=config.get("custom_schedules"), sawtooth_whole_warmup=warm.get("sawtooth_whole"),
     )

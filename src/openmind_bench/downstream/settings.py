@@ -40,6 +40,7 @@ class FinetuneSettings(JsonSettings):
     amp_dtype: str
     sliding_window_overlap: float
     label_smoothing: float
+    head_dropout: float
     schedule_config: dict  # peak_lr / warmup_epochs / poly_exponent / custom_schedules
     optimisation: dict  # the `pretrain.optimisation` table (per family)
     architecture_presets: dict
@@ -48,11 +49,12 @@ class FinetuneSettings(JsonSettings):
     save_predictions: bool
     keep_checkpoint: bool
     preemption_exit_code: int
+    nnunet: dict  # config downstream.nnunet (segmentation runs in nnU-Net)
     threads: int = 0  # set by the launcher
 
 
 _SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed",
-                 "sliding_window_overlap", "label_smoothing", "amp", "amp_dtype", "save_predictions",
+                 "sliding_window_overlap", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
                  "keep_checkpoint", "preemption_exit_code")
 _SCHEDULE_KEYS = ("peak_lr", "warmup_epochs", "poly_exponent", "custom_schedules")
 
@@ -98,6 +100,7 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         schedule_config={k: downstream[k] for k in _SCHEDULE_KEYS},
         optimisation=pretrain["optimisation"], architecture_presets=pretrain["architecture_presets"],
         low_data_subset=low_data_subset, split_settings=split_settings(config),
+        nnunet=dict(downstream["nnunet"]),
         **{k: section[k] for k in _SETTING_KEYS},
     )
 

@@ -4,6 +4,7 @@ torchrun through the engine's launcher (one process on a CPU or one GPU). Exit c
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from openmind_bench.downstream.settings import FinetuneSettings
@@ -11,7 +12,19 @@ from openmind_bench.engine import launch as engine_launch
 from openmind_bench.engine.checkpoint import PREEMPTED
 from openmind_bench.names import METRICS_FILE
 
+log = logging.getLogger(__name__)
+
 WORKER = "openmind_bench.downstream.worker"
+
+
+def uses_nnunet(settings: FinetuneSettings) -> bool:
+    """Segmentation datasets fine-tune inside nnU-Net v2 (`downstream.nnunet.engine: builtin` keeps
+    the MONAI loop of `finetune`, until it is removed)."""
+    from openmind_bench.registry import load_registry
+
+    if (settings.nnunet or {}).get("engine") == "builtin":
+        return False
+    return load_registry(settings.registry, settings.root).get(settings.dataset).task == "seg"
 
 
 
@@ -26,7 +39,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
-    """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call)."""
+    """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call):
+    segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine."""
+    if uses_nnunet(settings):
+        from openmind_bench.downstream.nnunet.run import finetune_segmentation
+
+        if int(nproc) > 1:
+            log.warning("nnU-Net fine-tuning runs on one GPU (as the papers'); %d requested", nproc)
+        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)))
+        return 0
     return engine_launch.launch(settings, worker=WORKER, done=METRICS_FILE, preempted=PREEMPTED, nproc=nproc,
                                 threads=threads, label="fine-tuning")
 

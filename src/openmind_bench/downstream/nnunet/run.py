@@ -1,0 +1,260 @@
+"""Fine-tune one segmentation run inside nnU-Net v2 and score its predictions (the job's entry).
+
+`finetune_segmentation(settings, threads)` does, for one dataset x run x fold:
+
+1. `dataset.prepare`: raw export, fingerprint, preprocessing at the pre-training spacing and
+   `splits_final.json` (once per dataset, shared by its runs);
+2. plans like nnssl (`plans.like_nnssl`) with this run's table in their `openmind_bench` section;
+3. `nnUNetTrainer_OpenMind` trains into the nnU-Net model folder
+   `{out}/nnunet/DatasetNNN_{name}/nnUNetTrainer_OpenMind__OpenMindPlans__3d_fullres/fold_{i}`
+   (resumes from its `checkpoint_latest.pth`; skips training when `checkpoint_final.pth` exists);
+4. nnU-Net's predictor (sliding window, Gaussian weighting, mirroring on all axes) writes the
+   evaluation cases' label maps to `{out}/predictions/`;
+5. our per-case DSC / NSD (`openmind_bench.metrics`) on them -> `{out}/metrics.json` + `metrics.csv`.
+
+nnU-Net's path variables and `nnUNet_n_proc_DA` (from the job's threads, >= 1) are set here for
+the job; `nnUNet_extTrainer` is set too, so any nnU-Net command started from the job finds the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from openmind_bench.downstream import schedules, splits
+from openmind_bench.downstream.nnunet import dataset as nndata
+from openmind_bench.downstream.nnunet import plans as nnplans
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+TRAINER = "nnUNetTrainer_OpenMind"
+CHECKPOINT = "checkpoint_final.pth"
+# nnU-Net's fine-tuning trainers' optimisers (pretrainedTrainer / Primus trainers)
+OPTIMIZER = {"cnn": {"name": "sgd", "momentum": 0.99, "weight_decay": 3e-5},
+             "transformer": {"name": "adamw", "betas": [0.9, 0.98], "weight_decay": 5e-2}}
+GRAD_CLIP = {"cnn": 12.0, "transformer": 1.0}
+
+
+def ext_trainer_path() -> str:
+    """The folder `nnUNet_extTrainer` must list for nnU-Net to find `nnUNetTrainer_OpenMind`."""
+    return str(Path(__file__).resolve().parent / "ext_trainers")
+
+
+def model_folder(results: str | Path, dataset_name: str) -> Path:
+    return Path(results) / dataset_name / f"{TRAINER}__{nnplans.PLANS_NAME}__{nnplans.CONFIGURATION}"
+
+
+def run_schedule(name, family: str, epochs: int, iterations: int, schedule_config: dict) -> schedules.Schedule:
+    """The run's schedule table: its named schedule when pre-trained; from scratch nnU-Net's own
+    (poly for CNNs, the Primus trainers' linear warm-up then poly for Primus)."""
+    cfg = schedule_config or {}
+    warm = schedules.warmup_for(family, epochs, cfg.get("warmup_epochs"))
+    peaks = cfg.get("peak_lr")
+    if name.pretrained:
+        schedule_name = name.schedule or "default"
+    else:
+        schedule_name = "warmup" if family == "transformer" else "default"
+    return schedules.build_schedule(
+        schedule_name, epochs, schedules.peak_lr(family, name.pretrained, peaks), iterations,
+        decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
+        decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
+        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"),
+        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
+
+
+def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_ids: list) -> dict:
+    from openmind_bench.downstream import transfer
+
+    options = dict(settings.nnunet or {})
+    pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
+    if settings.patch_size:
+        patch = [int(p) for p in settings.patch_size]
+    elif pretrained is not None and pretrained.recommended_patch_size:
+        patch = pretrained.recommended_patch_size
+    else:
+        patch = [int(p) for p in settings.scratch_patch_size]
+    entry, family = nnplans.architecture(pretrained.plan if pretrained else None, name.architecture,
+                                         settings.architecture_presets, patch)
+    schedule = run_schedule(name, family, name.epochs, settings.steps_per_epoch, settings.schedule_config)
+    run = {
+        "run": settings.run, "dataset": spec.name, "fold": str(settings.fold), "family": family,
+        "checkpoint": str(Path(settings.checkpoint).resolve()) if name.pretrained else None,
+        "schedule": schedule.to_dict(), "optimizer": dict(OPTIMIZER[family]), "grad_clip": GRAD_CLIP[family],
+        "val_iterations_per_epoch": int(options.get("val_iterations_per_epoch", 50)),
+        "save_every": int(options.get("save_every", 50)),
+        "decoder_stage": options.get("decoder_stage", "published"),
+        "train_cases": list(train_ids), "val_cases": list(val_ids),
+    }
+    return nnplans.like_nnssl(default_plans, spacing=spacing_of(settings, pretrained), patch_size=patch,
+                              batch_size=settings.batch_size, architecture_entry=entry,
+                              channels=len(spec.modalities), run=run)
+
+
+def spacing_of(settings, pretrained=None) -> list[float]:
+    """The fine-tuning spacing: config `finetune.spacing`, else the checkpoint's pre-training spacing, else 1 mm."""
+    if settings.spacing:
+        return [float(s) for s in settings.spacing]
+    if pretrained is not None and pretrained.spacing:
+        return list(pretrained.spacing)
+    return [1.0, 1.0, 1.0]
+
+
+def device_for(threads: int):
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.device("cpu")
+
+
+def predict(model_dir: str | Path, fold: int, cases: list, out_dir: str | Path, device, tile_step_size: float = 0.5,
+            mirroring: bool = True) -> dict[str, Path]:
+    """nnU-Net's predictor on `cases` (readers.Case); returns case id -> prediction file."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=CHECKPOINT)
+    ending = predictor.dataset_json["file_ending"]
+    predictor.predict_from_files_sequential([[str(p) for p in c.images] for c in cases],
+                                            [str(out_dir / c.case_id) for c in cases], save_probabilities=False,
+                                            overwrite=True)
+    return {c.case_id: out_dir / f"{c.case_id}{ending}" for c in cases}
+
+
+def score(spec, cases: list, predictions: dict, identity) -> dict:
+    from openmind_bench.metrics import evaluate_case_files, segmentation_document
+
+    scored = {}
+    for case in cases:
+        scored[case.case_id] = evaluate_case_files(case.label, predictions[case.case_id], spec.labels,
+                                                   float(spec.nsd_tolerance_mm))
+        log.info("%s: DSC %.3f NSD %.3f", case.case_id, scored[case.case_id]["DSC"], scored[case.case_id]["NSD"])
+    return segmentation_document(identity, scored, float(spec.nsd_tolerance_mm))
+
+
+def finetune_segmentation(settings, threads: int = 1) -> str:
+    """Train, predict, score into `settings.out_dir` (module doc); returns "finished".
+
+    A run whose metrics.json exists finished before: running it again (Snakemake re-runs it because
+    its settings changed, or it was forced) starts anew, never reuses that model. A run without
+    metrics.json continues from nnU-Net's checkpoint_latest.pth (preemption)."""
+    import shutil
+
+    from openmind_bench.downstream import finetune, inference
+    from openmind_bench.downstream.readers import read_dataset
+    from openmind_bench.names import parse_run
+    from openmind_bench.registry import load_registry
+
+    out = Path(settings.out_dir)
+    if (out / METRICS).exists():
+        log.info("%s exists from an earlier run: training anew", out / METRICS)
+        (out / METRICS).unlink()
+        shutil.rmtree(out / "nnunet", ignore_errors=True)
+    name = parse_run(settings.run)
+    registry = load_registry(settings.registry, settings.root)
+    spec = registry.get(settings.dataset)
+    if spec.zero_shot_from:
+        return zero_shot(settings, registry, threads)
+    if name.pretrained and not settings.checkpoint:
+        raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
+    data = read_dataset(spec)
+    split = splits.read_split(settings.split)
+    train_cases, eval_cases = finetune.training_cases(settings, data, name)
+    threads = max(1, int(threads or settings.threads or 1))
+    device = device_for(threads)
+    prepared = nndata.prepare(data, split, out.parent.parent / nndata.DATA_DIR,
+                              spacing=spacing_of(settings, _pretrained_or_none(settings, name)), n_proc=threads)
+    train_ids = [c.case_id for c in train_cases]
+    _, val_ids = splits.partition(split, settings.fold)
+    plans = build_plans(settings, name, spec, prepared["default_plans"], train_ids, val_ids)
+    fold = nndata.nnunet_fold(split, settings.fold)
+    results = out / "nnunet"
+    folder = model_folder(results, prepared["dataset_name"])
+    dataset_json = _json(Path(prepared["raw"]) / prepared["dataset_name"] / "dataset.json")
+    os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
+    with nndata.environment(prepared["raw"], prepared["preprocessed"], results, threads):
+        from openmind_bench.downstream.nnunet.trainer import nnUNetTrainer_OpenMind
+
+        fold_dir = folder / f"fold_{fold}"
+        if not (fold_dir / CHECKPOINT).exists():
+            resume = (fold_dir / "checkpoint_latest.pth").exists()
+            trainer = nnUNetTrainer_OpenMind({**plans, "continue_training": resume}, nnplans.CONFIGURATION, fold,
+                                             dataset_json, device)
+            if resume:
+                trainer.load_checkpoint(str(fold_dir / "checkpoint_latest.pth"))
+            trainer.run_training()
+            del trainer
+        predictions = predict(folder, fold, eval_cases, out / "predictions", device,
+                              1.0 - float(settings.sliding_window_overlap))
+    doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold))
+    doc["engine"] = "nnunetv2"
+    inference.write(doc, out)
+    return "finished"
+
+
+def source_run_dir(out_dir: str | Path, source: str) -> Path:
+    """`results/downstream/{source}/{run}/fold_test` for `results/downstream/{dataset}/{run}/fold_{k}`."""
+    out = Path(out_dir)
+    return out.parents[2] / source / out.parent.name / "fold_test"
+
+
+def zero_shot(settings, registry, threads: int = 1) -> str:
+    """Score the model the same run fine-tuned on `zero_shot_from` (its fixed train split, fold
+    `test`) on this dataset's test cases, untrained here (the MAE paper's BraTS-Mets rows)."""
+    from openmind_bench.downstream import inference
+    from openmind_bench.downstream.readers import read_dataset
+    from openmind_bench.names import parse_run
+
+    spec = registry.get(settings.dataset)
+    source = registry.get(spec.zero_shot_from)
+    if str(settings.fold) != "test":
+        raise ValueError(f"dataset {spec.name} is scored zero-shot from {source.name}: only fold 'test' exists, "
+                         f"not {settings.fold!r}")
+    source_dir = source_run_dir(settings.out_dir, source.name)
+    model = model_folder(source_dir / "nnunet", nndata.dataset_name(source))
+    source_split = splits.read_split(Path(settings.split).parent / f"{source.name}.json")
+    fold = nndata.nnunet_fold(source_split, "test")
+    if not (model / f"fold_{fold}" / CHECKPOINT).exists():
+        raise FileNotFoundError(f"zero-shot {spec.name} <- {source.name}: no fine-tuned model at {model}/fold_{fold}")
+    channels = len(_json(model / "dataset.json")["channel_names"])
+    if channels != len(spec.modalities):
+        raise ValueError(f"zero-shot {spec.name} <- {source.name}: the model takes {channels} channel(s), "
+                         f"{spec.name} has {len(spec.modalities)} ({spec.modalities})")
+    data = read_dataset(spec)
+    _, test_ids = splits.partition(splits.read_split(settings.split), "test")
+    by_id = {c.case_id: c for c in data.cases}
+    cases = [by_id[c] for c in test_ids if c in by_id]
+    threads = max(1, int(threads or 1))
+    out = Path(settings.out_dir)
+    os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
+    with nndata.environment(None, None, source_dir / "nnunet", threads):
+        predictions = predict(model, fold, cases, out / "predictions", device_for(threads),
+                              1.0 - float(settings.sliding_window_overlap))
+    doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold))
+    doc.update(engine="nnunetv2", zero_shot_from=source.name)
+    inference.write(doc, out)
+    return "finished"
+
+
+def _pretrained_or_none(settings, name):
+    from openmind_bench.downstream import transfer
+
+    return transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
+
+
+def _json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _path_list(existing: str | None, folder: str) -> str:
+    parts = [p for p in (existing or "").split(os.pathsep) if p]
+    return os.pathsep.join(parts if folder in parts else [*parts, folder])

@@ -1,0 +1,228 @@
+"""One nnU-Net trainer for every fine-tuning run, parameterised by the run's schedule table.
+
+`nnUNetTrainer_OpenMind` is nnU-Net's own `nnUNetTrainer` (its data loading, augmentation, Dice +
+CE loss with batch Dice and without background, online validation, checkpoints) with what the
+public fine-tuning trainers add, read from the plans' `openmind_bench` section:
+
+- the network from the plans (`get_network_from_plans`: ResEnc gets `InitWeights_He(1e-2)` and the
+  last norm before each residual add zeroed; Primus its own init, the package's drop-path default),
+  no deep supervision; then the checkpoint's encoder + stem (`weights.load_pretrained`);
+- the lr and the trainable parameter groups per epoch from `downstream.schedules` (one table per
+  schedule, never a class per schedule x epochs); the lr changes once per epoch as nnU-Net's;
+- ONE optimiser for the whole run (SGD 0.99 Nesterov for CNNs, AdamW (0.9, 0.98) for Primus): a
+  phase change sets new rates and adds the parameter groups that start training, so momentum / Adam
+  moments of what already trained carry on (the public trainers keep the optimiser between warm-up
+  and poly);
+- decoder-only phases of `sawtooth` / `valley` (`decoder_stage`): `published` trains what the public
+  trainer's `network.decoder.parameters()` holds, i.e. encoder and stem too for ResEnc (whose
+  decoder references the encoder), the decoder (+ the input projection when channels were repeated)
+  for Primus; `decoder_only` freezes stem and encoder as the papers' text says. `frozen` always
+  keeps them bit-identical;
+- gradient clipping 12 (CNN) / 1 (Primus), as nnU-Net's trainers.
+
+Without an `openmind_bench` section (another nnU-Net plans file) it behaves as nnU-Net's default
+trainer minus deep supervision. `nnUNetv2_predict` finds it through `nnUNet_extTrainer` (this
+package's folder; see `predict.ext_trainer_path`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import autocast
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+
+from openmind_bench.downstream import schedules
+
+CNN_CLIP, TRANSFORMER_CLIP = 12.0, 1.0
+DECODER_STAGES = ("published", "decoder_only")
+
+
+def schedule_from_dict(doc: dict) -> schedules.Schedule:
+    """The inverse of `Schedule.to_dict` (the table stored in the plans)."""
+    phases = tuple(schedules.Phase(p["name"], int(p["epochs"]), frozenset(p["trainable"]), p["curve"],
+                                   float(p["lr_factor"])) for p in doc["phases"])
+    return schedules.Schedule(doc["name"], float(doc["peak_lr"]), int(doc["epochs"]), int(doc["steps_per_epoch"]),
+                              phases, float(doc["poly_exponent"]))
+
+
+def trainable_groups(phase: schedules.Phase, schedule_name: str, decoder_stage: str, decoder_holds_encoder: bool,
+                     channels_repeated: bool) -> frozenset:
+    """The groups a phase really trains (see the module doc for `decoder_stage`)."""
+    if decoder_stage not in DECODER_STAGES:
+        raise ValueError(f"decoder_stage {decoder_stage!r} is not one of {list(DECODER_STAGES)}")
+    if phase.trainable != schedules.DECODER or schedule_name == "frozen" or decoder_stage == "decoder_only":
+        return phase.trainable
+    if decoder_holds_encoder:
+        return schedules.ALL
+    return phase.trainable | {"stem"} if channels_repeated else phase.trainable
+
+
+def bare_network(network):
+    """The module under DDP / torch.compile wrappers."""
+    net = getattr(network, "module", network)
+    return getattr(net, "_orig_mod", net)
+
+
+class _ScheduleStepper:
+    """nnU-Net calls `lr_scheduler.step(epoch)`; the schedule table answers."""
+
+    def __init__(self, trainer: "nnUNetTrainer_OpenMind"):
+        self.trainer = trainer
+
+    def step(self, epoch=None):
+        self.trainer.apply_epoch(self.trainer.current_epoch if epoch is None else int(epoch))
+
+
+class nnUNetTrainer_OpenMind(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.run_settings = dict(plans.get("openmind_bench") or {})
+        self.enable_deep_supervision = False
+        self.schedule = None
+        if self.run_settings:
+            rs = self.run_settings
+            self.schedule = schedule_from_dict(rs["schedule"])
+            self.num_epochs = self.schedule.epochs
+            self.num_iterations_per_epoch = self.schedule.steps_per_epoch
+            self.num_val_iterations_per_epoch = int(rs.get("val_iterations_per_epoch", 50))
+            self.initial_lr = self.schedule.peak_lr
+            self.weight_decay = float(rs["optimizer"]["weight_decay"])
+            self.save_every = int(rs.get("save_every", 50))
+        self.groups: dict = {}
+        self.loaded_keys: list[str] = []
+        self.channels_repeated = False
+        self.current_trainable: frozenset | None = None
+
+    # ---------------------------------------------------------------- network
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        name = configuration_manager.network_arch_class_name
+        primus = name.split(".")[-1].startswith("Primus")
+        return get_network_from_plans(name, configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                      num_output_channels, allow_init=True,
+                                      deep_supervision=None if primus else False)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # never on: the fine-tuning trainers train without deep supervision
+
+    def initialize(self):
+        # nnU-Net builds the network, then calls configure_optimizers, which loads the checkpoint first
+        self._pending_checkpoint = self.run_settings.get("checkpoint")
+        super().initialize()
+
+    def configure_optimizers(self):
+        if not self.run_settings:
+            return super().configure_optimizers()
+        from openmind_bench import nets
+        from openmind_bench.downstream import transfer
+        from openmind_bench.downstream.nnunet import weights
+
+        net = bare_network(self.network)
+        checkpoint = getattr(self, "_pending_checkpoint", None)
+        if checkpoint and not self.loaded_keys:
+            self.loaded_keys, self.channels_repeated = weights.load_pretrained(
+                net, checkpoint, self.configuration_manager.patch_size)
+            self.print_to_log_file(f"loaded {len(self.loaded_keys)} encoder/stem tensors from {checkpoint}")
+        self.groups = transfer.parameter_groups(net, nets.adaptation_keys(net))
+        _, _, groups, _ = self.phase_at(self.current_epoch)
+        param_groups = [{"params": [p for _, p in self.groups[g]], "name": g}
+                        for g in schedules.GROUPS if g in groups and self.groups.get(g)]
+        cfg = self.run_settings["optimizer"]
+        if cfg["name"] == "sgd":
+            self.optimizer = torch.optim.SGD(param_groups, lr=self.initial_lr, momentum=float(cfg.get("momentum", 0.99)),
+                                             nesterov=True, weight_decay=self.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups, lr=self.initial_lr,
+                                               betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.98))),
+                                               weight_decay=self.weight_decay, fused=self.device.type == "cuda")
+        self.current_trainable = None
+        self.apply_epoch(self.current_epoch)
+        return self.optimizer, _ScheduleStepper(self)
+
+    # ---------------------------------------------------------------- schedule
+    def decoder_holds_encoder(self) -> bool:
+        net = bare_network(self.network)
+        decoder, encoder = getattr(net, "decoder", None), getattr(net, "encoder", None)
+        return decoder is not None and encoder is not None and getattr(decoder, "encoder", None) is encoder
+
+    def phase_at(self, epoch: int) -> tuple[schedules.Phase, int, frozenset, float]:
+        s = self.schedule
+        phase, e = s.phase_at(min(epoch, s.epochs - 1) * s.steps_per_epoch)
+        groups = trainable_groups(phase, s.name, self.run_settings.get("decoder_stage", "published"),
+                                  self.decoder_holds_encoder(), self.channels_repeated)
+        return phase, e, groups, s.peak_lr * phase.relative_lr(e, s.poly_exponent)
+
+    def apply_epoch(self, epoch: int) -> float:
+        """Freeze / unfreeze for `epoch`'s phase, add starting groups to the optimiser, set the lr."""
+        phase, _, groups, lr = self.phase_at(epoch)
+        if groups != self.current_trainable:
+            for name, named in self.groups.items():
+                for _, p in named:
+                    p.requires_grad_(name in groups)
+            present = {g["name"] for g in self.optimizer.param_groups}
+            for name in schedules.GROUPS:
+                if name in groups and name not in present and self.groups.get(name):
+                    self.optimizer.add_param_group({"params": [p for _, p in self.groups[name]], "name": name})
+            if self.current_trainable is not None:
+                self.print_to_log_file(f"epoch {epoch}: phase {phase.name}, training {sorted(groups)}")
+            self.current_trainable = groups
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if group["name"] in groups else 0.0
+        return lr
+
+    def on_train_epoch_start(self):
+        if not self.run_settings:
+            return super().on_train_epoch_start()
+        self.network.train()
+        lr = self.apply_epoch(self.current_epoch)
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        self.print_to_log_file(f"Current learning rate: {np.round(lr, decimals=7)}")
+        self.logger.log("lrs", lr, self.current_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        clip = float(self.run_settings.get("grad_clip", CNN_CLIP))
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.loss(self.network(data), target)
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # ---------------------------------------------------------------- splits and resume
+    def do_split(self):
+        rs = self.run_settings
+        if rs.get("train_cases") is not None:
+            return list(rs["train_cases"]), list(rs["val_cases"])
+        return super().do_split()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        if self.run_settings:  # the optimiser's groups as they were when the checkpoint was written
+            for epoch in range(int(checkpoint["current_epoch"])):
+                self.apply_epoch(epoch)
+        super().load_checkpoint(checkpoint)
