@@ -152,6 +152,18 @@ def n4_bias(data, affine, grad: Gradients, settings: DwiSettings):
     return data / field_[..., None]
 
 
+def tensor_volumes(grad: Gradients, settings: DwiSettings, notes: list[str]) -> np.ndarray:
+    """b0s + shells with b <= max_tensor_bval; a scan whose lowest shell lies above that (a b=2000
+    or 3000 single-shell HARDI) is fitted on its lowest shell (within 10%), as noted."""
+    keep = grad.bvals <= settings.max_tensor_bval
+    weighted = grad.bvals[~grad.b0_mask]
+    if weighted.size and not keep[~grad.b0_mask].any():
+        lowest = float(weighted.min())
+        keep = grad.b0_mask | (grad.bvals <= lowest * 1.1)
+        notes.append(f"no shell with b <= {settings.max_tensor_bval:g}: tensor fitted on the lowest shell (b = {lowest:g})")
+    return keep
+
+
 def derive_scan(path: str | Path, bval: str | Path | None, bvec: str | Path | None, settings: DwiSettings,
                 scratch: str | Path | None = None) -> DerivedScan:
     """Run the steps on one scan; DwiRejected(step, reason) when no map can be made."""
@@ -191,7 +203,7 @@ def derive_scan(path: str | Path, bval: str | Path | None, bvec: str | Path | No
         t2w = (reference * mask).astype(np.float32) if grad.n_b0 else None
         if t2w is None:
             notes.append("no T2w: the series has no b0 volume")
-        tensor_keep = grad.bvals <= settings.max_tensor_bval
+        tensor_keep = tensor_volumes(grad, settings, notes)
         sub = grad.subset(tensor_keep)
         maps: TensorMaps | None = None
         if sub.n_directions() < settings.min_directions:
