@@ -50,6 +50,13 @@ def test_demo_all_runs_and_is_resumable(tmp_path, repo, demo_mirror, demo_truth)
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    # every indexed DWI scan became T2w/ADC/FA index rows, and those reached the pre-training store
+    dwi_maps = pd.read_parquet(work / "results/index/dwi.parquet")
+    dwi_scans = images[images.modality == "DWI"]
+    assert sorted(dwi_maps.modality) == sorted(["ADC", "FA", "T2w"] * len(dwi_scans))
+    assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
+    stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
+    assert set(dwi_maps.image_id) <= set(stored.image_id)
     # scratch + mae x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
     for rule in ("fetch", "index"):
