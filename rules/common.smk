@@ -54,7 +54,7 @@ def rejection_parts():
     parts = [f"results/qc/parts/fetch/{SOURCE}/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/index/{d}.tsv" for d in DATASETS]
     parts += [f"results/qc/parts/preprocess/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
-    parts += dwi_rejection_parts()  # rules/dwi.smk
+    parts += DWI_REJECTION_PARTS  # rules/dwi.smk
     parts += downstream_rejection_parts()
     return parts
 
@@ -65,7 +65,7 @@ PREPROCESS_ROOT = "results/preprocessed"
 
 def preprocess_index_tables(wildcards):
     """Index tables whose rows are preprocessed (stages that add rows or mask paths extend this)."""
-    return ["results/index/images.parquet", *dwi_index_tables()]  # rules/dwi.smk
+    return ["results/index/images.parquet", *DWI_INDEX_TABLES]  # rules/dwi.smk
 
 
 def preprocess_manifests(wildcards=None):

@@ -7,20 +7,13 @@ DWI_ROOT = "results/derivatives/dwi"
 DWI_ENABLED = config["dwi"]["enabled"]
 
 
-def dwi_shard_tables():
-    return [f"results/dwi/tables/{d}/shard-{k}.parquet" for d in DATASETS for k in range(N_SHARDS[d])]
-
-
-def dwi_rejection_parts():
-    """QC parts of the DWI shard jobs (none when the stage is off)."""
-    if not DWI_ENABLED:
-        return []
-    return [f"results/qc/parts/dwi/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
-
-
-def dwi_index_tables():
-    """The derived images' table, read by preprocessing beside the index (none when the stage is off)."""
-    return ["results/index/dwi.parquet"] if DWI_ENABLED else []
+DWI_SHARD_TABLES = [f"results/dwi/tables/{d}/shard-{k}.parquet" for d in DATASETS for k in range(N_SHARDS[d])]
+# read by rejection_parts() and preprocess_index_tables() in common.smk (empty when the stage is off):
+# the QC parts of the shard jobs, and the derived images' table preprocessing reads beside the index
+DWI_REJECTION_PARTS = (
+    [f"results/qc/parts/dwi/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])] if DWI_ENABLED else []
+)
+DWI_INDEX_TABLES = ["results/index/dwi.parquet"] if DWI_ENABLED else []
 
 
 rule dwi_shard:
@@ -48,7 +41,7 @@ rule dwi_shard:
 
 rule dwi_gather:
     input:
-        tables=dwi_shard_tables(),
+        tables=DWI_SHARD_TABLES,
     output:
         table="results/index/dwi.parquet",
     log:

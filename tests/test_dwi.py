@@ -206,8 +206,12 @@ def test_single_weighted_volume_gives_t2w_only(tmp_path):
     data, grad, _ = single_fibre(np.eye(4), n_dirs=1)
     path = save(tmp_path / "sub-01_dwi.nii.gz", data)
     bval, bvec = write_table(tmp_path, "sub-01_dwi", grad.bvals, grad.bvecs)
-    result = derive_scan(path, bval, bvec, settings(denoise=False, degibbs=False, motion=False, mask=False))
+    result = derive_scan(path, bval, bvec, settings(degibbs=False, motion=False, mask=False))
     assert result.t2w is not None and result.fa is None and result.adc is None
+    # a 6-voxel-thin volume would not fit a 7-voxel MP-PCA window: that step is skipped, not failed
+    assert dict((s["step"], s["outcome"]) for s in result.status)["denoise"] == "done"
+    thin = derive_scan(path, bval, bvec, settings(degibbs=False, motion=False, mask=False, denoise_patch_radius=3))
+    assert dict((s["step"], s["outcome"]) for s in thin.status)["denoise"].startswith("skipped: image (6, 6, 6) thinner")
     assert any(n.startswith("no ADC/FA: 1 distinct direction") for n in result.notes)
     assert [s["outcome"] for s in result.status if s["step"] == "tensor"][0].startswith("skipped")
 

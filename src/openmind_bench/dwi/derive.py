@@ -173,10 +173,13 @@ def derive_scan(path: str | Path, bval: str | Path | None, bvec: str | Path | No
     notes += grad.notes
     backend = make_backend(settings, scratch)
     try:
-        if settings.denoise:
-            data = _timed(status, "denoise", backend.denoise, data, affine, grad)
-        else:
+        window = 2 * settings.denoise_patch_radius + 1
+        if not settings.denoise:
             _skip(status, "denoise", "off in config")
+        elif min(data.shape[:3]) < window:
+            _skip(status, "denoise", f"image {data.shape[:3]} thinner than the {window}-voxel denoising window")
+        else:
+            data = _timed(status, "denoise", backend.denoise, data, affine, grad)
         if settings.degibbs:
             data = _timed(status, "degibbs", backend.degibbs, data, affine, grad)
         else:
