@@ -302,3 +302,16 @@ def test_index_inherits_dataset_level_gradient_table(tmp_path):
     by_subject = table.set_index("subject")
     assert by_subject.loc["01", "bval"].endswith("ds000002/dwi.bval")
     assert by_subject.loc["02", "bvec"].endswith("sub-02/sub-02_acq-b1000_dwi.bvec")
+
+
+@needs_mrtrix
+def test_mrtrix_backend_every_step_on_real_data():
+    """dwidenoise, mrdegibbs, dwi2mask, dwi2tensor/tensor2metric through nipype on small_64D (NaN b0 row)."""
+    from dipy.data import get_fnames
+
+    fimg, fbval, fbvec = get_fnames(name="small_64D")
+    result = derive_scan(fimg, fbval, fbvec, settings(backend="mrtrix3", motion=False))
+    outcomes = {s["step"]: s["outcome"] for s in result.status}
+    assert all(outcomes[s] == "done" for s in ("denoise", "degibbs", "bias", "mask", "tensor")), outcomes
+    assert result.mask.any() and np.isfinite(result.fa).all() and np.isfinite(result.adc).all()
+    assert 0.0 < np.median(result.fa[result.mask]) < 1.0
