@@ -106,6 +106,12 @@ def test_modalities_and_dwi_companions(indexed, demo_truth):
         assert Path(row.bval).is_file() and Path(row.bvec).is_file()
         assert row.n_volumes == len(np.loadtxt(row.bval, ndmin=1))
     assert (images[images.modality != "DWI"].n_volumes == 1).all()
+    # a scan whose table sits only at the dataset root is indexed with that table (BIDS inheritance)
+    inherited = [k for k, v in demo_truth["images"].items() if v.get("gradient_table", "").startswith("inherited")]
+    assert inherited
+    for rel in inherited:
+        row = dwi[dwi.path.str.endswith(rel)].iloc[0]
+        assert row.bval.endswith(f"{rel.split('/')[0]}/dwi.bval") and row.bvec.endswith(f"{rel.split('/')[0]}/dwi.bvec")
 
 
 def test_geometry_matches_ground_truth(indexed, demo_truth):

@@ -19,7 +19,7 @@ pytest.importorskip("nnunetv2")
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: E402
 
 from openmind_bench.aggregate.collect import write_results  # noqa: E402
-from openmind_bench.aggregate.registry import load_registry as table_registry  # noqa: E402
+from openmind_bench.registry import usable_datasets as table_registry  # noqa: E402
 from openmind_bench.aggregate.results import read_results  # noqa: E402
 from openmind_bench.aggregate.table import build_table  # noqa: E402
 from openmind_bench.demo.downstream import build_downstream  # noqa: E402
@@ -27,6 +27,7 @@ from openmind_bench.downstream import settings as run_settings, splits  # noqa: 
 from openmind_bench.downstream.nnunet import dataset as nndata, plans as nnplans, run as nnrun  # noqa: E402
 from openmind_bench.downstream.nnunet.trainer import nnUNetTrainer_OpenMind  # noqa: E402
 from openmind_bench.downstream.readers import case_table, read_dataset  # noqa: E402
+from openmind_bench import config as omb_config  # noqa: E402
 from openmind_bench.registry import load_registry  # noqa: E402
 
 from test_transfer import pretrained_checkpoint  # noqa: E402
@@ -64,6 +65,7 @@ def settings_for(lesion_set, run, checkpoint=None, epochs_steps=1, dataset=DATAS
               "finetune": {"scratch_patch_size": PATCH, "spacing": [3.5] * 3, "sliding_window_overlap": 0.0}}
     out = lesion_set["results"].parent / dataset / run / "fold_test"
     split = lesion_set["split_path"].parent / f"{dataset}.json"
+    config = omb_config.validate(config, omb_config.SCHEMA_PATH)
     return run_settings.resolve(config, dataset, run, "test", out_dir=str(out), split=str(split),
                                 pretrained_checkpoint=str(checkpoint) if checkpoint else None)
 

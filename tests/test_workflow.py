@@ -11,7 +11,7 @@ from conftest import run_snakemake
 
 # Jobs per rule of `snakemake -n all` on the demo config.
 DEMO_JOBS = {
-    "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "masks_shard": 6,
+    "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
     "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
@@ -73,7 +73,8 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
     schedules, epochs = 2, 1  # sawtooth, warmup at 150 epochs
     runs = pretrain_runs * schedules * epochs + 2  # + scratch ResEncL and PrimusM
     assert _job_counts(proc) == {
-        "all": 1, "fetch_dataset": 2, "index_dataset": 2, "gather_index": 1, "masks_shard": shards, "merge_masks": 1,
+        "all": 1, "fetch_dataset": 2, "index_dataset": 2, "gather_index": 1, "dwi_shard": shards, "dwi_gather": 1,
+        "masks_shard": shards, "merge_masks": 1,
         "quality_shard": shards, "quality_gather": 1, "preprocess_shard": shards,
         "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": 2, "finetune": 2 * runs,
         "qc_rejected": 1, "benchmark_table_of_config": 1,
@@ -120,6 +121,13 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
     assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    # every indexed DWI scan became T2w/ADC/FA index rows, and those reached the pre-training store
+    dwi_maps = pd.read_parquet(work / "results/index/dwi.parquet")
+    dwi_scans = images[images.modality == "DWI"]
+    assert sorted(dwi_maps.modality) == sorted(["ADC", "FA", "T2w"] * len(dwi_scans))
+    assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
+    stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
+    assert set(dwi_maps.image_id) <= set(stored.image_id)
     # scratch + simclr x {default, frozen} on the three demo downstream sets, per-case metrics each
     assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
     # `all` ends in the benchmark tables
@@ -128,10 +136,10 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     # masks and quality ran: every 3D image has masks and a score, and preprocessing used the masks
     n_3d = sum(1 for t in demo_truth["images"].values() if t["modality"] != "DWI")
     iqs = pd.read_parquet(work / "results/quality/iqs.parquet")
-    assert len(iqs) == n_3d and iqs.quality_score.between(1, 5).all()
+    assert len(iqs) == n_3d + len(dwi_maps) and iqs.quality_score.between(1, 5).all()
     masked = pd.read_parquet(work / "results/index/images_masked.parquet")
     assert (masked[masked.n_volumes == 1].anon_mask.str.endswith("_mask-anonymization.nii.gz")).all()
-    for rule in ("fetch", "index", "masks", "quality", "pretrain", "downstream", "aggregate"):
+    for rule in ("fetch", "index", "dwi", "masks", "quality", "pretrain", "downstream", "aggregate"):
         assert list((work / "logs" / rule).rglob("*.log")), rule
         assert list((work / "logs/benchmarks" / rule).rglob("*.tsv")), rule
 

@@ -3,7 +3,7 @@
 MASKS_ENABLED = config["masks"]["enabled"]
 # Every table of images (the columns of results/index/images.parquet). A stage that adds images (the
 # DWI stage's derived maps) appends its table here: they then get masks, scores and preprocessing.
-IMAGE_TABLES = ["results/index/images.parquet"]
+IMAGE_TABLES = ["results/index/images.parquet", *DWI_INDEX_TABLES]
 MASKED_INDEX = "results/index/images_masked.parquet"
 
 

@@ -6,6 +6,7 @@ def rejection_parts():
         *fetch_rejection_parts(),
         *index_rejection_parts(),
         *preprocess_rejection_parts(),
+        *DWI_REJECTION_PARTS,
         *masks_rejection_parts(),
         *downstream_rejection_parts(),
     ]

@@ -20,6 +20,7 @@ STAGES = [
     "openmind_bench.sources.cli",
     "openmind_bench.sources.s3_mirror",
     "openmind_bench.bids.cli",
+    "openmind_bench.dwi.cli",
     "openmind_bench.masks.cli",
     "openmind_bench.preprocess.cli",
     "openmind_bench.curation.cli",

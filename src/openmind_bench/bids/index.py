@@ -113,9 +113,13 @@ def check_dwi_companions(bval: Path, bvec: Path, n_volumes: int) -> str | None:
         np.loadtxt(bvec, ndmin=2)
     except (OSError, ValueError) as e:
         return f"unreadable gradient table: {e}"
-    if len(bval_counts) != 1 or bval_counts[0] != n_volumes:
+    # one row (BIDS) or one column of b-values; 3 rows (BIDS) or N rows of 3 (seen on OpenNeuro):
+    # the DWI stage reads both layouts
+    if sum(bval_counts) != n_volumes or (len(bval_counts) != 1 and set(bval_counts) != {1}):
         return f"bval has {bval_counts} values for {n_volumes} volumes"
-    if len(bvec_counts) != 3 or any(c != n_volumes for c in bvec_counts):
+    rows_ok = len(bvec_counts) == 3 and all(c == n_volumes for c in bvec_counts)
+    columns_ok = len(bvec_counts) == n_volumes and all(c == 3 for c in bvec_counts)
+    if not (rows_ok or columns_ok):
         return f"bvec rows {bvec_counts} do not match 3 x {n_volumes} volumes"
     return None
 
@@ -224,6 +228,8 @@ def index_dataset(
             continue
         bval = bvec = ""
         if modality == "DWI":
+            # nearest applicable table, beside the scan or inherited from a subject/session/dataset
+            # level `dwi.bval` / `acq-X_dwi.bvec` (BIDS inheritance, as for JSON sidecars)
             bval = sidecars.companion(rel, name, ".bval") or ""
             bvec = sidecars.companion(rel, name, ".bvec") or ""
             if not bval or not bvec:

@@ -392,13 +392,21 @@ class DemoBuilder:
                 bvecs = bvecs.T  # dipy ships some tables as N x 3; BIDS wants 3 rows
             save_nifti(data.astype(np.float32), affine, out / f"{name}.nii.gz", dtype=np.int16)
             origin = f"real DWI from dipy '{s.dwi}' (its table kept as shipped, NaN rows included)"
-        np.savetxt(out / f"{name}.bval", bvals[None, :], fmt="%g")
-        np.savetxt(out / f"{name}.bvec", bvecs, fmt="%.6f")
+        if spec.id == "ds990003" and s.dwi == "synthetic":
+            # gradient table kept once at the dataset root and inherited (BIDS inheritance), as
+            # many OpenNeuro datasets do; no other scan of ds990003 shares this table
+            table_dir, table_stem, table_kind = self.root / spec.id, "dwi", "inherited from dataset-level dwi.bval/dwi.bvec"
+        else:
+            table_dir, table_stem, table_kind = out, name, "beside the scan"
+        np.savetxt(table_dir / f"{table_stem}.bval", bvals[None, :], fmt="%g")
+        np.savetxt(table_dir / f"{table_stem}.bvec", bvecs, fmt="%.6f")
         side = dict(spec.sidecar, EchoTime=0.089 if spec.sidecar_mode != "partial" else 89, RepetitionTime=7.5)
         atomic.write_json(out / f"{name}.json", side)
         self.truth["images"][f"{spec.id}/{folder}/dwi/{name}.nii.gz"] = {
             "modality": "DWI", "origin": origin, "n_volumes": int(len(bvals)),
-            "nan_in_bvec": bool(np.isnan(bvecs).any()),
+            "nan_in_bvec": bool(np.isnan(bvecs).any()), "gradient_table": table_kind,
+            # the DWI stage derives these maps from the scan (a tensor needs >= 6 directions)
+            "derived_maps": ["T2w", "ADC", "FA"],
         }
 
     def inject(self) -> None:

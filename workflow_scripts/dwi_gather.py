@@ -1,0 +1,11 @@
+"""Snakemake adapter: rule dwi_gather -> openmind_bench.dwi.shard.gather."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
+
+from openmind_bench.dwi.shard import gather
+from openmind_bench.logs import log_to
+
+with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    gather(list(snakemake.input.tables), snakemake.output.table)
