@@ -14,12 +14,8 @@ from openmind_bench.ssl import features, views
 LOADER_AUGMENTATION = False
 
 DEFAULTS = {
-    "region_size": [192, 192, 64],
-    "crop_size": [64, 64, 64],
-    "min_overlap": 0.5,
-    "projector_dims": [2048, 2048, 2048],
+    **views.TWO_VIEW_DEFAULTS,
     "off_diagonal_weight": 5.0e-3,
-    "grad_clip": {"cnn": 0.1},
 }
 
 sizes = views.sizes

@@ -19,12 +19,8 @@ from openmind_bench.ssl import features, views
 LOADER_AUGMENTATION = False
 
 DEFAULTS = {
-    "region_size": [192, 192, 64],
-    "crop_size": [64, 64, 64],
-    "min_overlap": 0.5,
-    "projector_dims": [2048, 2048, 2048],
+    **views.TWO_VIEW_DEFAULTS,
     "temperature": 0.5,
-    "grad_clip": {"cnn": 0.1},
 }
 
 sizes = views.sizes

@@ -136,6 +136,17 @@ def two_views(image: torch.Tensor, seeds: Sequence[int], crop_size: Sequence[int
     return torch.stack(first + second).contiguous()
 
 
+# The view pipeline and projector shared by SimCLR, Barlow Twins and VICReg (nnssl's SimCLR values);
+# each method's DEFAULTS adds its loss weights to these.
+TWO_VIEW_DEFAULTS = {
+    "region_size": [192, 192, 64],
+    "crop_size": [64, 64, 64],
+    "min_overlap": 0.5,
+    "projector_dims": [2048, 2048, 2048],
+    "grad_clip": {"cnn": 0.1},
+}
+
+
 class TwoViewMethod(nn.Module):
     """Two overlapping crops of the loader's region, one encoder, a projector MLP over all encoder
     stages pooled and concatenated (the token mean on Primus), and a loss on the two embeddings."""
