@@ -24,3 +24,24 @@ def image_id(dataset: str, relpath: str) -> str:
 def shard_of(image: str, n_shards: int) -> int:
     digest = hashlib.sha1(image.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % int(n_shards)
+
+
+def read_shard(tables, dataset: str, shard: int, *, columns: list[str] | None = None,
+               modality: str | None = None):
+    """The rows of one (dataset, shard) of one or more image tables (the index's columns), read with a
+    row filter so a shard job never loads the whole index; sorted by image id. An image id listed in
+    two tables is an error naming them."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    frames = []
+    for table in tables:
+        where = (pads.field("dataset") == dataset) & (pads.field("shard") == int(shard))
+        if modality is not None:
+            where = where & (pads.field("modality") == modality)
+        frames.append(pads.dataset(str(table), format="parquet").to_table(columns=columns, filter=where).to_pandas())
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
+    dup = rows.image_id[rows.image_id.duplicated()].tolist()
+    if dup:
+        raise ValueError(f"index tables {list(map(str, tables))} list image id(s) twice: {dup[:5]}")
+    return rows.sort_values("image_id", kind="stable").reset_index(drop=True)

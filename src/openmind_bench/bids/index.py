@@ -284,18 +284,25 @@ def index_dataset(
     return conform(rows)
 
 
-def gather(parts, out_images: str | Path, out_shards: str | Path, expected: dict[str, int],
-           n_shards: dict[str, int]) -> pd.DataFrame:
-    """Concatenate per-dataset indexes; write images.parquet and shards.tsv."""
-    from openmind_bench import atomic
-
+def concat_image_tables(parts, what: str) -> pd.DataFrame:
+    """Per-job image tables (the index's columns) as one, sorted by dataset and image id; an image id
+    in two parts is an error naming `what`."""
     frames = [pd.read_parquet(p) for p in parts]
     frames = [f for f in frames if len(f)]
     images = conform([]) if not frames else pd.concat(frames, ignore_index=True)
     images = images.sort_values(["dataset", "image_id"], kind="stable").reset_index(drop=True)
     dup = images.image_id[images.image_id.duplicated()].unique().tolist()
     if dup:
-        raise ValueError(f"duplicate image ids across the index: {dup[:5]}")
+        raise ValueError(f"duplicate {what}: {dup[:5]}")
+    return images
+
+
+def gather(parts, out_images: str | Path, out_shards: str | Path, expected: dict[str, int],
+           n_shards: dict[str, int]) -> pd.DataFrame:
+    """Concatenate per-dataset indexes; write images.parquet and shards.tsv."""
+    from openmind_bench import atomic
+
+    images = concat_image_tables(parts, "image ids across the index")
     atomic.write_parquet(out_images, images)
     counts = images.groupby(["dataset", "shard"]).size()
     shard_rows = [

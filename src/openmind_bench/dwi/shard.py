@@ -24,14 +24,13 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 
 from openmind_bench import __version__, atomic
-from openmind_bench.bids.index import COLUMNS, conform
+from openmind_bench.bids.index import COLUMNS, concat_image_tables, conform
 from openmind_bench.dwi.derive import DwiSettings, derive_scan
 from openmind_bench.dwi.gradients import DwiRejected
 from openmind_bench.qc import Rejections
-from openmind_bench.sharding import image_id
+from openmind_bench.sharding import image_id, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,7 @@ def write_dataset_files(root: str | Path, dataset: str, settings: DwiSettings) -
 
 def shard_rows(index: str | Path, dataset: str, shard: int) -> pd.DataFrame:
     """The DWI rows of one (dataset, shard) of the index (read with a row filter)."""
-    source = pads.dataset(str(index), format="parquet")
-    table = source.to_table(filter=(pads.field("dataset") == dataset) & (pads.field("shard") == int(shard))
-                            & (pads.field("modality") == "DWI"))
-    return table.to_pandas().sort_values("image_id", kind="stable").reset_index(drop=True)
+    return read_shard([index], dataset, shard, modality="DWI")
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
@@ -165,12 +161,6 @@ def run_dwi_shard(index: str | Path, dataset: str, shard: int, deriv_root: str |
 
 def gather(tables: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     """Concatenate the shard tables into results/index/dwi.parquet (the derived images' index)."""
-    frames = [pd.read_parquet(t) for t in tables]
-    frames = [f for f in frames if len(f)]
-    images = conform([]) if not frames else pd.concat(frames, ignore_index=True)
-    images = images.sort_values(["dataset", "image_id"], kind="stable").reset_index(drop=True)
-    dup = images.image_id[images.image_id.duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"duplicate derived image ids: {dup[:5]}")
+    images = concat_image_tables(tables, "derived image ids")
     atomic.write_parquet(out, images[list(COLUMNS)])
     return images

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 from openmind_bench import atomic
 from openmind_bench.preprocess.image import ImageRejected, PreprocessSettings, preprocess_image
 from openmind_bench.qc import Rejections
+from openmind_bench.sharding import read_shard
 from openmind_bench.store.files import image_files, write_image
 
 log = logging.getLogger(__name__)
@@ -33,22 +34,11 @@ MANIFEST_COLUMNS = ["image_id", "dataset", "shard", "subject", "session", "modal
 
 def shard_rows(index_tables: Sequence[str | Path], dataset: str, shard: int) -> pd.DataFrame:
     """The rows of one (dataset, shard) from one or more index tables, read with a row filter."""
-    frames = []
     for table in index_tables:
-        source = pads.dataset(str(table), format="parquet")
-        missing = [c for c in INDEX_COLUMNS if c not in source.schema.names]
+        missing = [c for c in INDEX_COLUMNS if c not in pads.dataset(str(table), format="parquet").schema.names]
         if missing:
             raise ValueError(f"index table {table} lacks column(s) {missing}")
-        rows = source.to_table(
-            columns=INDEX_COLUMNS,
-            filter=(pads.field("dataset") == dataset) & (pads.field("shard") == int(shard)),
-        ).to_pandas()
-        frames.append(rows)
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
-    dup = rows.image_id[rows.image_id.duplicated()].tolist()
-    if dup:
-        raise ValueError(f"index tables {list(map(str, index_tables))} list image id(s) twice: {dup[:5]}")
-    return rows.sort_values("image_id", kind="stable").reset_index(drop=True)
+    return read_shard(index_tables, dataset, shard, columns=INDEX_COLUMNS)
 
 
 def _text(value) -> str:
