@@ -19,8 +19,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from openmind_bench.aggregate.ranking import dataset_ranks
-from openmind_bench.aggregate.results import RUN_KEY, SCRATCH, run_label
+from openmind_bench.aggregate.results import RUN_KEY, run_label
 from openmind_bench.aggregate.table import METRIC_TITLES, STAT_COLUMNS
+from openmind_bench.names import SCRATCH
 
 DPI = 120
 SCRATCH_COLOUR = "#7f7f7f"

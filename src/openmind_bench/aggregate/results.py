@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from openmind_bench.names import METRIC_TASK, METRICS, SCRATCH  # noqa: F401  (re-exported to the stage)
+from openmind_bench.names import METRICS
 
 log = logging.getLogger(__name__)
 

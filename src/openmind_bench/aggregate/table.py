@@ -14,16 +14,9 @@ import numpy as np
 import pandas as pd
 
 from openmind_bench.aggregate.ranking import average_rank
+from openmind_bench.aggregate.results import RUN_KEY, ResultsFormatError, dataset_values, present_metrics, run_label
+from openmind_bench.names import METRIC_TASK, SCRATCH
 from openmind_bench.registry import DatasetSpec, ordered_datasets
-from openmind_bench.aggregate.results import (
-    METRIC_TASK,
-    RUN_KEY,
-    SCRATCH,
-    ResultsFormatError,
-    dataset_values,
-    present_metrics,
-    run_label,
-)
 
 log = logging.getLogger(__name__)
 

@@ -116,12 +116,7 @@ def build_model(settings: FinetuneSettings, spec, name: RunName):
     architecture = None
     if pretrained is None or not pretrained.plan:
         architecture = nets.resolve(name.architecture, settings.architecture_presets)
-    if settings.patch_size:
-        patch = [int(p) for p in settings.patch_size]
-    elif pretrained is not None and pretrained.plan:
-        patch = pretrained.recommended_patch_size
-    else:
-        patch = [int(p) for p in settings.scratch_patch_size]
+    patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
     backbone = transfer.build_network(pretrained, architecture, patch, spec.channels,
                                       output_channels(spec) if spec.task == "seg" else 1)
     keys = dict(pretrained.keys) if pretrained is not None and pretrained.keys else nets.adaptation_keys(backbone)
@@ -144,14 +139,9 @@ def build_schedule(settings: FinetuneSettings, name: RunName, family: str, task:
         peak = CLASSIFICATION_PEAK_LR
     else:
         peak = schedules.peak_lr(family, name.pretrained, cfg["peak_lr"])
-    warm = schedules.warmup_for(family, name.epochs, cfg["warmup_epochs"])
     if task == "cls" and schedule == "default":
         schedule = "cosine"  # the classification protocol: cosine annealing from the peak
-    return schedules.build_schedule(
-        schedule, name.epochs, peak, settings.steps_per_epoch, decoder_warmup=int(warm["decoder"]),
-        whole_warmup=int(warm["whole"]), decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg["poly_exponent"]), custom=cfg["custom_schedules"],
-        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
+    return schedules.configured_schedule(schedule, family, name.epochs, peak, settings.steps_per_epoch, cfg)
 
 
 def optimiser_config(settings: FinetuneSettings, family: str, task: str) -> dict:

@@ -84,10 +84,6 @@ SCHEDULE_NAMES = tuple(TEMPLATES)
 # these functions read that table, and the schema's when none is given.
 
 
-def _downstream_default(key: str) -> dict:
-    return _DOWNSTREAM[key]
-
-
 class ScheduleError(ValueError):
     """A schedule that cannot run (unknown name, phases longer than the run, bad phase spec)."""
 
@@ -204,7 +200,7 @@ def family_of(architecture: str, presets: dict | None = None) -> str:
 def peak_lr(family: str, pretrained: bool, table: dict | None = None) -> float:
     """The peak lr of a fine-tuning run from `table` (config `downstream.peak_lr`:
     {family: {pretrained: x, scratch: y}}; None = the schema's)."""
-    table = _downstream_default("peak_lr") if table is None else table
+    table = _DOWNSTREAM["peak_lr"] if table is None else table
     key = "pretrained" if pretrained else "scratch"
     try:
         return float(table[family][key])
@@ -221,7 +217,7 @@ def warmup_for(family: str, epochs: int, table: dict | None = None) -> dict:
     least one epoch while the run is long enough to keep one epoch for the final phase, and the
     decoder-phase lr factor of the family's 150-epoch entry.
     """
-    table = _downstream_default("warmup_epochs") if table is None else table
+    table = _DOWNSTREAM["warmup_epochs"] if table is None else table
     configured = {int(k): v for k, v in (table.get(family) or {}).items()}
     factor = configured.get(epochs, configured.get(150, {})).get("decoder_lr_factor", 1.0)
     if epochs in configured:
@@ -324,9 +320,18 @@ def schedule_for_run(name: str, architecture: str, pretrained: bool, epochs: int
     """
     config = config or {}
     family = family_of(architecture, presets)
+    return configured_schedule(name, family, epochs, peak_lr(family, pretrained, config.get("peak_lr")),
+                               steps_per_epoch, config)
+
+
+def configured_schedule(name: str, family: str, epochs: int, peak: float, steps_per_epoch: int,
+                        config: dict | None = None) -> Schedule:
+    """The schedule `name` at `peak` with the warm-up lengths, decoder-phase lr factor, poly exponent
+    and custom schedules of the `downstream` config block (`config`; None = the schema's)."""
+    config = config or {}
     warm = warmup_for(family, epochs, config.get("warmup_epochs"))
     return build_schedule(
-        name, epochs, peak_lr(family, pretrained, config.get("peak_lr")), steps_per_epoch,
+        name, epochs, peak, steps_per_epoch,
         decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
         decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
         poly_exponent=float(config.get("poly_exponent", POLY_EXPONENT)),

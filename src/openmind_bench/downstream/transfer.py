@@ -65,6 +65,16 @@ class Pretrained:
         return [int(p) for p in self.plan["recommended_downstream_patchsize"]] if self.plan else None
 
 
+def finetuning_patch(patch_size, scratch_patch_size, pretrained: "Pretrained | None") -> list[int]:
+    """The fine-tuning patch: the configured one, else the checkpoint's recommended downstream patch,
+    else (scratch runs, checkpoints without an adaptation plan) the scratch patch."""
+    if patch_size:
+        return [int(p) for p in patch_size]
+    if pretrained is not None and pretrained.recommended_patch_size:
+        return pretrained.recommended_patch_size
+    return [int(p) for p in scratch_patch_size]
+
+
 def _strip_wrappers(weights: dict) -> dict:
     out = {}
     for key, value in weights.items():

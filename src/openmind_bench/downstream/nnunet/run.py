@@ -50,18 +50,12 @@ def run_schedule(name, family: str, epochs: int, iterations: int, schedule_confi
     """The run's schedule table: its named schedule when pre-trained; from scratch nnU-Net's own
     (poly for CNNs, the Primus trainers' linear warm-up then poly for Primus)."""
     cfg = schedule_config or {}
-    warm = schedules.warmup_for(family, epochs, cfg.get("warmup_epochs"))
-    peaks = cfg.get("peak_lr")
     if name.pretrained:
         schedule_name = name.schedule or "default"
     else:
         schedule_name = "warmup" if family == "transformer" else "default"
-    return schedules.build_schedule(
-        schedule_name, epochs, schedules.peak_lr(family, name.pretrained, peaks), iterations,
-        decoder_warmup=int(warm["decoder"]), whole_warmup=int(warm["whole"]),
-        decoder_lr_factor=float(warm.get("decoder_lr_factor", 1.0)),
-        poly_exponent=float(cfg.get("poly_exponent", schedules.POLY_EXPONENT)), custom=cfg.get("custom_schedules"),
-        sawtooth_whole_warmup=warm.get("sawtooth_whole"))
+    return schedules.configured_schedule(schedule_name, family, epochs,
+                                         schedules.peak_lr(family, name.pretrained, cfg.get("peak_lr")), iterations, cfg)
 
 
 def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_ids: list) -> dict:
@@ -69,12 +63,7 @@ def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_
 
     options = dict(settings.nnunet or {})
     pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
-    if settings.patch_size:
-        patch = [int(p) for p in settings.patch_size]
-    elif pretrained is not None and pretrained.recommended_patch_size:
-        patch = pretrained.recommended_patch_size
-    else:
-        patch = [int(p) for p in settings.scratch_patch_size]
+    patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
     entry, family = nnplans.architecture(pretrained.plan if pretrained else None, name.architecture,
                                          settings.architecture_presets, patch)
     schedule = run_schedule(name, family, name.epochs, settings.steps_per_epoch, settings.schedule_config)
