@@ -14,14 +14,14 @@ def pretrain_settings(wildcards):
     """The run's resolved settings, from config and wildcards alone: a plain param, so a change of
     any setting re-runs this run (Snakemake's params trigger) and no other."""
     run = omb_names.pretrain_run(wildcards.method, wildcards.arch, wildcards.selection)
-    selection = f"results/selections/{wildcards.selection}"
+    selection_output = rules.select_pretrain_data.output
     return omb_pretrain.resolve(
         PRETRAIN,
         wildcards.method,
         wildcards.arch,
         out_dir=omb_names.PRETRAIN_DIR.format(run=run),
-        train_data=f"{selection}/pretrain_data__preprocessed_train.json",
-        val_data=f"{selection}/pretrain_data__preprocessed_val.json",
+        train_data=expand(selection_output.train, selection=wildcards.selection)[0],
+        val_data=expand(selection_output.val, selection=wildcards.selection)[0],
         selection=wildcards.selection,
     ).to_dict()
 
