@@ -89,3 +89,14 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 600, env: dict | Non
     proc = subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     return proc
+
+
+def eval_loss(model, view) -> float:
+    """A method's loss on `view` in eval mode, without gradients (training mode restored)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        value = float(model(view))
+    model.train()
+    return value

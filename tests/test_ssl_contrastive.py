@@ -21,6 +21,7 @@ from openmind_bench.ssl import features, views, voco, volume_fusion
 from openmind_bench import config as omb_config
 from openmind_bench.engine import checkpoint, distributed, optimisation, step as engine_step
 from openmind_bench.pretrain import batches, settings as run_settings, trainer
+from conftest import eval_loss
 
 NEW = ["simclr", "voco", "volume_fusion", "swinunetr", "barlow_twins", "vicreg"]
 # Scaled down: 16^3 crops of 32 x 32 x 16 regions, 2 x 2 x 1 VoCo bases, small projectors and boxes.
@@ -202,14 +203,7 @@ def test_loss_decreases(method, arch):
     held_out = next(iter(source.val(steps=1, rank=0, world_size=1, batch_size=4, seed=7)))
     held_out_view = model.make_view(held_out, [101, 102, 103, 104])
 
-    def held_out_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            value = float(model(held_out_view))
-        model.train()
-        return value
-
-    before = held_out_loss()
+    before = eval_loss(model, held_out_view)
     ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
     steps = 30
     for step, batch in enumerate(source.train(epoch=0, first_step=0, steps=steps, rank=0, world_size=1,
@@ -217,7 +211,7 @@ def test_loss_decreases(method, arch):
         view = trainer.make_view(model, batch, [1000 + 4 * step + i for i in range(4)], torch.device("cpu"))
         loss, _ = engine_step.train_step(model, view, optimizer, None, 12.0, contextlib.nullcontext(), ctx, None)
         assert torch.isfinite(loss)
-    after = held_out_loss()
+    after = eval_loss(model, held_out_view)
     assert after < before - 0.05 * abs(before), (before, after)
 
 

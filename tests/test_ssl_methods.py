@@ -14,6 +14,7 @@ from openmind_bench import nets, ssl
 from openmind_bench.ssl import masking, models_genesis, spark3d
 from openmind_bench.engine import optimisation, step as engine_step
 from openmind_bench.pretrain import batches, settings as run_settings, trainer
+from conftest import eval_loss
 
 PATCH = (32, 32, 32)
 # 8^3 mask blocks at 32^3 (a 4^3 grid, the ResEncTiny bottleneck, as 32^3 blocks are the 5^3 ResEnc-L
@@ -84,14 +85,7 @@ def test_loss_decreases(method, arch):
     held_out = next(iter(source.val(steps=1, rank=0, world_size=1, batch_size=2, seed=7)))
     held_out_view = model.make_view(held_out, [101, 102])
 
-    def held_out_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            value = float(model(held_out_view))
-        model.train()
-        return value
-
-    before = held_out_loss()
+    before = eval_loss(model, held_out_view)
     ctx = trainer.distributed.Context(0, 1, 0, torch.device("cpu"))
     steps = 12 if cnn else 20
     for step, batch in enumerate(source.train(epoch=0, first_step=0, steps=steps, rank=0, world_size=1,
@@ -99,7 +93,7 @@ def test_loss_decreases(method, arch):
         view = model.make_view(batch, [1000 + 2 * step, 1001 + 2 * step])
         loss, _ = engine_step.train_step(model, view, optimizer, None, 12.0, contextlib.nullcontext(), ctx, None)
         assert torch.isfinite(loss)
-    after = held_out_loss()
+    after = eval_loss(model, held_out_view)
     assert after < 0.85 * before, (before, after)
 
 
