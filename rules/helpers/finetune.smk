@@ -7,7 +7,7 @@ DOWNSTREAM = config["downstream"]
 # The demo builds its downstream sets where the registry is told to read them.
 DOWNSTREAM_DEMO_ROOT = DOWNSTREAM["root"] or "data/demo_downstream"
 DOWNSTREAM_DATASET_FOLDS = omb_finetune.dataset_folds(config)
-FINETUNE_TARGETS = omb_finetune.targets(config, PRETRAIN_RUNS)
+FINETUNE_TARGETS = omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS)
 
 
 def finetune_targets():

@@ -147,6 +147,8 @@ def dataset_folds(config: dict) -> dict[str, list[str]]:
     return out
 
 
-def targets(config: dict, pretrain_runs: list[str]) -> list[str]:
+def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] | None = None) -> list[str]:
+    """Every metrics.json the config asks for; `folds` as `dataset_folds(config)` (read when not given)."""
     runs = run_names(config, pretrain_runs)
-    return [names.finetune_metrics(d, r, f) for d, folds in dataset_folds(config).items() for r in runs for f in folds]
+    folds = dataset_folds(config) if folds is None else folds
+    return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs]
