@@ -36,17 +36,17 @@ from openmind_bench import atomic, nets
 from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
 from openmind_bench.downstream.settings import FinetuneSettings
 from openmind_bench.downstream.readers import read_dataset
+from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.checkpoint import PREEMPTED
-from openmind_bench.engine import distributed, optimisation
 from openmind_bench.engine.logger import RunLogger
 from openmind_bench.engine.step import StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler, train_step
-from openmind_bench.names import CNN, METRICS_FILE, TRANSFORMER, RunName, parse_run
+from openmind_bench.names import CNN, TRANSFORMER, RunName, parse_run
 from openmind_bench.registry import load_registry
 
 log = logging.getLogger(__name__)
 
-LATEST = "checkpoint_latest.pt"
-FINAL = "checkpoint_final.pt"
+# The fine-tuned weights use the engine's checkpoint file names.
+LATEST, FINAL = checkpoint.LATEST, checkpoint.FINAL
 _TAG_INIT, _TAG_SAMPLE, _TAG_CASE = 11, 12, 13
 
 # Classification (docs/architecture.md / the MAE paper's classification protocol).

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from openmind_bench import atomic
+from openmind_bench.names import METRICS_FILE
 from openmind_bench.metrics import (
     RunIdentity,
     classification_document,
@@ -96,4 +97,4 @@ def evaluate(net: torch.nn.Module, spec, cases: list, run: RunIdentity, patch_si
 
 def write(doc: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
-    write_metrics(doc, out_dir / "metrics.json", out_dir / "metrics.csv")
+    write_metrics(doc, out_dir / METRICS_FILE, out_dir / "metrics.csv")

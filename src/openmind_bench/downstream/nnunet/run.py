@@ -23,12 +23,12 @@ import os
 from pathlib import Path
 
 from openmind_bench.downstream import schedules, splits
+from openmind_bench.names import METRICS_FILE
 from openmind_bench.downstream.nnunet import dataset as nndata
 from openmind_bench.downstream.nnunet import plans as nnplans
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
 TRAINER = "nnUNetTrainer_OpenMind"
 CHECKPOINT = "checkpoint_final.pth"
 # nnU-Net's fine-tuning trainers' optimisers (pretrainedTrainer / Primus trainers)
@@ -142,9 +142,9 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     from openmind_bench.registry import load_registry
 
     out = Path(settings.out_dir)
-    if (out / METRICS).exists():
-        log.info("%s exists from an earlier run: training anew", out / METRICS)
-        (out / METRICS).unlink()
+    if (out / METRICS_FILE).exists():
+        log.info("%s exists from an earlier run: training anew", out / METRICS_FILE)
+        (out / METRICS_FILE).unlink()
         shutil.rmtree(out / "nnunet", ignore_errors=True)
     name = parse_run(settings.run)
     registry = load_registry(settings.registry, settings.root)
