@@ -4,6 +4,7 @@ the identity; off-diagonal weight 5e-3 (the original's lambda)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from torch import nn
@@ -21,15 +22,7 @@ DEFAULTS = {
 sizes = views.sizes
 
 
-class BarlowTwins(views.TwoViewMethod):
-    def __init__(self, backbone: nn.Module, *, off_diagonal_weight: float, **kwargs):
-        super().__init__(backbone, name="barlow_twins", **kwargs)
-        self.off_diagonal_weight = float(off_diagonal_weight)
-
-    def pair_loss(self, z1, z2):
-        return features.barlow_twins(z1, z2, self.off_diagonal_weight)
-
-
-def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,
-          grad_clip=None, **settings) -> BarlowTwins:
-    return BarlowTwins(backbone, anon_aware=anon_aware, **settings)
+def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool, off_diagonal_weight: float,
+          grad_clip=None, **settings) -> views.TwoViewMethod:
+    loss = functools.partial(features.barlow_twins, off_diagonal_weight=float(off_diagonal_weight))
+    return views.TwoViewMethod(backbone, pair_loss=loss, name="barlow_twins", anon_aware=anon_aware, **settings)

@@ -9,6 +9,7 @@ fine-tuning interpolates Primus position embeddings from that grid.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from torch import nn
@@ -26,15 +27,7 @@ DEFAULTS = {
 sizes = views.sizes
 
 
-class SimCLR(views.TwoViewMethod):
-    def __init__(self, backbone: nn.Module, *, temperature: float, **kwargs):
-        super().__init__(backbone, name="simclr", **kwargs)
-        self.temperature = float(temperature)
-
-    def pair_loss(self, z1, z2):
-        return features.nt_xent(z1, z2, self.temperature)
-
-
-def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,
-          grad_clip=None, **settings) -> SimCLR:
-    return SimCLR(backbone, anon_aware=anon_aware, **settings)
+def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool, temperature: float,
+          grad_clip=None, **settings) -> views.TwoViewMethod:
+    loss = functools.partial(features.nt_xent, temperature=float(temperature))
+    return views.TwoViewMethod(backbone, pair_loss=loss, name="simclr", anon_aware=anon_aware, **settings)

@@ -3,6 +3,7 @@ covariance 1 on the embeddings of all DDP ranks (gathered with gradient)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from torch import nn
@@ -22,15 +23,8 @@ DEFAULTS = {
 sizes = views.sizes
 
 
-class VICReg(views.TwoViewMethod):
-    def __init__(self, backbone: nn.Module, *, sim_weight: float, var_weight: float, cov_weight: float, **kwargs):
-        super().__init__(backbone, name="vicreg", **kwargs)
-        self.weights = (float(sim_weight), float(var_weight), float(cov_weight))
-
-    def pair_loss(self, z1, z2):
-        return features.vicreg(z1, z2, *self.weights)
-
-
 def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,
-          grad_clip=None, **settings) -> VICReg:
-    return VICReg(backbone, anon_aware=anon_aware, **settings)
+          sim_weight: float, var_weight: float, cov_weight: float, grad_clip=None, **settings) -> views.TwoViewMethod:
+    loss = functools.partial(features.vicreg, sim_weight=float(sim_weight), var_weight=float(var_weight),
+                             cov_weight=float(cov_weight))
+    return views.TwoViewMethod(backbone, pair_loss=loss, name="vicreg", anon_aware=anon_aware, **settings)

@@ -14,7 +14,7 @@ gamma (0.7, 1.5) inverted p 0.1 / normal p 0.3, mirror on each axis, rot90 in ax
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -149,13 +149,16 @@ TWO_VIEW_DEFAULTS = {
 
 class TwoViewMethod(nn.Module):
     """Two overlapping crops of the loader's region, one encoder, a projector MLP over all encoder
-    stages pooled and concatenated (the token mean on Primus), and a loss on the two embeddings."""
+    stages pooled and concatenated (the token mean on Primus), and `pair_loss` on the two embeddings
+    (SimCLR, Barlow Twins and VICReg differ only there)."""
 
     views_on_device = True
 
-    def __init__(self, backbone: nn.Module, *, crop_size: Sequence[int], region_size: Sequence[int],
-                 min_overlap: float, projector_dims: Sequence[int], anon_aware: bool, name: str):
+    def __init__(self, backbone: nn.Module, *, pair_loss: Callable, crop_size: Sequence[int],
+                 region_size: Sequence[int], min_overlap: float, projector_dims: Sequence[int], anon_aware: bool,
+                 name: str):
         super().__init__()
+        self.pair_loss = pair_loss
         if anon_aware:
             raise ValueError(f"{name} has no anonymisation-aware ('_anon') variant")
         self.backbone = backbone
@@ -171,9 +174,6 @@ class TwoViewMethod(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(features.pool(features.encode(self.backbone, x)))
-
-    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, view: dict) -> torch.Tensor:
         z = self.embed(view["views"])
