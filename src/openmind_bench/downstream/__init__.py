@@ -1,6 +1,7 @@
-"""Downstream evaluation: dataset readers (over the registry, `openmind_bench.registry`), balanced patient-grouped splits, and the
-fine-tuning schedules as data. (The fine-tuning engine itself builds on the pre-training engine's
-nets/ssl/train pieces; metrics live in `openmind_bench.metrics`.)"""
+"""Downstream evaluation: dataset readers (over the registry, `openmind_bench.registry`), balanced
+patient-grouped splits, the fine-tuning schedules as data; segmentation fine-tuning inside nnU-Net v2
+(`downstream.nnunet`), classification on the shared engine (`downstream.classification`). Metrics
+live in `openmind_bench.metrics`."""
 
 from openmind_bench.downstream.readers import Case, DatasetError, DownstreamData, case_table, read_dataset, read_datasets
 from openmind_bench.registry import DatasetSpec, Registry, RegistryError, load_registry

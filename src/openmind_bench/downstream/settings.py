@@ -50,6 +50,7 @@ class FinetuneSettings(JsonSettings):
     keep_checkpoint: bool
     preemption_exit_code: int
     nnunet: dict  # config downstream.nnunet (segmentation runs in nnU-Net)
+    classification: dict  # config downstream.classification (the classification protocol)
     threads: int = 0  # set by the launcher
 
 
@@ -100,7 +101,7 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         schedule_config={k: downstream[k] for k in _SCHEDULE_KEYS},
         optimisation=pretrain["optimisation"], architecture_presets=pretrain["architecture_presets"],
         low_data_subset=low_data_subset, split_settings=split_settings(config),
-        nnunet=dict(downstream["nnunet"]),
+        nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
         **{k: section[k] for k in _SETTING_KEYS},
     )
 

@@ -371,3 +371,24 @@ def split_dataset(registry: str | Path, root: str | Path | None, dataset: str, s
         data.record_rejections(rejections)
         rejections.write(rejected_out)
     return ensure_split(split_out, case_table(data), spec.name, spec.role, settings)
+
+
+def training_cases(settings, data, name) -> tuple[list, list]:
+    """(training cases, evaluation cases) of one fine-tuning run (`settings`: FinetuneSettings, `data`:
+    readers.DownstreamData, `name`: names.RunName): the split's fold, reduced to the low-data subset
+    for `__n{N}` runs."""
+    from openmind_bench.downstream.readers import case_table
+
+    split = read_split(settings.split)
+    train_ids, eval_ids = partition(split, settings.fold)
+    if name.low_data_n:
+        if not settings.low_data_subset:
+            raise ValueError(f"run {name}: a low-data run needs low_data_subset (the subset file)")
+        subset = ensure_low_data_subset(settings.low_data_subset, case_table(data), split, name.low_data_n,
+                                        seed=settings.seed, settings=SplitSettings(**settings.split_settings))
+        train_ids = [c for c in train_ids if c in set(subset["train"])]
+    by_id = {c.case_id: c for c in data.cases}
+    missing = [c for c in [*train_ids, *eval_ids] if c not in by_id]
+    if missing:
+        raise ValueError(f"split {settings.split} names cases dataset {data.name} no longer has: {missing[:3]}")
+    return [by_id[c] for c in train_ids], [by_id[c] for c in eval_ids]

@@ -1,8 +1,7 @@
-"""Downstream cases as arrays: the pre-training preprocessing (z-score per channel over the whole
-image, resampling to the run's spacing) and nnU-Net-like augmentation with MONAI transforms.
-
-Arrays are channel-first (C, X, Y, Z) in the file's voxel order; a prediction is resampled back to
-the file's own grid, so metrics are computed on the reference image as stored.
+"""Classification cases as arrays: the pre-training preprocessing (z-score per channel over the
+whole image, resampling to the run's spacing), training augmentation and the test-time centre crop
+with MONAI transforms. Arrays are channel-first (C, X, Y, Z) in the file's voxel order.
+(Segmentation cases are nnU-Net's: `downstream.nnunet`.)
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from openmind_bench.downstream.readers import Case
 class Volume:
     case_id: str
     image: np.ndarray  # (C, X, Y, Z) float32, z-scored, at the run's spacing
-    label: np.ndarray | None  # (1, X, Y, Z) int64 at the run's spacing (segmentation)
-    target: int | None  # class index (classification)
+    target: int | None  # class index
     native_shape: tuple[int, ...]
     native_spacing: tuple[float, ...]
 
@@ -33,7 +31,7 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequ
 
 
 def resize(array: np.ndarray | torch.Tensor, shape: Sequence[int], mode: str) -> torch.Tensor:
-    """(C, X, Y, Z) -> (C, *shape); `trilinear` for intensities/probabilities, `nearest` for labels."""
+    """(C, X, Y, Z) -> (C, *shape); `trilinear` for intensities, `nearest` for labels."""
     tensor = torch.as_tensor(array)
     if tuple(tensor.shape[1:]) == tuple(shape):
         return tensor
@@ -69,40 +67,12 @@ def load_case(case: Case, spacing: Sequence[float] | None) -> Volume:
     image = zscore(np.stack(channels))
     target_shape = resampled_shape(shape, native_spacing, spacing)
     image = resize(image, target_shape, "trilinear").numpy().astype(np.float32)
-    label = None
-    if case.label is not None:
-        seg = np.asarray(nib.load(str(case.label)).dataobj)
-        label = resize(seg[None].astype(np.int64), target_shape, "nearest").numpy().astype(np.int64)
-    return Volume(case.case_id, image, label, case.target, tuple(shape), native_spacing)
-
-
-def segmentation_augmentation(patch_size: Sequence[int], foreground_fraction: float = 1 / 3):
-    """nnU-Net's default training augmentation in MONAI terms: patch sampling with a third of the
-    patches centred on foreground, rotation/scaling (p 0.2), Gaussian noise (0.1) and blur (0.2),
-    brightness (0.15), contrast/gamma (0.15), mirroring on every axis (0.5)."""
-    from monai import transforms as mt
-
-    patch = tuple(int(p) for p in patch_size)
-    keys = ("image", "label")
-    positives = max(1, round(100 * foreground_fraction))
-    return mt.Compose([
-        mt.SpatialPadd(keys, spatial_size=patch),
-        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=patch, pos=positives,
-                                  neg=100 - positives, num_samples=1, allow_smaller=False),
-        mt.RandAffined(keys, prob=0.2, rotate_range=(np.pi / 6,) * 3, scale_range=(0.3,) * 3,
-                       mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=patch),
-        mt.RandGaussianNoised("image", prob=0.1, std=0.1),
-        mt.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        mt.RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        mt.RandAdjustContrastd("image", prob=0.15, gamma=(0.7, 1.5)),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
-        mt.RandFlipd(keys, prob=0.5, spatial_axis=2),
-    ])
+    return Volume(case.case_id, image, case.target, tuple(shape), native_spacing)
 
 
 def classification_augmentation(patch_size: Sequence[int]):
-    """A random crop (padded first) plus the intensity and mirror transforms of segmentation."""
+    """A random crop (padded first), Gaussian noise (p 0.1), brightness (0.15), contrast/gamma (0.15)
+    and mirroring on every axis (0.5)."""
     from monai import transforms as mt
 
     patch = tuple(int(p) for p in patch_size)
@@ -129,10 +99,7 @@ def centre_crop(image: np.ndarray, patch_size: Sequence[int]) -> torch.Tensor:
 def augmented_sample(transform, volume: Volume, seed: int) -> dict:
     """One augmented sample; the random draws are a function of `seed` only."""
     transform.set_random_state(seed=seed % (2**32))
-    item = {"image": torch.as_tensor(volume.image)}
-    if volume.label is not None:
-        item["label"] = torch.as_tensor(volume.label)
-    out = transform(item)
+    out = transform({"image": torch.as_tensor(volume.image)})
     if isinstance(out, list):
         out = out[0]
     return {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in out.items()}

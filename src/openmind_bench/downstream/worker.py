@@ -1,5 +1,5 @@
-"""One fine-tuning process: `python -m openmind_bench.downstream.worker SETTINGS_JSON`, started by
-torchrun through the engine's launcher (one process on a CPU or one GPU). Exit code 0 when done,
+"""One classification fine-tuning process: `python -m openmind_bench.downstream.worker SETTINGS_JSON`,
+started by torchrun through the engine's launcher (one process per GPU, or one on a CPU). Exit code 0 when done,
 `preemption_exit_code` after a SIGTERM/SIGUSR1 checkpoint (rerun to continue), 1 on errors."""
 
 from __future__ import annotations
@@ -17,21 +17,16 @@ log = logging.getLogger(__name__)
 WORKER = "openmind_bench.downstream.worker"
 
 
-def uses_nnunet(settings: FinetuneSettings) -> bool:
-    """Segmentation datasets fine-tune inside nnU-Net v2 (`downstream.nnunet.engine: builtin` keeps
-    the MONAI loop of `finetune`, until it is removed)."""
+def is_segmentation(settings: FinetuneSettings) -> bool:
     from openmind_bench.registry import load_registry
 
-    if (settings.nnunet or {}).get("engine") == "builtin":
-        return False
     return load_registry(settings.registry, settings.root).get(settings.dataset).task == "seg"
 
 
-
 def _run(settings: FinetuneSettings) -> str:
-    from openmind_bench.downstream import finetune
+    from openmind_bench.downstream import classification
 
-    return finetune.run(settings)
+    return classification.run(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
     """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call):
     segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine."""
-    if uses_nnunet(settings):
+    if is_segmentation(settings):
         from openmind_bench.downstream.nnunet.run import finetune_segmentation
 
         if int(nproc) > 1:

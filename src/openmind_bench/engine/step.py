@@ -69,29 +69,42 @@ def grad_scaler(amp: bool, amp_dtype: str, device: torch.device):
     return None
 
 
-def train_step(model, view: dict, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
-    """Forward, one collective that agrees on (loss not finite, stop requested) over all ranks, then
-    backward, clip and step. Returns (loss, stop_requested)."""
+def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
+    """Forward and backward of `view` (a dict; or a list of micro-batches whose gradients accumulate,
+    each loss weighted by 1 / their number, DDP syncing on the last only), one collective that agrees
+    on (loss not finite, stop requested) over all ranks, then clip and step. Returns (mean loss,
+    stop_requested); a non-finite loss raises before the optimiser steps."""
+    micro = view if isinstance(view, list) else [view]
+    if not micro:
+        raise ValueError("train_step needs at least one micro-batch")
     optimizer.zero_grad(set_to_none=True)
-    with amp_context:
-        loss = model(view)
-    flags = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0, 1.0 if stop and stop.requested else 0.0],
-                         device=loss.device)
+    total = None
+    for i, part in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp_context:
+                loss = model(part)
+            if len(micro) > 1:
+                loss = loss / len(micro)
+            (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    flags = torch.tensor([0.0 if torch.isfinite(total) else 1.0, 1.0 if stop and stop.requested else 0.0],
+                         device=total.device)
     distributed.all_reduce_max(flags, ctx)
     if flags[0] > 0:
-        raise FloatingPointError(f"non-finite loss ({float(loss.detach())} on rank {ctx.rank})")
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite loss ({float(total)} on rank {ctx.rank})")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_scaler is not None:
-        grad_scaler.scale(loss).backward()
         grad_scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         grad_scaler.step(optimizer)
         grad_scaler.update()
     else:
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         optimizer.step()
-    return loss.detach(), bool(flags[1] > 0)
+    return total, bool(flags[1] > 0)
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):

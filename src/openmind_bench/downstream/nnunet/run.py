@@ -136,7 +136,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     metrics.json continues from nnU-Net's checkpoint_latest.pth (preemption)."""
     import shutil
 
-    from openmind_bench.downstream import finetune, inference
+    from openmind_bench.downstream import inference
     from openmind_bench.downstream.readers import read_dataset
     from openmind_bench.names import parse_run
     from openmind_bench.registry import load_registry
@@ -155,7 +155,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
     data = read_dataset(spec)
     split = splits.read_split(settings.split)
-    train_cases, eval_cases = finetune.training_cases(settings, data, name)
+    train_cases, eval_cases = splits.training_cases(settings, data, name)
     threads = max(1, int(threads or settings.threads or 1))
     device = device_for(threads)
     prepared = nndata.prepare(data, split, out.parent.parent / nndata.DATA_DIR,

@@ -1,27 +1,30 @@
-"""Fine-tune one pre-trained checkpoint (or a from-scratch network) on one downstream dataset and fold.
+"""Classification fine-tuning: one pre-trained checkpoint (or a from-scratch network) on one
+classification dataset and fold. (Segmentation fine-tunes inside nnU-Net v2: `downstream.nnunet`.)
 
-The loop runs on the shared engine (`engine.step.train_step`: one collective for the non-finite
-loss and stop flags, clipping, AMP; `engine.distributed` under torchrun; `engine.optimisation`'s
-optimisers; `engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling).
-What is specific to fine-tuning:
+The classification protocol of the benchmark (SSL3D_classification, the papers' classification
+code base; values in config `downstream.classification` / `finetune`): the checkpoint's encoder,
+mean pooling of its last stage, dropout 0.2 and a linear head; AdamW 1e-4, weight decay 1e-2;
+label-smoothed (0.2) cross-entropy; cosine annealing over 400 epochs; batch 1 with the gradients of
+48 samples accumulated per optimiser step (effective batch 48); an epoch is one pass over the
+training cases in a seeded random order (the last step of a pass may accumulate fewer); 160^3
+centre crop at test time.
 
-- the network: the checkpoint's architecture rebuilt for the fine-tuning patch and channels, encoder
-  and stem transferred (`downstream.transfer`), decoder new; classification: the pooled encoder and a
-  linear head;
-- the schedule (`downstream.schedules`): per-step lr of the `stem` / `encoder` / `decoder` groups and
-  which of them train; frozen groups get `requires_grad=False` and no optimiser slot, so they stay
-  bit-identical, and the optimiser is rebuilt at each phase change (as the public staged trainers do);
-- segmentation: Dice + CE (MONAI `DiceCELoss`), nnU-Net-like MONAI augmentation, Gaussian
-  sliding-window inference; classification: label-smoothed CE, AdamW (1e-4, wd 1e-2);
-- output: per-case metrics (`metrics.json` + `metrics.csv`) in the aggregation shape, predictions,
-  the fine-tuned weights (`checkpoint_final.pt`, for zero-shot evaluation) and `progress.csv`.
+The loop runs on the shared engine (`engine.step.train_step` with micro-batches: one collective for
+the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under torchrun;
+`engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Schedules
+other than the default (`frozen`, `warmup`, ...) come from `downstream.schedules`: per-epoch lr of the
+`stem` / `encoder` / `decoder` (= head) groups and which of them train; frozen groups get
+`requires_grad=False` and no optimiser slot, so they stay bit-identical; the optimiser is rebuilt
+at a phase change (the classification protocol has one phase; nnU-Net's trainer keeps one
+optimiser for the segmentation runs).
 
-Run names: `{method}__{arch}__{selection}__{schedule}__{epochs}` or `scratch__{arch}__{epochs}`, with
-`__n{N}` appended for low-data runs (N training cases).
+Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
+the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -47,11 +50,7 @@ log = logging.getLogger(__name__)
 
 # The fine-tuned weights use the engine's checkpoint file names.
 LATEST, FINAL = checkpoint.LATEST, checkpoint.FINAL
-_TAG_INIT, _TAG_SAMPLE, _TAG_CASE = 11, 12, 13
-
-# Classification (docs/architecture.md / the MAE paper's classification protocol).
-CLASSIFICATION_OPTIMISER = {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 1.0e-2, "grad_clip": 1.0}
-CLASSIFICATION_PEAK_LR = 1.0e-4
+_TAG_INIT, _TAG_SAMPLE, _TAG_ORDER = 11, 12, 14
 
 
 class PooledEncoderClassifier(nn.Module):
@@ -79,30 +78,15 @@ class PooledEncoderClassifier(nn.Module):
 
 
 class Objective(nn.Module):
-    """model(view) -> loss, the interface `train_step` expects."""
+    """model(view) -> label-smoothed cross-entropy, the interface `train_step` expects."""
 
-    def __init__(self, net: nn.Module, task: str, label_smoothing: float):
+    def __init__(self, net: nn.Module, label_smoothing: float):
         super().__init__()
         self.net = net
-        if task == "seg":
-            from monai.losses import DiceCELoss
-
-            self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        else:
-            self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def forward(self, view: dict) -> torch.Tensor:
         return self.loss(self.net(view["image"]), view["target"])
-
-
-def output_channels(spec) -> int:
-    if spec.task == "cls":
-        return len(spec.labels)
-    regions = [k for k, v in spec.labels.items() if not isinstance(v, int)]
-    if regions:
-        raise ValueError(f"dataset {spec.name}: region labels {regions} need region-based training, which the "
-                         "fine-tuning engine does not implement (softmax over integer labels only)")
-    return max(int(v) for v in spec.labels.values()) + 1
 
 
 def _prefixed(keys: dict, prefix: str) -> dict:
@@ -111,20 +95,20 @@ def _prefixed(keys: dict, prefix: str) -> dict:
 
 
 def build_model(settings: FinetuneSettings, spec, name: RunName):
-    """(network, schedule groups' keys, patch size, transferred keys)."""
+    """(classifier, schedule groups' keys, patch size, transferred keys)."""
+    if spec.task != "cls":
+        raise ValueError(f"dataset {spec.name} is a {spec.task} dataset: segmentation fine-tunes inside nnU-Net "
+                         "(openmind_bench.downstream.nnunet), this engine classifies")
     pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
     architecture = None
     if pretrained is None or not pretrained.plan:
         architecture = nets.resolve(name.architecture, settings.architecture_presets)
     patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
-    backbone = transfer.build_network(pretrained, architecture, patch, spec.channels,
-                                      output_channels(spec) if spec.task == "seg" else 1)
+    backbone = transfer.build_network(pretrained, architecture, patch, spec.channels, 1)
     keys = dict(pretrained.keys) if pretrained is not None and pretrained.keys else nets.adaptation_keys(backbone)
     loaded = transfer.transfer(pretrained, backbone, patch) if pretrained is not None else []
-    if spec.task == "cls":
-        return (PooledEncoderClassifier(backbone, len(spec.labels), settings.head_dropout),
-                _prefixed(keys, "backbone."), patch, loaded)
-    return backbone, keys, patch, loaded
+    return (PooledEncoderClassifier(backbone, len(spec.labels), settings.head_dropout),
+            _prefixed(keys, "backbone."), patch, loaded)
 
 
 def family_of(net: nn.Module) -> str:
@@ -132,22 +116,53 @@ def family_of(net: nn.Module) -> str:
     return TRANSFORMER if hasattr(backbone, "eva") else CNN
 
 
-def build_schedule(settings: FinetuneSettings, name: RunName, family: str, task: str) -> schedules.Schedule:
-    schedule = name.schedule or "default"
-    cfg = settings.schedule_config
-    if task == "cls":
-        peak = CLASSIFICATION_PEAK_LR
+def training_length(settings: FinetuneSettings, name: RunName) -> int:
+    """Epochs a classification run trains: `downstream.classification.epochs` (the protocol's 400),
+    or the run name's when that is null. The run keeps its name, so its rows sit beside the
+    segmentation results of the same pre-training and schedule."""
+    epochs = settings.classification.get("epochs")
+    return int(name.epochs if epochs is None else epochs)
+
+
+def epoch_plan(n_cases: int, batch_size: int, accumulation: int, steps_per_epoch: int | None,
+               seed: int, epoch: int) -> list[list[list[int]]]:
+    """Case indices of one epoch: optimiser steps -> micro-batches -> cases.
+
+    `steps_per_epoch` None: one pass over the cases in a seeded random order, padded from its own
+    start to whole micro-batches, cut into steps of `accumulation` micro-batches (the last may have
+    fewer). Else that many full steps, the order continuing over further seeded passes."""
+    if n_cases < 1:
+        raise ValueError("classification fine-tuning needs at least one training case")
+    def one_pass(index: int) -> list[int]:
+        return [int(i) for i in np.random.default_rng(derive_seed(seed, _TAG_ORDER, epoch, index)).permutation(n_cases)]
+
+    if steps_per_epoch is None:
+        order = one_pass(0)
+        n_samples = math.ceil(n_cases / batch_size) * batch_size
+        order += [order[i % n_cases] for i in range(n_samples - n_cases)]
     else:
-        peak = schedules.peak_lr(family, name.pretrained, cfg["peak_lr"])
-    if task == "cls" and schedule == "default":
+        n_samples = int(steps_per_epoch) * batch_size * accumulation
+        order = []
+        while len(order) < n_samples:
+            order += one_pass(len(order) // n_cases)
+        order = order[:n_samples]
+    micro = [order[i:i + batch_size] for i in range(0, n_samples, batch_size)]
+    return [micro[i:i + accumulation] for i in range(0, len(micro), accumulation)]
+
+
+def build_schedule(settings: FinetuneSettings, name: RunName, family: str, epochs: int,
+                   steps_per_epoch: int) -> schedules.Schedule:
+    schedule = name.schedule or "default"
+    if schedule == "default":
         schedule = "cosine"  # the classification protocol: cosine annealing from the peak
-    return schedules.configured_schedule(schedule, family, name.epochs, peak, settings.steps_per_epoch, cfg)
+    return schedules.configured_schedule(schedule, family, epochs, float(settings.classification["peak_lr"]),
+                                         steps_per_epoch, settings.schedule_config)
 
 
-def optimiser_config(settings: FinetuneSettings, family: str, task: str) -> dict:
-    if task == "cls":
-        return dict(CLASSIFICATION_OPTIMISER)
-    return dict(settings.optimisation[family])
+def optimiser_config(settings: FinetuneSettings) -> dict:
+    cls = settings.classification
+    return {"optimizer": "adamw", "betas": list(cls["betas"]), "weight_decay": float(cls["weight_decay"]),
+            "grad_clip": cls["grad_clip"]}
 
 
 def apply_phase(net: nn.Module, groups: dict, trainable: frozenset, cfg: dict, device) -> torch.optim.Optimizer:
@@ -181,25 +196,6 @@ def _save(path: Path, net: nn.Module, optimizer, epochs_done: int, settings: Fin
         torch.save(state, tmp)
 
 
-def training_cases(settings: FinetuneSettings, data, name: RunName) -> tuple[list, list]:
-    from openmind_bench.downstream.readers import case_table
-
-    split = splits.read_split(settings.split)
-    train_ids, eval_ids = splits.partition(split, settings.fold)
-    if name.low_data_n:
-        if not settings.low_data_subset:
-            raise ValueError(f"run {name}: a low-data run needs low_data_subset (the subset file)")
-        subset = splits.ensure_low_data_subset(settings.low_data_subset, case_table(data), split, name.low_data_n,
-                                               seed=settings.seed,
-                                               settings=splits.SplitSettings(**settings.split_settings))
-        train_ids = [c for c in train_ids if c in set(subset["train"])]
-    by_id = {c.case_id: c for c in data.cases}
-    missing = [c for c in [*train_ids, *eval_ids] if c not in by_id]
-    if missing:
-        raise ValueError(f"split {settings.split} names cases dataset {data.name} no longer has: {missing[:3]}")
-    return [by_id[c] for c in train_ids], [by_id[c] for c in eval_ids]
-
-
 def run(settings: FinetuneSettings) -> str:
     """Fine-tune and evaluate into `settings.out_dir`; returns "finished" or "preempted"."""
     ctx = distributed.init()
@@ -207,6 +203,15 @@ def run(settings: FinetuneSettings) -> str:
         return _run(settings, ctx)
     finally:
         distributed.shutdown()
+
+
+def _views(micro_batches: list[list[int]], train_volumes: list, augment, seeds: list[list[int]], device) -> list[dict]:
+    views = []
+    for indices, micro_seeds in zip(micro_batches, seeds):
+        samples = [volumes.augmented_sample(augment, train_volumes[i], seed) for i, seed in zip(indices, micro_seeds)]
+        views.append({"image": torch.stack([s["image"] for s in samples]).float().to(device),
+                      "target": torch.tensor([int(train_volumes[i].target) for i in indices], device=device)})
+    return views
 
 
 def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
@@ -218,31 +223,40 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
     spec = load_registry(settings.registry, settings.root).get(settings.dataset)
     data = read_dataset(spec)
-    train_cases, eval_cases = training_cases(settings, data, name)
-    if settings.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {settings.batch_size} is not divisible by {ctx.world_size} processes")
-    local_batch = settings.batch_size // ctx.world_size
+    train_cases, eval_cases = splits.training_cases(settings, data, name)
+    cls = settings.classification
+    batch_size, accumulation = int(cls["batch_size"]), int(cls["accumulation_steps"])
+    if batch_size % ctx.world_size:
+        raise ValueError(f"downstream.classification.batch_size {batch_size} is not divisible by "
+                         f"{ctx.world_size} processes")
+    local = batch_size // ctx.world_size
+    epochs = training_length(settings, name)
+    plan_of = functools.partial(epoch_plan, len(train_cases), batch_size, accumulation, cls["steps_per_epoch"],
+                                settings.seed)  # epoch -> that epoch's plan
+    steps_per_epoch = len(plan_of(0))
 
-    torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))  # the same new decoder on every rank
+    torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))  # the same new head on every rank
     net, keys, patch, loaded = build_model(settings, spec, name)
     net = net.to(ctx.device)
     family = family_of(net)
     groups = transfer.parameter_groups(net, keys)
-    schedule = build_schedule(settings, name, family, spec.task)
-    opt_cfg = optimiser_config(settings, family, spec.task)
-    grad_clip = float(opt_cfg.get("grad_clip", math.inf))
-    objective = Objective(net, spec.task, settings.label_smoothing).to(ctx.device)
+    schedule = build_schedule(settings, name, family, epochs, steps_per_epoch)
+    opt_cfg = optimiser_config(settings)
+    grad_clip = math.inf if opt_cfg["grad_clip"] is None else float(opt_cfg["grad_clip"])
+    objective = Objective(net, settings.label_smoothing).to(ctx.device)
+    training = {"epochs": epochs, "optimiser_steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
+                "accumulation_steps": accumulation, "effective_batch": batch_size * accumulation}
     if ctx.is_main:
         settings.write(out / "settings.json")
         atomic.write_json(out / "schedule.json", {**schedule.to_dict(), "patch_size": patch,
-                                                  "transferred_tensors": len(loaded), "family": family})
-    log.info("dataset %s fold %s run %s: %d training / %d evaluation cases, patch %s, %s schedule",
-             spec.name, settings.fold, name, len(train_cases), len(eval_cases), patch, schedule.name)
+                                                  "transferred_tensors": len(loaded), "family": family, **training})
+    log.info("dataset %s fold %s run %s: %d training / %d evaluation cases, patch %s, %s schedule over %d epochs "
+             "of %d steps (batch %d x %d accumulated)", spec.name, settings.fold, name, len(train_cases),
+             len(eval_cases), patch, schedule.name, epochs, steps_per_epoch, batch_size, accumulation)
 
     # Preprocessed training cases stay in memory (one z-scored float32 copy per case).
     train_volumes = [volumes.load_case(c, settings.spacing) for c in train_cases]
-    augment = (volumes.segmentation_augmentation(patch) if spec.task == "seg"
-               else volumes.classification_augmentation(patch))
+    augment = volumes.classification_augmentation(patch)
 
     start_epoch, history = 0, []
     latest = out / LATEST
@@ -252,18 +266,18 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
         net.load_state_dict(saved["network_weights"])
         start_epoch, history = int(saved["current_epoch"]), list(saved["history"])
         log.info("resuming %s at epoch %d", latest, start_epoch)
-    logger = RunLogger(out, enabled=ctx.is_main, history=history,
-                       global_step=start_epoch * settings.steps_per_epoch)
+    logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps_per_epoch)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
     grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
     phase, optimizer, model = None, None, objective
 
     with StopRequest() as stop:
-        for epoch in range(start_epoch, name.epochs):
+        for epoch in range(start_epoch, epochs):
             started = time.time()
             sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-            for step_in_epoch in range(settings.steps_per_epoch):
-                step = epoch * settings.steps_per_epoch + step_in_epoch
+            n_samples = 0
+            for step_in_epoch, step_batches in enumerate(plan_of(epoch)):
+                step = epoch * steps_per_epoch + step_in_epoch
                 current = schedule.phase_at(step)[0]
                 if current is not phase:
                     phase = current
@@ -278,32 +292,25 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                             find_unused_parameters=True)
                     log.info("epoch %d: phase %s, training %s", epoch + 1, phase.name, sorted(phase.trainable))
                 lrs = set_learning_rates(optimizer, schedule, step)
-                samples = []
-                for i in range(local_batch):
-                    seed = derive_seed(settings.seed, _TAG_SAMPLE, epoch, step_in_epoch, ctx.rank * local_batch + i)
-                    volume = train_volumes[np.random.default_rng(seed).integers(len(train_volumes))]
-                    samples.append({**volumes.augmented_sample(augment, volume, seed), "target": volume.target})
-                image = torch.stack([s["image"] for s in samples]).float().to(ctx.device)
-                if spec.task == "seg":
-                    target = torch.stack([s["label"] for s in samples]).long().to(ctx.device)
-                else:
-                    target = torch.tensor([int(s["target"]) for s in samples], device=ctx.device)
-                view = {"image": image, "target": target}
-                loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
+                mine = [m[ctx.rank * local:(ctx.rank + 1) * local] for m in step_batches]
+                seeds = [[derive_seed(settings.seed, _TAG_SAMPLE, epoch, step_in_epoch, j, ctx.rank * local + i)
+                          for i in range(len(m))] for j, m in enumerate(mine)]
+                views = _views(mine, train_volumes, augment, seeds, ctx.device)
+                loss, stop_now = train_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
                 sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+                n_samples += sum(len(m) for m in step_batches)
                 if stop_now:
                     return _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx,
                                       phase.name)
             distributed.all_reduce_sum(sums, ctx)
             seconds = time.time() - started
-            n_samples = settings.steps_per_epoch * settings.batch_size
             logger.epoch({"epoch": epoch + 1, "train_loss": float(sums[0] / sums[1]), "val_loss": math.nan,
                           "lr": max(lrs.values()), "epoch_seconds": round(seconds, 3),
                           "samples_per_second": round(n_samples / max(seconds, 1e-9), 3)})
             if ctx.is_main:
-                log.info("epoch %d/%d: loss %.4f, lr %s, %.1f s", epoch + 1, name.epochs, float(sums[0] / sums[1]),
+                log.info("epoch %d/%d: loss %.4f, lr %s, %.1f s", epoch + 1, epochs, float(sums[0] / sums[1]),
                          {k: f"{v:.3g}" for k, v in lrs.items()}, seconds)
-                if epoch + 1 < name.epochs:
+                if epoch + 1 < epochs:
                     _save(latest, net, optimizer, epoch + 1, settings, logger.history, schedule, patch, spec,
                           phase.name)
             distributed.barrier(ctx)
@@ -311,21 +318,20 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
 
     if ctx.is_main:
         if settings.keep_checkpoint:
-            _save(out / FINAL, net, None, name.epochs, settings, logger.history, schedule, patch, spec)
-        doc = inference.evaluate(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold),
-                                 patch, settings.spacing, ctx.device, out, settings.sliding_window_overlap,
-                                 settings.save_predictions)
+            _save(out / FINAL, net, None, epochs, settings, logger.history, schedule, patch, spec)
+        doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold),
+                                 patch, settings.spacing, ctx.device)
+        doc["training"] = training
         inference.write(doc, out)
         latest.unlink(missing_ok=True)
         (out / PREEMPTED).unlink(missing_ok=True)
-    # No barrier after the evaluation: the other ranks may exit while rank 0 scores the test set
-    # (which can outlast a collective's timeout on large datasets).
+    # No barrier after the evaluation: the other ranks may exit while rank 0 scores the test set.
     logger.close()
     return "finished"
 
 
 def _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx, phase) -> str:
-    # Mid-epoch stops restart the epoch: fine-tuning epochs are short next to a job's lifetime.
+    # Mid-epoch stops restart the epoch: classification epochs are short next to a job's lifetime.
     if ctx.is_main:
         _save(out / LATEST, net, optimizer, epoch, settings, logger.history, schedule, patch, spec, phase)
         atomic.write_json(out / PREEMPTED, {"epoch": epoch, "time": time.time()})

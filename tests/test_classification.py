@@ -1,0 +1,220 @@
+"""Classification fine-tuning on the shared engine: the protocol's epochs (passes, accumulated
+micro-batches), schedules on the optimiser, Frozen keeps the encoder bit-identical, resume after
+preemption, and metrics in the aggregation shape. (Segmentation runs in nnU-Net: test_nnunet.py.)"""
+
+import contextlib
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from openmind_bench import config as omb_config
+from openmind_bench import names, nets
+from openmind_bench.aggregate.collect import collect, read_metrics_json
+from openmind_bench.downstream import classification, schedules, settings as run_settings, splits, transfer
+from openmind_bench.downstream.readers import case_table, read_dataset
+from openmind_bench.engine import distributed, step as engine_step
+from openmind_bench.registry import load_registry
+
+from test_transfer import pretrained_checkpoint
+
+REGISTRY = "config/downstream_demo.yaml"
+CLS = "DemoPatientCls"
+
+
+def _settings(root, tmp_path, dataset, run, checkpoint=None, classification_overrides=None, **overrides):
+    spec = load_registry(REGISTRY, root).get(dataset)
+    split = tmp_path / f"{dataset}_split.json"
+    splits.ensure_split(split, case_table(read_dataset(spec)), dataset, spec.role)
+    config = omb_config.validate(
+        {"downstream_registry": REGISTRY,
+         "downstream": {"root": str(root), **overrides,
+                        "classification": {"epochs": None, "batch_size": 2, "accumulation_steps": 2,
+                                           "steps_per_epoch": 1, **(classification_overrides or {})}},
+         "finetune": {"scratch_patch_size": [32, 32, 32], "spacing": [3.5, 3.5, 3.5]}}, omb_config.SCHEMA_PATH)
+    out = tmp_path / "results" / "downstream" / dataset / run / "fold_test"
+    s = run_settings.resolve(config, dataset, run, "test", out_dir=str(out), split=str(split),
+                             pretrained_checkpoint=str(checkpoint) if checkpoint else None)
+    s.threads = 2
+    return s
+
+
+def test_run_names_round_trip_and_targets(downstream_root):
+    for run in ["mae__ResEncL__openmind__sawtooth__150", "scratch__PrimusM__1000",
+                "mae__ResEncL__t1.v2-x_y__frozen__150__n8"]:
+        assert str(names.parse_run(run)) == run
+    name = names.parse_run("mae__ResEncL__t1.v2-x_y__frozen__150__n8")
+    assert (name.method, name.selection, name.schedule, name.epochs, name.low_data_n) == \
+        ("mae", "t1.v2-x_y", "frozen", 150, 8)
+    with pytest.raises(names.InvalidName, match="neither"):  # '__' only ever separates parts
+        names.parse_run("mae__ResEncL__my__selection__frozen__150")
+    config = omb_config.validate(
+        {"downstream_registry": REGISTRY,
+         "downstream": {"root": str(downstream_root), "schedules": ["default", "frozen"], "epochs": [2]},
+         "finetune": {"scratch_architectures": ["ResEncTiny"], "pretrained_runs": ["mae__ResEncTiny__demo"],
+                      "evaluate_folds": ["test", 0]}}, omb_config.SCHEMA_PATH)
+    targets = run_settings.targets(config, ["mae__ResEncTiny__demo", "mae__PrimusTiny__demo"])
+    # 3 runs x (DemoLesionT1: test + fold 0; the two test-role sets: test only)
+    assert len(targets) == 3 * 4
+    assert "results/downstream/DemoLesionT1/scratch__ResEncTiny__2/fold_0/metrics.json" in targets
+    assert not any("PrimusTiny" in t for t in targets)
+    with pytest.raises(ValueError, match="not pre-training runs"):
+        run_settings.run_names(omb_config.validate({"finetune": {"pretrained_runs": ["x__y__z"]}},
+                                                   omb_config.SCHEMA_PATH), ["mae__ResEncTiny__demo"])
+
+
+def test_an_epoch_is_one_pass_in_accumulated_micro_batches():
+    # the protocol: batch 1, 48 accumulated; 100 cases -> steps of 48, 48, 4 samples, each case once
+    plan = classification.epoch_plan(100, 1, 48, None, seed=0, epoch=3)
+    assert [sum(len(m) for m in step) for step in plan] == [48, 48, 4]
+    assert sorted(i for step in plan for m in step for i in m) == list(range(100))
+    assert plan == classification.epoch_plan(100, 1, 48, None, seed=0, epoch=3)  # a function of seed and epoch
+    assert plan != classification.epoch_plan(100, 1, 48, None, seed=0, epoch=4)
+    # batch 2 over 7 cases: whole micro-batches, the pass padded from its own start
+    plan = classification.epoch_plan(7, 2, 3, None, seed=1, epoch=0)
+    assert [len(m) for step in plan for m in step] == [2, 2, 2, 2] and [len(s) for s in plan] == [3, 1]
+    flat = [i for step in plan for m in step for i in m]
+    assert sorted(flat[:7]) == list(range(7)) and flat[7] == flat[0]
+    # fixed steps: full steps, the order going on over further passes
+    plan = classification.epoch_plan(5, 2, 2, 4, seed=0, epoch=0)
+    flat = [i for step in plan for m in step for i in m]
+    assert len(plan) == 4 and len(flat) == 16 and sorted(flat[:5]) == list(range(5))
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    objective = classification.Objective(net, label_smoothing=0.2)
+    images, targets = torch.randn(4, 6), torch.tensor([0, 2, 1, 2])
+    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
+
+    def one_step(views):
+        model = copy.deepcopy(objective)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, _ = engine_step.train_step(model, views, optimizer, None, math.inf, contextlib.nullcontext(), ctx, None)
+        return loss, [p.detach().clone() for p in model.parameters()]
+
+    whole_loss, whole = one_step({"image": images, "target": targets})
+    parts_loss, parts = one_step([{"image": images[i:i + 1], "target": targets[i:i + 1]} for i in range(4)])
+    assert torch.allclose(whole_loss, parts_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, parts))
+    assert not all(torch.equal(a, b) for a, b in zip(whole, objective.parameters()))  # it did step
+
+    bad = [{"image": images[:2], "target": targets[:2]}, {"image": images[2:] * float("nan"), "target": targets[2:]}]
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        one_step(bad)
+
+
+def test_schedules_on_the_optimiser_give_the_closed_form_lr():
+    torch.manual_seed(0)
+    net = nets.resolve("ResEncTiny").build([32, 32, 32])
+    groups = transfer.parameter_groups(net, nets.adaptation_keys(net))
+    assert all(groups[g] for g in schedules.GROUPS)
+    peak, steps = 1e-3, 3
+    schedule = schedules.build_schedule("sawtooth", 10, peak, steps, decoder_warmup=4, whole_warmup=2)
+    cfg = {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 1e-2}
+    # epoch -> (decoder lr, encoder lr): decoder warm-up over 2, decoder poly over 2, whole warm-up
+    # over 2 (to the full peak), poly over 4.
+    expected = {0: (peak / 2, 0.0), 1: (peak, 0.0), 2: (peak, 0.0), 3: (peak * 0.5 ** 0.9, 0.0),
+                4: (peak / 2, peak / 2), 5: (peak, peak), 6: (peak, peak), 8: (peak * 0.5 ** 0.9,) * 2,
+                9: (peak * 0.25 ** 0.9,) * 2}
+    phase, optimizer = None, None
+    for step in range(schedule.total_steps):
+        current = schedule.phase_at(step)[0]
+        if current is not phase:
+            phase = current
+            optimizer = classification.apply_phase(net, groups, phase.trainable, cfg, torch.device("cpu"))
+        classification.set_learning_rates(optimizer, schedule, step)
+        epoch = step // steps
+        if epoch not in expected:
+            continue
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        decoder, encoder = expected[epoch]
+        assert math.isclose(lrs["decoder"], decoder, rel_tol=1e-12)
+        if encoder == 0.0:
+            assert set(lrs) == {"decoder"}  # frozen groups have no optimiser slot
+            assert not any(p.requires_grad for _, p in groups["encoder"] + groups["stem"])
+        else:
+            assert math.isclose(lrs["encoder"], encoder, rel_tol=1e-12)
+            assert math.isclose(lrs["stem"], encoder, rel_tol=1e-12)
+
+
+def test_frozen_keeps_encoder_bit_identical_and_writes_metrics(downstream_root, tmp_path):
+    ckpt = tmp_path / "mae__ResEncTiny__demo" / "checkpoint_final.pt"
+    ckpt.parent.mkdir()
+    pre = pretrained_checkpoint(ckpt, "ResEncTiny")
+    run = "mae__ResEncTiny__demo__frozen__2"
+    s = _settings(downstream_root, tmp_path, CLS, run, ckpt)
+    assert classification.run(s) == "finished"
+    out = tmp_path / "results" / "downstream" / CLS / run / "fold_test"
+    tuned = torch.load(out / classification.FINAL, weights_only=True)["network_weights"]
+    encoder = [k for k in tuned if k.startswith("backbone.encoder.")]
+    assert encoder and all(torch.equal(tuned[k], pre[k.removeprefix("backbone.")]) for k in encoder)
+    torch.manual_seed(classification.derive_seed(s.seed, classification._TAG_INIT))  # the engine's initial net
+    spec = load_registry(REGISTRY, downstream_root).get(CLS)
+    initial = classification.build_model(s, spec, names.parse_run(s.run))[0].state_dict()
+    assert all(torch.equal(initial[k], tuned[k]) for k in encoder)
+    assert not torch.equal(initial["head.weight"], tuned["head.weight"])
+
+    doc = json.loads((out / "metrics.json").read_text())
+    split = splits.read_split(s.split)
+    assert [c["case"] for c in doc["cases"]] == sorted(split["test"])
+    assert (doc["method"], doc["architecture"], doc["schedule"], doc["selection"], doc["epochs"], doc["fold"]) == \
+        ("mae", "ResEncTiny", "frozen", "demo", 2, "test")
+    assert doc["training"] == {"epochs": 2, "optimiser_steps_per_epoch": 1, "batch_size": 2,
+                               "accumulation_steps": 2, "effective_batch": 4}
+    read_metrics_json(out / "metrics.json")  # the aggregation stage accepts it
+    table = collect([out / "metrics.json"])
+    assert {"balanced_accuracy", "AUROC"} <= set(table.metric)
+
+
+def test_scratch_classification_trains_the_protocol_length(downstream_root, tmp_path):
+    run = "scratch__PrimusTiny__2"
+    s = _settings(downstream_root, tmp_path, CLS, run, classification_overrides={"epochs": 3, "steps_per_epoch": None})
+    assert classification.run(s) == "finished"
+    out = tmp_path / "results" / "downstream" / CLS / run / "fold_test"
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["task"] == "cls" and doc["method"] == "scratch" and "schedule" not in doc
+    assert doc["epochs"] == 2  # the run's name, so the row sits beside its segmentation results
+    n_train = len(splits.read_split(s.split)["train"])
+    assert doc["training"]["epochs"] == 3 and doc["training"]["optimiser_steps_per_epoch"] == math.ceil(n_train / 4)
+    assert set(doc["summary"]) >= {"balanced_accuracy", "AUROC"}
+    assert all(set(c["probabilities"]) == {"control", "patient"} for c in doc["cases"])
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert schedule["name"] == "cosine" and schedule["epochs"] == 3 and schedule["peak_lr"] == 1e-4
+    assert [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_segmentation_datasets_are_not_this_engines(downstream_root, tmp_path):
+    s = _settings(downstream_root, tmp_path, "DemoLesionT1", "scratch__ResEncTiny__2")
+    with pytest.raises(ValueError, match="DemoLesionT1 is a seg dataset.*nnU-Net"):
+        classification.run(s)
+
+
+def test_preempted_run_resumes_and_finishes(downstream_root, tmp_path, monkeypatch):
+    import signal
+
+    s = _settings(downstream_root, tmp_path, CLS, "scratch__ResEncTiny__3", epochs=[3],
+                  classification_overrides={"steps_per_epoch": 2})
+    calls = {"n": 0}
+    real_step = classification.train_step
+
+    def step_then_stop(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop):
+        calls["n"] += 1
+        assert len(views) == 2 and views[0]["image"].shape[0] == 2  # 2 micro-batches of 2
+        if calls["n"] == 4:  # second step of the second epoch
+            stop.signal = signal.SIGTERM
+        return real_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
+
+    monkeypatch.setattr(classification, "train_step", step_then_stop)
+    assert classification.run(s) == "preempted"
+    out = tmp_path / "results" / "downstream" / CLS / "scratch__ResEncTiny__3" / "fold_test"
+    assert (out / classification.LATEST).exists() and not (out / "metrics.json").exists()
+    assert torch.load(out / classification.LATEST, weights_only=True)["current_epoch"] == 1
+    monkeypatch.setattr(classification, "train_step", real_step)
+    assert classification.run(s) == "finished"
+    assert (out / "metrics.json").exists() and not (out / classification.LATEST).exists()
+    epochs = [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]
