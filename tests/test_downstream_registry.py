@@ -230,3 +230,32 @@ def test_check_command_reports_every_dataset(tmp_path, capsys):
     args = parser.parse_args(["downstream-splits", "--registry", str(tmp_path / "registry.yaml"), "--datasets", "Seg",
                               "--out", str(tmp_path / "splits"), "--test-fraction", "0.25"])
     assert args.func(args) == 0 and (tmp_path / "splits" / "Seg.json").is_file()
+
+
+def test_label_images_with_undeclared_values_are_rejected_by_the_split_rule(tmp_path):
+    from openmind_bench.downstream.readers import declared_label_values, restricted_to, with_checked_labels
+    from openmind_bench.downstream.splits import SplitSettings, all_cases, split_dataset
+
+    folder = make_seg_dataset(tmp_path / "data", cases=("a_1", "a_2", "b_1", "c_1", "d_1", "e_1"))
+    bad = np.zeros((8, 8, 6), np.uint8)
+    bad[1:3, 1:3, 1:3] = 5  # a value the registry does not declare
+    save(bad, folder / "labelsTr" / "b_1.nii.gz")
+    save(np.full((8, 8, 6), 0.5, np.float32), folder / "labelsTr" / "c_1.nii.gz")  # not a label map
+    reg = registry_for(tmp_path, Seg=SEG)
+    spec = reg.get("Seg")
+    assert declared_label_values(spec) == {0, 1}
+    checked = with_checked_labels(read_dataset(spec))
+    assert [c.case_id for c in checked.cases] == ["a_1", "a_2", "d_1", "e_1"]
+    reasons = dict(checked.rejected)
+    assert reasons[str(folder / "labelsTr" / "b_1.nii.gz")] == \
+        "b_1.nii.gz: label value(s) [5] outside the declared [0, 1]"
+    assert "non-integer values [0.5]" in reasons[str(folder / "labelsTr" / "c_1.nii.gz")]
+
+    rejected = tmp_path / "rejected.tsv"
+    doc = split_dataset(reg.path, None, "Seg", SplitSettings(folds=0, test_fraction=0.25), split_out=tmp_path / "s.json",
+                        rejected_out=rejected)
+    assert all_cases(doc) == ["a_1", "a_2", "d_1", "e_1"]
+    table = rejected.read_text()
+    assert "label value(s) [5] outside" in table and "b_1.nii.gz" in table and "Seg" in table
+    # what nnU-Net is given: the split's cases only
+    assert [c.case_id for c in restricted_to(read_dataset(spec), all_cases(doc)).cases] == all_cases(doc)

@@ -20,7 +20,8 @@ folder, or a `subject_pattern` on the case id; otherwise every case is its own s
 A dataset that cannot be read at all (folder missing, dataset.json malformed, channels or labels
 contradicting the registry) raises `DatasetError` naming it; `read_datasets` collects those per
 dataset and goes on with the others. A single broken case (a channel missing, an unreadable
-header, grids that disagree) is rejected with its reason and skipped.
+header, grids that disagree) is rejected with its reason and skipped; `with_checked_labels` also
+rejects label images with undeclared values (the split rule runs it, so splits hold only usable cases).
 """
 
 from __future__ import annotations
@@ -273,6 +274,55 @@ def _read_classification(spec: DatasetSpec, check_headers: bool) -> DownstreamDa
     rejected += [(str(images / f"{c}_0000{spec.file_ending}"), f"image without a row in {spec.labels_csv}")
                  for c in orphans]
     return DownstreamData(spec, cases, rejected)
+
+
+def declared_label_values(spec: DatasetSpec) -> set[int]:
+    """Every voxel value a label image may hold: background and the registry's labels (a region
+    label's member values included)."""
+    values = {0}
+    for value in spec.labels.values():
+        values.update(int(v) for v in (value if isinstance(value, (tuple, list)) else [value]))
+    return values
+
+
+def label_problem(path: Path, allowed: set[int]) -> str | None:
+    """Why a label image cannot be used (non-integer values, values outside `allowed`), or None."""
+    import nibabel as nib
+
+    seg = np.asarray(nib.load(str(path)).dataobj)
+    values = np.unique(seg)
+    if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+        odd = [float(v) for v in values if not np.isfinite(v) or v != np.round(v)][:5]
+        return f"{path.name}: label image holds non-integer values {odd}"
+    outside = sorted(int(v) for v in values if int(v) not in allowed)
+    if outside:
+        return f"{path.name}: label value(s) {outside} outside the declared {sorted(allowed)}"
+    return None
+
+
+def with_checked_labels(data: DownstreamData) -> DownstreamData:
+    """`data` without the segmentation cases whose label image holds undeclared or non-integer
+    values, those added to its rejections (reads every label image once: the split rule's job)."""
+    if data.spec.task != "seg":
+        return data
+    allowed = declared_label_values(data.spec)
+    cases, rejected = [], list(data.rejected)
+    for case in data.cases:
+        problem = label_problem(case.label, allowed)
+        if problem:
+            log.warning("dataset %s: rejected %s: %s", data.name, case.label, problem)
+            rejected.append((str(case.label), problem))
+        else:
+            cases.append(case)
+    if not cases:
+        raise _error(data.spec, f"no usable case ({len(rejected)} rejected, first: {rejected[0][1]})")
+    return DownstreamData(data.spec, cases, rejected)
+
+
+def restricted_to(data: DownstreamData, case_ids) -> DownstreamData:
+    """`data` with only the cases `case_ids` names (e.g. those of a split)."""
+    wanted = set(case_ids)
+    return DownstreamData(data.spec, [c for c in data.cases if c.case_id in wanted], list(data.rejected))
 
 
 def read_dataset(spec: DatasetSpec, check_headers: bool = True) -> DownstreamData:

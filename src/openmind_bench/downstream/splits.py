@@ -293,6 +293,11 @@ def ensure_split(path: str | Path, cases: pd.DataFrame, dataset: str, role: str,
     return doc
 
 
+def all_cases(doc: dict) -> list[str]:
+    """Every case a split uses (its folds divide the training part)."""
+    return sorted({*doc["train"], *doc["test"]})
+
+
 def partition(doc: dict, fold: int | str) -> tuple[list[str], list[str]]:
     """(training cases, evaluation cases) of `fold`: `test` (the fixed test split) or a fold index."""
     if str(fold) == "test":
@@ -359,13 +364,14 @@ def max_deviation(doc: dict, section: str = "test") -> dict[str, float]:
 def split_dataset(registry: str | Path, root: str | Path | None, dataset: str, settings: SplitSettings, *,
                   split_out: str | Path, rejected_out: str | Path | None = None) -> dict:
     """The split of one registry dataset, made once and reused (what rule downstream_split and
-    `openmind-bench downstream-splits` call); cases the reader rejects go to `rejected_out`."""
-    from openmind_bench.downstream.readers import case_table, read_dataset
+    `openmind-bench downstream-splits` call); cases the reader rejects (and label images with undeclared
+    values) go to `rejected_out` and stay out of the split."""
+    from openmind_bench.downstream.readers import case_table, read_dataset, with_checked_labels
     from openmind_bench.qc import Rejections
     from openmind_bench.registry import load_registry
 
     spec = load_registry(registry, root).get(dataset)
-    data = read_dataset(spec)
+    data = with_checked_labels(read_dataset(spec))
     if rejected_out is not None:
         rejections = Rejections("downstream")
         data.record_rejections(rejections)

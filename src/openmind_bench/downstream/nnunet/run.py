@@ -137,7 +137,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     import shutil
 
     from openmind_bench.downstream import inference
-    from openmind_bench.downstream.readers import read_dataset
+    from openmind_bench.downstream.readers import read_dataset, restricted_to
     from openmind_bench.names import parse_run
     from openmind_bench.registry import load_registry
 
@@ -153,8 +153,10 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         return zero_shot(settings, registry, threads)
     if name.pretrained and not settings.checkpoint:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
-    data = read_dataset(spec)
     split = splits.read_split(settings.split)
+    # nnU-Net sees the split's cases only: a case the split rule rejected (say, an undeclared label
+    # value, recorded in results/qc/rejected.tsv) would fail its dataset integrity check
+    data = restricted_to(read_dataset(spec), splits.all_cases(split))
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     threads = max(1, int(threads or settings.threads or 1))
     device = device_for(threads)
