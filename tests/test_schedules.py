@@ -174,3 +174,42 @@ def test_cosine_is_the_classification_protocols_annealing():
     assert s.lr("encoder", 0) == pytest.approx(1e-4)
     assert s.lr("decoder", 200 * 3) == pytest.approx(0.5e-4)
     assert s.lr("stem", 399 * 3 + 2) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 399 / 400)))
+
+
+# The public trainers, read on TaWald/nnUNet branch nnssl_finetuning_inclusion (91b1e049):
+# pretraining/pretrainedTrainer.py:36-41 (CNN 1e-3 / scratch 1e-2), :497-503 (Primus 1e-4 / 3e-4),
+# :599 / :615 (150-epoch warm-up 15), :38 / :500 (1000-epoch warm-up 50);
+# pretraining/sawtooth_trainer.py:129-131 (CNN-150: 15 / 15), :22-24 (CNN-1000: 50 / 50),
+# :149-152 (Primus-1000: factor 0.01, 50 / 50), :261-264 (Primus-150: factor 0.1, 15 / 50);
+# probing_dev's pretraining/frozen_enc_trainer.py:27-30 (Primus frozen: decoder warm-up 15 of 150).
+PUBLIC = {  # (family, epochs): (decoder, whole-net warm-up, sawtooth's whole-net warm-up, decoder factor)
+    ("cnn", 150): (15, 15, 15, 1.0),
+    ("cnn", 1000): (50, 50, 50, 1.0),
+    ("transformer", 150): (15, 15, 50, 0.1),
+    ("transformer", 1000): (50, 50, 50, 0.01),
+}
+
+
+@pytest.mark.parametrize("family, epochs", list(PUBLIC))
+def test_schema_tables_are_the_public_trainers(family, epochs):
+    d, w, ws, f = PUBLIC[(family, epochs)]
+    warm = warmup_for(family, epochs)
+    assert (warm["decoder"], warm["whole"], warm.get("sawtooth_whole", warm["whole"]), warm["decoder_lr_factor"]) == (
+        d, w, ws, f)
+    peak = peak_lr(family, True)
+    assert peak == {"cnn": 1e-3, "transformer": 1e-4}[family]
+    assert peak_lr(family, False) == {"cnn": 1e-2, "transformer": 3e-4}[family]
+    s = schedule_for_run("sawtooth", "ResEncL" if family == "cnn" else "PrimusM", True, epochs, steps_per_epoch=1)
+    h = d // 2
+    for e in range(epochs):  # Lin_incr / PolyLRScheduler_offset / Lin_incr_offset as the trainer steps them
+        if e < h:
+            expected = peak * f / h * (1 + e)
+        elif e < d:
+            expected = peak * f * (1 - (e - h) / (d - h)) ** 0.9
+        elif e < d + ws:
+            expected = peak / ws * (1 + e - d)
+        else:
+            expected = peak * (1 - (e - d - ws) / (epochs - d - ws)) ** 0.9
+        assert s.lr("encoder" if e >= d else "decoder", e) == pytest.approx(expected, rel=1e-12), e
+    frozen = schedule_for_run("frozen", "PrimusM", True, 150, steps_per_epoch=1)
+    assert [frozen.lr("decoder", e) for e in (0, 14, 15)] == pytest.approx([1e-4 / 15, 1e-4, 1e-4])

@@ -24,8 +24,9 @@ from openmind_bench.pretrain import batches, settings as run_settings, trainer
 from conftest import eval_loss
 
 NEW = ["simclr", "voco", "volume_fusion", "swinunetr", "barlow_twins", "vicreg"]
-# Scaled down: 16^3 crops of 32 x 32 x 16 regions, 2 x 2 x 1 VoCo bases, small projectors and boxes.
-TWO_VIEW = {"region_size": [32, 32, 16], "crop_size": [16, 16, 16], "projector_dims": [64, 64]}
+# Scaled down: 16^3 crops of 32 x 32 x 16 regions, one crop pair per region, 2 x 2 x 1 VoCo bases,
+# small projectors and boxes.
+TWO_VIEW = {"region_size": [32, 32, 16], "crop_size": [16, 16, 16], "pairs_per_image": 1, "projector_dims": [64, 64]}
 SMALL = {
     "simclr": TWO_VIEW,
     "barlow_twins": TWO_VIEW,
@@ -79,6 +80,73 @@ def test_simclr_loss_is_nt_xent_on_a_hand_made_batch():
     with torch.no_grad():
         z = model.embed(view["views"])
         assert float(model(view)) == pytest.approx(direct_nt_xent(z[:3], z[3:], 0.5), rel=1e-4)
+
+
+def test_two_view_defaults_are_nnssls_simclr():
+    """nnssl simCLRTrainer.py:63-66 + simclr_transform.py:88-124 (batchgenerators' defaults where it
+    passes none); the VoCo projector is voco_architecture.py:37 (three linear layers of 2048)."""
+    for method in ("simclr", "barlow_twins", "vicreg"):
+        s = ssl.settings_for(method, "cnn")
+        assert (s["region_size"], s["crop_size"], s["min_overlap"], s["pairs_per_image"], s["projector_dims"]) == (
+            [192, 192, 64], [64, 64, 64], 0.5, 2, [2048, 2048, 2048])
+    assert ssl.settings_for("barlow_twins", "cnn")["off_diagonal_weight"] == 5e-3  # Zbontar et al.; nnssl has none
+    assert ssl.settings_for("voco", "cnn")["projector_dims"] == [2048, 2048, 2048]
+    a = views.AUGMENTATION
+    assert (a["noise_p"], a["noise_std"], a["blur_p"], a["blur_p_per_channel"], a["blur_sigma"]) == (
+        0.1, (0.0, 0.1), 0.2, 0.5, (0.5, 1.0))
+    assert (a["brightness_p"], a["brightness"], a["contrast_p"], a["contrast"]) == (0.15, (0.75, 1.25), 0.15, (0.75, 1.25))
+    assert (a["lowres_p"], a["lowres_p_per_channel"], a["lowres_zoom"]) == (0.1, 0.5, (0.5, 1.0))
+    assert (a["gamma_inverted_p"], a["gamma_p"], a["gamma"]) == (0.1, 0.3, (0.7, 1.5))
+    assert (a["mirror_p"], a["rot90_p"], a["rot90_k"], a["rot90_axes"]) == (0.5, 0.3, (1, 2, 3), (0, 1))
+    # The built VoCo projector: pooled width -> 2048 -> 2048 -> 2048.
+    model, _ = build("voco", "ResEncTiny", projector_dims=[2048, 2048, 2048])
+    widths = [(m.in_features, m.out_features) for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert widths == [(features.pooled_width(model.backbone), 2048), (2048, 2048), (2048, 2048)]
+
+
+def _only(**probabilities) -> dict:
+    return {**{k: (0.0 if k.endswith("_p") else v) for k, v in views.AUGMENTATION.items()}, **probabilities}
+
+
+def test_rot90_and_low_resolution_rates_are_nnssls():
+    """rot90 fires on 30% of crops, by 90, 180 or 270 degrees in axes (0, 1), never 0; low resolution
+    fires on 10% of crops and then on each channel with p 0.5."""
+    x = torch.arange(2 * 4**3, dtype=torch.float32).reshape(2, 4, 4, 4)
+    n, rotated = 600, 0
+    for seed in range(n):
+        y = views.augment(x.clone(), views.rng(seed, 5), None, _only(rot90_p=0.3))
+        if not torch.equal(y, x):
+            rotated += 1
+            assert any(torch.equal(y, torch.rot90(x, k, dims=(1, 2))) for k in (1, 2, 3))
+    assert abs(rotated / n - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)
+    always_coarser = _only(lowres_p=1.0, lowres_zoom=(0.5, 0.6))  # a zoom that always changes 4^3
+    channels = [not torch.equal(c, x_c) for seed in range(200)
+                for c, x_c in zip(views.augment(x.clone(), views.rng(seed, 6), None, always_coarser), x)]
+    assert abs(sum(channels) / len(channels) - 0.5) < 4 * math.sqrt(0.25 / len(channels))
+    channels = [not torch.equal(c, x_c) for seed in range(200)
+                for c, x_c in zip(views.augment(x.clone(), views.rng(seed, 7), None, _only()), x)]
+    assert not any(channels)  # every probability 0: the crop passes unchanged
+
+
+def test_two_crop_pairs_per_region_are_aligned_positives():
+    """nnssl cuts 2 pairs per region: views = first crops of (sample, pair) sample-major, then the
+    second crops in the same order; each pair overlaps by at least half per axis."""
+    region, crop = (32, 32, 16), (16, 16, 16)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in region], indexing="ij"))
+    image = torch.stack([grid, grid + 1000])  # (2 samples, 3 channels = voxel coordinates + sample offset)
+    v = views.two_views(image, [4, 5], crop, 0.5, augmentation=False, pairs_per_image=2)
+    assert v.shape == (8, 3, *crop)
+    for k in range(4):
+        first, second = v[k], v[4 + k]
+        assert int(first[0, 0, 0, 0]) // 1000 == k // 2 == int(second[0, 0, 0, 0]) // 1000  # same sample
+        shift = (first[:, 0, 0, 0] - second[:, 0, 0, 0]).abs()
+        assert bool((shift <= 8).all())
+    model, region = build("simclr", "ResEncTiny", pairs_per_image=2)
+    view = model.make_view({"image": torch.randn(2, 1, *region)}, [1, 2])
+    assert view["views"].shape == (8, 1, 16, 16, 16)
+    with torch.no_grad():
+        z = model.embed(view["views"])
+        assert float(model(view)) == pytest.approx(direct_nt_xent(z[:4], z[4:], 0.5), rel=1e-4)
 
 
 def test_barlow_twins_and_vicreg_equal_their_formulas():

@@ -1,7 +1,8 @@
 """VoCo (Wu et al., volume contrast; nnssl `vocoTrainer` + `voco_loss.py`): a (256, 256, 64) region
 is cut into a 4 x 4 x 1 grid of 64^3 base crops, and 4 target crops of 64^3 are drawn anywhere in it;
 the network predicts each target's overlap with every base crop (volume fraction) from the cosine
-similarity of their projected embeddings.
+similarity of their projected embeddings. Projector as nnssl's (shared with its SimCLR): all encoder
+stages pooled and concatenated (Primus: the token mean), then an MLP 2048-2048-2048.
 
 Loss (nnssl's, after the original code): prediction = -log(1 - |overlap - relu(sim)|) weighted by the
 overlap on overlapping pairs + relu(sim)^2 on the others; regularisation = mean relu(cosine) between
@@ -36,7 +37,9 @@ DEFAULTS = {
     "region_size": [256, 256, 64],
     "base_grid": [4, 4, 1],
     "n_targets": 4,
-    "projector_dims": [2048, 2048],
+    # nnssl architectures/voco_architecture.py:37 (VocoProjectionHead, :5-26): pooled stages ->
+    # 2048 -> 2048 -> 2048, three linear layers, the same head as its SimCLR
+    "projector_dims": [2048, 2048, 2048],
     "momentum": 0.9,
     "pred_weight": 1.0,
     "reg_weight": 1.0,
