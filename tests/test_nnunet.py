@@ -145,7 +145,7 @@ def _batch():
     return {"data": torch.randn(2, 1, *PATCH, generator=g), "target": torch.randint(0, 3, (2, 1, *PATCH), generator=g)}
 
 
-def test_optimiser_state_survives_phase_changes(lesion_set, tmp_path):
+def test_optimiser_state_survives_phase_changes_where_the_public_trainers_keep_it(lesion_set, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     pretrained_checkpoint(ckpt, "ResEncTiny")
     trainer, _ = make_trainer(lesion_set, "mae__ResEncTiny__demo__sawtooth__150", ckpt,
@@ -156,16 +156,35 @@ def test_optimiser_state_survives_phase_changes(lesion_set, tmp_path):
     trainer.train_step(_batch())
     decoder_param = trainer.groups["decoder"][0][1]
     buffer = optimizer.state[decoder_param]["momentum_buffer"]
-    trainer.apply_epoch(7)  # decoder warm-up -> decoder poly
-    trainer.apply_epoch(15)  # -> whole-net warm-up: stem and encoder join the same optimiser
+    trainer.apply_epoch(7)  # decoder warm-up -> decoder poly: kept (sawtooth_trainer.py, 'train_decoder')
     assert trainer.optimizer is optimizer
-    assert {g["name"] for g in optimizer.param_groups} == {"decoder", "stem", "encoder"}
     assert optimizer.state[decoder_param]["momentum_buffer"] is buffer and buffer.abs().sum() > 0
+    trainer.apply_epoch(15)  # -> whole-net warm-up: the public trainer builds a new SGD ('warmup_all')
+    whole = trainer.optimizer
+    assert whole is not optimizer and not whole.state
+    assert {g["name"] for g in whole.param_groups} == {"decoder", "stem", "encoder"}
     trainer.train_step(_batch())
     encoder_param = trainer.groups["encoder"][0][1]
-    encoder_buffer = optimizer.state[encoder_param]["momentum_buffer"]
-    trainer.apply_epoch(30)  # whole-net warm-up -> poly
-    assert optimizer.state[encoder_param]["momentum_buffer"] is encoder_buffer and encoder_buffer.abs().sum() > 0
+    encoder_buffer = whole.state[encoder_param]["momentum_buffer"]
+    trainer.apply_epoch(30)  # whole-net warm-up -> poly: kept ('train')
+    assert trainer.optimizer is whole
+    assert whole.state[encoder_param]["momentum_buffer"] is encoder_buffer and encoder_buffer.abs().sum() > 0
+
+
+@pytest.mark.parametrize("schedule, fresh_at", [("warmup", []), ("frozen", [15]), ("valley", [15]),
+                                                ("sawtooth", [15]), ("default", [])])
+def test_new_optimisers_exactly_where_the_public_trainers_build_them(lesion_set, tmp_path, schedule, fresh_at):
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, "ResEncTiny")
+    trainer, _ = make_trainer(lesion_set, f"mae__ResEncTiny__demo__{schedule}__150", ckpt)
+    trainer.apply_epoch(0)
+    seen, changed = trainer.optimizer, []
+    for e in range(1, 150):
+        trainer.apply_epoch(e)
+        if trainer.optimizer is not seen:
+            changed.append(e)
+            seen = trainer.optimizer
+    assert changed == fresh_at
 
 
 def test_published_decoder_stage_trains_the_encoder_that_the_decoder_references(lesion_set, tmp_path):

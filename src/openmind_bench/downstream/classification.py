@@ -14,9 +14,9 @@ the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under to
 `engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Schedules
 other than the default (`frozen`, `warmup`, ...) come from `downstream.schedules`: per-epoch lr of the
 `stem` / `encoder` / `decoder` (= head) groups and which of them train; frozen groups get
-`requires_grad=False` and no optimiser slot, so they stay bit-identical; the optimiser is rebuilt
-at a phase change (the classification protocol has one phase; nnU-Net's trainer keeps one
-optimiser for the segmentation runs).
+`requires_grad=False` and no optimiser slot, so they stay bit-identical; the optimiser is kept
+across a phase change unless the trained groups change or the phase starts a new one (as the
+segmentation trainer; the classification protocol itself has one phase).
 
 Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
 the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
@@ -178,6 +178,15 @@ def apply_phase(net: nn.Module, groups: dict, trainable: frozenset, cfg: dict, d
     return optimisation.OPTIMIZERS[cfg["optimizer"]](param_groups, {**cfg, "lr": 0.0}, device)
 
 
+def _optimiser(net: nn.Module, groups: dict, phase: schedules.Phase, cfg: dict, objective: nn.Module, ctx):
+    """(optimiser, the module train_step calls) for `phase`: DDP around the objective under torchrun."""
+    optimizer = apply_phase(net, groups, phase.trainable, cfg, ctx.device)
+    if not ctx.distributed:
+        return optimizer, objective
+    return optimizer, DistributedDataParallel(objective, find_unused_parameters=True,
+                                              device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
 def set_learning_rates(optimizer: torch.optim.Optimizer, schedule: schedules.Schedule, step: int) -> dict:
     lrs = schedule.lrs(step)
     for group in optimizer.param_groups:
@@ -279,17 +288,15 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
             for step_in_epoch, step_batches in enumerate(plan_of(epoch)):
                 step = epoch * steps_per_epoch + step_in_epoch
                 current = schedule.phase_at(step)[0]
+                if phase is None and saved is not None and saved.get("optimizer_state"):
+                    # resume: the optimiser of the phase the checkpoint was written in, with its state
+                    phase = next((p for p in schedule.phases if p.name == saved.get("phase")), current)
+                    optimizer, model = _optimiser(net, groups, phase, opt_cfg, objective, ctx)
+                    optimizer.load_state_dict(saved["optimizer_state"])
                 if current is not phase:
+                    if phase is None or current.fresh_optimizer or current.trainable != phase.trainable:
+                        optimizer, model = _optimiser(net, groups, current, opt_cfg, objective, ctx)
                     phase = current
-                    optimizer = apply_phase(net, groups, phase.trainable, opt_cfg, ctx.device)
-                    # the saved optimiser state continues only the phase it was saved in
-                    if saved is not None and saved.get("optimizer_state") and saved.get("phase") == phase.name:
-                        optimizer.load_state_dict(saved["optimizer_state"])
-                    model = objective
-                    if ctx.distributed:
-                        model = DistributedDataParallel(
-                            objective, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                            find_unused_parameters=True)
                     log.info("epoch %d: phase %s, training %s", epoch + 1, phase.name, sorted(phase.trainable))
                 lrs = set_learning_rates(optimizer, schedule, step)
                 mine = [m[ctx.rank * local:(ctx.rank + 1) * local] for m in step_batches]

@@ -34,6 +34,10 @@ whole-network warm-up length from config:
 
 The stem stays frozen in every decoder-only phase, also when extra input channels were made by
 repeating it (the multi-channel rule of the MAE paper's Tab. 8).
+
+A phase change keeps the optimiser (momentum / Adam moments carry on) except where the public
+trainer builds a new one, marked `fresh_optimizer`: Sawtooth's and Valley's whole-net warm-up and
+Frozen's poly phase (see `TEMPLATES`).
 """
 
 from __future__ import annotations
@@ -53,28 +57,32 @@ _DOWNSTREAM = config.section("downstream")  # the schema's defaults, read once
 POLY_EXPONENT = float(_DOWNSTREAM["poly_exponent"])
 STEPS_PER_EPOCH = int(_DOWNSTREAM["steps_per_epoch"])
 
-# (phase name, trainable groups, curve, length key, lr factor key)
-TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None], ...]] = {
-    "default": (("train", ALL, "poly", REST, None),),
+# (phase name, trainable groups, curve, length key, lr factor key, new optimiser): a phase marked
+# True starts a new optimiser (momentum / Adam moments reset) where the public trainer builds one:
+# Sawtooth's whole-net warm-up (`sawtooth_trainer.py`, stage 'warmup_all'), Frozen's poly phase
+# (`PretrainedTrainer_Primus_frozenEnc`); the other phase changes keep it (decoder warm-up ->
+# decoder poly, warm-up -> poly), so the momentum carries on. Valley (no public trainer) as Sawtooth.
+TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None, bool], ...]] = {
+    "default": (("train", ALL, "poly", REST, None, False),),
     "frozen": (
-        ("decoder_warmup", DECODER, "linear_warmup", "decoder", None),
-        ("train_decoder", DECODER, "poly", REST, None),
+        ("decoder_warmup", DECODER, "linear_warmup", "decoder", None, False),
+        ("train_decoder", DECODER, "poly", REST, None, True),
     ),
     "warmup": (
-        ("warmup", ALL, "linear_warmup", "whole", None),
-        ("train", ALL, "poly", REST, None),
+        ("warmup", ALL, "linear_warmup", "whole", None, False),
+        ("train", ALL, "poly", REST, None, False),
     ),
     "valley": (
-        ("decoder", DECODER, "poly", "decoder", "decoder"),
-        ("warmup", ALL, "linear_warmup", "whole", None),
-        ("train", ALL, "poly", REST, None),
+        ("decoder", DECODER, "poly", "decoder", "decoder", False),
+        ("warmup", ALL, "linear_warmup", "whole", None, True),
+        ("train", ALL, "poly", REST, None, False),
     ),
-    "cosine": (("train", ALL, "cosine", REST, None),),  # classification (not a segmentation schedule)
+    "cosine": (("train", ALL, "cosine", REST, None, False),),  # classification (not a segmentation schedule)
     "sawtooth": (
-        ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder"),
-        ("decoder_decay", DECODER, "poly", "decoder_down", "decoder"),
-        ("warmup", ALL, "linear_warmup", "sawtooth_whole", None),
-        ("train", ALL, "poly", REST, None),
+        ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder", False),
+        ("decoder_decay", DECODER, "poly", "decoder_down", "decoder", False),
+        ("warmup", ALL, "linear_warmup", "sawtooth_whole", None, True),
+        ("train", ALL, "poly", REST, None, False),
     ),
 }
 SCHEDULE_NAMES = tuple(TEMPLATES)
@@ -95,6 +103,7 @@ class Phase:
     trainable: frozenset
     curve: str
     lr_factor: float = 1.0
+    fresh_optimizer: bool = False  # the engine starts a new optimiser at this phase's first epoch
 
     def relative_lr(self, epoch_in_phase: int, exponent: float = POLY_EXPONENT) -> float:
         """lr / peak at `epoch_in_phase` (0-based) of this phase."""
@@ -163,7 +172,7 @@ class Schedule:
         return {g: self.lr(g, step) for g in GROUPS}
 
     def phase_changes(self) -> list[int]:
-        """First step of every phase after the first (where an engine rebuilds its optimiser's groups)."""
+        """First step of every phase after the first (where an engine changes its optimiser's groups)."""
         return [start * self.steps_per_epoch for start in self._starts[1:]]
 
     def to_dict(self) -> dict:
@@ -172,7 +181,8 @@ class Schedule:
             "name": self.name, "peak_lr": self.peak_lr, "epochs": self.epochs,
             "steps_per_epoch": self.steps_per_epoch, "poly_exponent": self.poly_exponent,
             "phases": [{"name": p.name, "first_epoch": s, "epochs": p.epochs, "trainable": sorted(p.trainable),
-                        "curve": p.curve, "lr_factor": p.lr_factor} for p, s in zip(self.phases, self._starts)],
+                        "curve": p.curve, "lr_factor": p.lr_factor, "fresh_optimizer": p.fresh_optimizer}
+                       for p, s in zip(self.phases, self._starts)],
         }
 
 
@@ -246,7 +256,8 @@ def _parse_groups(value, where: str) -> frozenset:
 def custom_template(name: str, phases: list[dict]) -> tuple:
     """A schedule from config, e.g. `[{name: dec, trainable: [decoder], curve: poly, epochs: decoder,
     lr_factor: decoder}, {name: train, trainable: all, curve: poly, epochs: rest}]`. `epochs` is an
-    int or one of decoder, decoder_up, decoder_down, whole, rest; `lr_factor` a float or `decoder`."""
+    int or one of decoder, decoder_up, decoder_down, whole, rest; `lr_factor` a float or `decoder`;
+    `fresh_optimizer` true/false (default: true where the trained groups change)."""
     if not isinstance(phases, list) or not phases:
         raise ScheduleError(f"schedule {name!r}: phases must be a non-empty list")
     out = []
@@ -263,8 +274,13 @@ def custom_template(name: str, phases: list[dict]) -> tuple:
         factor = spec.get("lr_factor")
         if factor is not None and factor != "decoder" and not isinstance(factor, (int, float)):
             raise ScheduleError(f"{where}: lr_factor {factor!r} is not a number or 'decoder'")
-        out.append((str(spec.get("name", f"phase{i}")), _parse_groups(spec.get("trainable", "all"), where),
-                    curve, length, factor))
+        groups = _parse_groups(spec.get("trainable", "all"), where)
+        fresh = spec.get("fresh_optimizer")
+        if fresh is None:  # as the public trainers: a new optimiser where the trained groups change
+            fresh = bool(out) and groups != out[-1][1]
+        elif not isinstance(fresh, bool):
+            raise ScheduleError(f"{where}: fresh_optimizer {fresh!r} is not true or false")
+        out.append((str(spec.get("name", f"phase{i}")), groups, curve, length, factor, fresh))
     if sum(1 for p in out if p[3] == REST) > 1:
         raise ScheduleError(f"schedule {name!r}: only one phase may take the rest of the epochs")
     return tuple(out)
@@ -292,22 +308,24 @@ def build_schedule(name: str, epochs: int, peak: float, steps_per_epoch: int = S
     lengths = _lengths(int(decoder_warmup), int(whole_warmup),
                        None if sawtooth_whole_warmup is None else int(sawtooth_whole_warmup))
     fixed = sum(length if isinstance(length, int) else lengths[length]
-                for _, _, _, length, _ in template if length != REST)
+                for _, _, _, length, _, _ in template if length != REST)
     rest = epochs - fixed
-    has_rest = any(length == REST for _, _, _, length, _ in template)
+    has_rest = any(length == REST for _, _, _, length, _, _ in template)
     if (has_rest and rest < 1) or (not has_rest and rest != 0):
         raise ScheduleError(
             f"schedule {name!r}: its warm-up phases take {fixed} of {epochs} epochs "
             f"(decoder warm-up {decoder_warmup}, whole-net warm-up {whole_warmup}); "
             + ("the final phase needs at least one" if has_rest else "they must add up to the run")
         )
-    phases = []
-    for phase_name, groups, curve, length, factor in template:
+    phases, pending_fresh = [], False
+    for phase_name, groups, curve, length, factor, fresh in template:
         n = rest if length == REST else (length if isinstance(length, int) else lengths[length])
-        if n == 0:
+        if n == 0:  # a dropped phase's new optimiser starts with the next phase
+            pending_fresh = pending_fresh or fresh
             continue
         f = decoder_lr_factor if factor == "decoder" else (1.0 if factor is None else float(factor))
-        phases.append(Phase(phase_name, int(n), groups, curve, float(f)))
+        phases.append(Phase(phase_name, int(n), groups, curve, float(f), bool(phases) and (fresh or pending_fresh)))
+        pending_fresh = False
     return Schedule(name, float(peak), int(epochs), int(steps_per_epoch), tuple(phases), float(poly_exponent))
 
 

@@ -9,10 +9,11 @@ public fine-tuning trainers add, read from the plans' `openmind_bench` section:
   no deep supervision; then the checkpoint's encoder + stem (`weights.load_pretrained`);
 - the lr and the trainable parameter groups per epoch from `downstream.schedules` (one table per
   schedule, never a class per schedule x epochs); the lr changes once per epoch as nnU-Net's;
-- ONE optimiser for the whole run (SGD 0.99 Nesterov for CNNs, AdamW (0.9, 0.98) for Primus): a
-  phase change sets new rates and adds the parameter groups that start training, so momentum / Adam
-  moments of what already trained carry on (the public trainers keep the optimiser between warm-up
-  and poly);
+- the optimiser (SGD 0.99 Nesterov for CNNs, AdamW (0.9, 0.98) for Primus) is kept across a phase
+  change (new rates, the groups that start training added), so momentum / Adam moments carry on, as
+  the public trainers keep theirs from warm-up to poly; where the public trainer builds a new one
+  (the phase's `fresh_optimizer`: Sawtooth's / Valley's whole-net warm-up, Frozen's poly phase), so
+  does this one, over what trains from then on;
 - decoder-only phases of `sawtooth` / `valley` (`decoder_stage`): `published` trains what the public
   trainer's `network.decoder.parameters()` holds, i.e. encoder and stem too for ResEnc (whose
   decoder references the encoder), the decoder (+ the input projection when channels were repeated)
@@ -44,7 +45,8 @@ DECODER_STAGES = ("published", "decoder_only")
 def schedule_from_dict(doc: dict) -> schedules.Schedule:
     """The inverse of `Schedule.to_dict` (the table stored in the plans)."""
     phases = tuple(schedules.Phase(p["name"], int(p["epochs"]), frozenset(p["trainable"]), p["curve"],
-                                   float(p["lr_factor"])) for p in doc["phases"])
+                                   float(p["lr_factor"]), bool(p.get("fresh_optimizer", False)))
+                   for p in doc["phases"])
     return schedules.Schedule(doc["name"], float(doc["peak_lr"]), int(doc["epochs"]), int(doc["steps_per_epoch"]),
                               phases, float(doc["poly_exponent"]))
 
@@ -97,6 +99,7 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         self.loaded_keys: list[str] = []
         self.channels_repeated = False
         self.current_trainable: frozenset | None = None
+        self.current_phase: schedules.Phase | None = None
 
     # ---------------------------------------------------------------- network
     @staticmethod
@@ -132,19 +135,22 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
             self.print_to_log_file(f"loaded {len(self.loaded_keys)} encoder/stem tensors from {checkpoint}")
         self.groups = transfer.parameter_groups(net, nets.adaptation_keys(net))
         _, _, groups, _ = self.phase_at(self.current_epoch)
+        self.optimizer = self.new_optimizer(groups)
+        self.current_trainable, self.current_phase = None, None
+        self.apply_epoch(self.current_epoch)
+        return self.optimizer, _ScheduleStepper(self)
+
+    def new_optimizer(self, groups: frozenset) -> torch.optim.Optimizer:
+        """The run's optimiser over the parameter groups `groups`, one named torch group each."""
         param_groups = [{"params": [p for _, p in self.groups[g]], "name": g}
                         for g in schedules.GROUPS if g in groups and self.groups.get(g)]
         cfg = self.run_settings["optimizer"]
         if cfg["name"] == "sgd":
-            self.optimizer = torch.optim.SGD(param_groups, lr=self.initial_lr, momentum=float(cfg.get("momentum", 0.99)),
-                                             nesterov=True, weight_decay=self.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(param_groups, lr=self.initial_lr,
-                                               betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.98))),
-                                               weight_decay=self.weight_decay, fused=self.device.type == "cuda")
-        self.current_trainable = None
-        self.apply_epoch(self.current_epoch)
-        return self.optimizer, _ScheduleStepper(self)
+            return torch.optim.SGD(param_groups, lr=self.initial_lr, momentum=float(cfg.get("momentum", 0.99)),
+                                   nesterov=True, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(param_groups, lr=self.initial_lr,
+                                 betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.98))),
+                                 weight_decay=self.weight_decay, fused=self.device.type == "cuda")
 
     # ---------------------------------------------------------------- schedule
     def decoder_holds_encoder(self) -> bool:
@@ -160,8 +166,14 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         return phase, e, groups, s.peak_lr * phase.relative_lr(e, s.poly_exponent)
 
     def apply_epoch(self, epoch: int) -> float:
-        """Freeze / unfreeze for `epoch`'s phase, add starting groups to the optimiser, set the lr."""
+        """Freeze / unfreeze for `epoch`'s phase, a new optimiser where the phase starts one (else the
+        starting groups added to the current one), set the lr."""
         phase, _, groups, lr = self.phase_at(epoch)
+        if phase is not self.current_phase:
+            if phase.fresh_optimizer and self.current_phase is not None:
+                self.optimizer = self.new_optimizer(groups)
+                self.print_to_log_file(f"epoch {epoch}: phase {phase.name} starts a new optimiser")
+            self.current_phase = phase
         if groups != self.current_trainable:
             for name, named in self.groups.items():
                 for _, p in named:
