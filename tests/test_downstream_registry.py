@@ -259,3 +259,19 @@ def test_label_images_with_undeclared_values_are_rejected_by_the_split_rule(tmp_
     assert "label value(s) [5] outside" in table and "b_1.nii.gz" in table and "Seg" in table
     # what nnU-Net is given: the split's cases only
     assert [c.case_id for c in restricted_to(read_dataset(spec), all_cases(doc)).cases] == all_cases(doc)
+
+
+def test_zero_shot_channels_map_this_sets_modalities_onto_the_source_models(tmp_path):
+    four = {**GOOD, "modalities": ["T1w", "T1ce_GRE", "T1ce_SE", "FLAIR"]}
+    target = {**GOOD, "role": "test", "modalities": ["T1w", "T1ce", "T2w", "FLAIR"], "zero_shot_from": "SRC"}
+    reg = load_registry(write_registry(tmp_path / "r.yaml", {
+        "SRC": four, "MAPPED": {**target, "zero_shot_channels": ["T1w", "T1ce", "T1ce", "FLAIR"]},
+        "UNMAPPED": {**target, "modalities": ["T1ce"]},
+        "WRONG": {**target, "zero_shot_channels": ["T1w", "T1ce", "PD", "FLAIR"]}}))
+    mapped = reg.get("MAPPED")
+    assert mapped.zero_shot_images(["t1", "t1ce", "t2", "flair"]) == ["t1", "t1ce", "t1ce", "flair"]
+    assert "models fine-tuned on SRC take 4 channel(s)" in reg.errors["UNMAPPED"]
+    assert "datasets.UNMAPPED.zero_shot_from" in reg.errors["UNMAPPED"]
+    assert "datasets.WRONG.zero_shot_channels" in reg.errors["WRONG"] and "must list modalities" in reg.errors["WRONG"]
+    shipped = load_registry("config/downstream_datasets.yaml")
+    assert "BTM" in shipped.datasets and len(shipped.get("BTM").zero_shot_inputs) == shipped.get("BRM").channels

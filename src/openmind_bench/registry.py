@@ -18,6 +18,8 @@ File shape::
         metadata: case_metadata.csv  # optional, under source: case,subject[,site] (patient grouping)
         subject_pattern: '^(?P<subject>.+)_ses'   # optional alternative: subject id from the case id
         zero_shot_from: BRM          # optional: also scored with models fine-tuned on BRM, untrained here
+        zero_shot_channels: [T1w, T1ce, T1ce, FLAIR]   # optional: this set's modality feeding each of
+                                     # the source model's channels (default: the same channels in order)
         reference: Liew et al. 2022, Sci Data
         openneuro: {dataset: ds004884, subjects: [r001s001]}   # optional: test subjects also on OpenNeuro (never pre-trained on)
         uncertain: {role: why it is uncertain, ...}   # one note per field the papers do not settle
@@ -46,7 +48,7 @@ DEFAULT_ROOT = "data/downstream"
 FORMATS = {"seg": "nnunet_raw", "cls": "image_folder"}
 REQUIRED = ("task", "role", "domain", "source", "modalities", "labels")
 OPTIONAL = ("openneuro", "title", "format", "nsd_tolerance_mm", "metadata", "subject_pattern", "zero_shot_from",
-            "reference", "uncertain", "images_dir", "labels_csv", "file_ending", "notes")
+            "zero_shot_channels", "reference", "uncertain", "images_dir", "labels_csv", "file_ending", "notes")
 UNCERTAIN_KEYS = set(REQUIRED) | set(OPTIONAL) | {"identity"}
 
 
@@ -71,6 +73,7 @@ class DatasetSpec:
     metadata: str | None = None
     subject_pattern: str | None = None
     zero_shot_from: str | None = None
+    zero_shot_channels: tuple[str, ...] | None = None  # this set's modality per source-model channel
     reference: str = ""
     images_dir: str = "imagesTr"
     labels_csv: str = "labels.csv"
@@ -80,6 +83,15 @@ class DatasetSpec:
     @property
     def channels(self) -> int:
         return len(self.modalities)
+
+    @property
+    def zero_shot_inputs(self) -> tuple[str, ...]:
+        """This set's modality feeding each channel of the zero-shot source model."""
+        return self.zero_shot_channels or self.modalities
+
+    def zero_shot_images(self, images) -> list:
+        """A case's image files (in `modalities` order) in the source model's channel order."""
+        return [images[self.modalities.index(m)] for m in self.zero_shot_inputs]
 
     @property
     def foreground(self) -> dict:
@@ -201,12 +213,22 @@ def _entry(path: Path, root: Path, name: str, fields) -> DatasetSpec:
     ending = str(fields.get("file_ending", ".nii.gz"))
     if not ending.startswith("."):
         raise _fail(path, name, "file_ending", f"{ending!r} must start with a dot")
+    channels = fields.get("zero_shot_channels")
+    if channels is not None:
+        if fields.get("zero_shot_from") is None:
+            raise _fail(path, name, "zero_shot_channels", "only a zero_shot_from dataset maps channels")
+        if not isinstance(channels, list) or not channels or not all(c in modalities for c in channels):
+            raise _fail(path, name, "zero_shot_channels",
+                        f"{channels!r} must list modalities of this dataset ({list(modalities)}), one per channel of "
+                        "the source model")
+        channels = tuple(channels)
     src = Path(source).expanduser()
     return DatasetSpec(
         name=name, task=task, role=role, domain=domain, source=src if src.is_absolute() else root / src,
         modalities=tuple(modalities), labels=labels, format=fmt, title=str(fields.get("title", "")),
         nsd_tolerance_mm=tolerance, metadata=fields.get("metadata"), subject_pattern=pattern,
-        zero_shot_from=fields.get("zero_shot_from"), reference=str(fields.get("reference", "")),
+        zero_shot_from=fields.get("zero_shot_from"), zero_shot_channels=channels,
+        reference=str(fields.get("reference", "")),
         images_dir=str(fields.get("images_dir", "imagesTr")), labels_csv=str(fields.get("labels_csv", "labels.csv")),
         file_ending=ending, uncertain=dict(uncertain),
     )
@@ -235,9 +257,17 @@ def load_registry(path: str | Path, root: str | Path | None = None) -> Registry:
     for name, spec in list(datasets.items()):
         if spec.zero_shot_from is not None:
             other = datasets.get(spec.zero_shot_from)
+            problem = None
             if other is None or other.task != spec.task:
-                errors[name] = str(_fail(path, name, "zero_shot_from",
-                                         f"{spec.zero_shot_from!r} is not a usable {spec.task} dataset of this registry"))
+                problem = _fail(path, name, "zero_shot_from",
+                                f"{spec.zero_shot_from!r} is not a usable {spec.task} dataset of this registry")
+            elif len(spec.zero_shot_inputs) != other.channels:
+                problem = _fail(path, name, "zero_shot_channels" if spec.zero_shot_channels else "zero_shot_from",
+                                f"models fine-tuned on {other.name} take {other.channels} channel(s) "
+                                f"{list(other.modalities)}, this dataset gives {len(spec.zero_shot_inputs)} "
+                                f"{list(spec.zero_shot_inputs)}; zero_shot_channels maps its modalities onto them")
+            if problem is not None:
+                errors[name] = str(problem)
                 log.error("%s", errors[name])
                 del datasets[name]
     return Registry(path=path, root=root_path, datasets=datasets, errors=errors)

@@ -100,8 +100,9 @@ def device_for(threads: int):
 
 
 def predict(model_dir: str | Path, fold: int, cases: list, out_dir: str | Path, device, tile_step_size: float = 0.5,
-            mirroring: bool = True) -> dict[str, Path]:
-    """nnU-Net's predictor on `cases` (readers.Case); returns case id -> prediction file."""
+            mirroring: bool = True, inputs: list | None = None) -> dict[str, Path]:
+    """nnU-Net's predictor on `cases` (readers.Case; `inputs`: each case's files in the model's
+    channel order, default its images); returns case id -> prediction file."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     out_dir = Path(out_dir)
@@ -111,7 +112,8 @@ def predict(model_dir: str | Path, fold: int, cases: list, out_dir: str | Path, 
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=CHECKPOINT)
     ending = predictor.dataset_json["file_ending"]
-    predictor.predict_from_files_sequential([[str(p) for p in c.images] for c in cases],
+    inputs = [c.images for c in cases] if inputs is None else inputs
+    predictor.predict_from_files_sequential([[str(p) for p in files] for files in inputs],
                                             [str(out_dir / c.case_id) for c in cases], save_probabilities=False,
                                             overwrite=True)
     return {c.case_id: out_dir / f"{c.case_id}{ending}" for c in cases}
@@ -215,21 +217,23 @@ def zero_shot(settings, registry, threads: int = 1) -> str:
     if not (model / f"fold_{fold}" / CHECKPOINT).exists():
         raise FileNotFoundError(f"zero-shot {spec.name} <- {source.name}: no fine-tuned model at {model}/fold_{fold}")
     channels = len(_json(model / "dataset.json")["channel_names"])
-    if channels != len(spec.modalities):
+    if channels != len(spec.zero_shot_inputs):
         raise ValueError(f"zero-shot {spec.name} <- {source.name}: the model takes {channels} channel(s), "
-                         f"{spec.name} has {len(spec.modalities)} ({spec.modalities})")
+                         f"{spec.name} gives {len(spec.zero_shot_inputs)} ({list(spec.zero_shot_inputs)}; "
+                         "registry field zero_shot_channels)")
     data = read_dataset(spec)
     _, test_ids = splits.partition(splits.read_split(settings.split), "test")
     by_id = {c.case_id: c for c in data.cases}
     cases = [by_id[c] for c in test_ids if c in by_id]
+    inputs = [spec.zero_shot_images(c.images) for c in cases]  # the source model's channel order
     threads = max(1, int(threads or 1))
     out = Path(settings.out_dir)
     os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
     with nndata.environment(None, None, source_dir / "nnunet", threads):
         predictions = predict(model, fold, cases, out / "predictions", device_for(threads),
-                              1.0 - float(settings.sliding_window_overlap))
+                              1.0 - float(settings.sliding_window_overlap), inputs=inputs)
     doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold))
-    doc.update(engine="nnunetv2", zero_shot_from=source.name)
+    doc.update(engine="nnunetv2", zero_shot_from=source.name, zero_shot_channels=list(spec.zero_shot_inputs))
     inference.write(doc, out)
     return "finished"
 
