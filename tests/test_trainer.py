@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from openmind_bench import config as omb_config
 from openmind_bench.engine import checkpoint, optimisation, step as engine_step

@@ -13,7 +13,6 @@ so later stages are tested against what is known to be true. Deterministic under
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 import shutil

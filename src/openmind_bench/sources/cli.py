@@ -27,7 +27,7 @@ def run(args) -> int:
     kind = config["source"]["kind"]
     dest = Path(args.raw_dir) / kind / args.dataset
     rejections = Rejections("fetch")
-    manifest = fetch_dataset(config["source"], args.dataset, table.loc[args.dataset, "snapshot"],
-                             dest, dest / "download_manifest.json", rejections)
+    fetch_dataset(config["source"], args.dataset, table.loc[args.dataset, "snapshot"],
+                  dest, dest / "download_manifest.json", rejections)
     rejections.write(args.rejected or f"results/qc/parts/fetch/{kind}/{args.dataset}.tsv")
     return 0
