@@ -194,6 +194,7 @@ def _gather_worker(rank: int, world: int, init: str, out: str):
             # DDP averages gradients over the ranks: the rank's share of the one-process gradient.
             results[name] = (loss.detach(), a.grad / world, b.grad / world)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
