@@ -218,3 +218,21 @@ def test_preempted_run_resumes_and_finishes(downstream_root, tmp_path, monkeypat
     assert (out / "metrics.json").exists() and not (out / classification.LATEST).exists()
     epochs = [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3"]
+
+
+def test_finetune_command_makes_the_split_and_runs_a_classification_job(downstream_root, tmp_path):
+    import yaml
+
+    from openmind_bench.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "downstream": {"classification": {"epochs": 1, "batch_size": 2, "accumulation_steps": 1, "steps_per_epoch": 1}},
+        "finetune": {"scratch_patch_size": [32, 32, 32], "spacing": [3.5, 3.5, 3.5]}}))
+    split, out = tmp_path / "split.json", tmp_path / "run"
+    assert main(["finetune", "--dataset", CLS, "--run", "scratch__ResEncTiny__1", "--split", str(split),
+                 "--out", str(out), "--config", str(config), "--registry", REGISTRY, "--root", str(downstream_root),
+                 "--threads", "1"]) == 0
+    assert "folds" not in json.loads(split.read_text())  # a test-role set: no folds
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["training"]["epochs"] == 1 and len(doc["cases"]) == len(json.loads(split.read_text())["test"])
