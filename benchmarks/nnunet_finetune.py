@@ -39,6 +39,7 @@ def main() -> None:
 
     import torch
 
+    from openmind_bench import config as omb_config
     from openmind_bench.demo.downstream import build_downstream
     from openmind_bench.downstream import settings as run_settings, splits
     from openmind_bench.downstream.nnunet import dataset as nndata, plans as nnplans, run as nnrun
@@ -62,6 +63,8 @@ def main() -> None:
                                  "nnunet": {"val_iterations_per_epoch": 1}},
                   "finetune": {"scratch_patch_size": [32, 32, 32], "spacing": [3.5, 3.5, 3.5],
                                "sliding_window_overlap": 0.25}}
+        config["downstream"]["epochs"] = [args.epochs]
+        config = omb_config.validate(config, omb_config.SCHEMA_PATH)
         out = root / "results" / "downstream" / args.dataset / run / "fold_test"
         s = run_settings.resolve(config, args.dataset, run, "test", out_dir=str(out), split=str(split_path))
 
@@ -97,6 +100,10 @@ def main() -> None:
         print(f"run {run} x {args.steps} iterations: {time.time() - t0:.1f} s wall, {cpu_seconds() - c0:.1f} CPU s; "
               f"test DSC {doc['summary']['DSC']:.3f} (per class "
               f"{ {k: round(v['DSC'], 3) for k, v in doc['summary']['per_class'].items()} })")
+        for row in doc["cases"]:  # per test case: which class fails (NaN: empty in reference and prediction)
+            per = {k: (None if v["DSC"] is None else round(v["DSC"], 3)) for k, v in row["per_class"].items()}
+            voxels = {k: v["tp"] + v["fn"] for k, v in row["per_class"].items()}
+            print(f"  {row['case']}: DSC {per}, reference voxels {voxels}")
 
 
 if __name__ == "__main__":

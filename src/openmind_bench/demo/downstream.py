@@ -3,7 +3,7 @@
 Three sets, written under `root` (`config/downstream_demo.yaml` registers them):
 
 - `Dataset901_DemoLesionT1` (nnU-Net raw, 1 channel T1w): labels white matter and lesion. Lesions
-  are dark in T1w; controls have none, so the lesion class is absent from their reference (the
+  enhance (bright in T1w); controls have none, so the lesion class is absent from their reference (the
   empty-reference path of the metrics runs in every demo).
 - `Dataset902_DemoLesionT1FLAIR` (nnU-Net raw, 2 registered channels T1w + FLAIR): label lesion,
   bright in FLAIR.
@@ -11,7 +11,8 @@ Three sets, written under `root` (`config/downstream_demo.yaml` registers them):
   vs control.
 
 Each subject is the template's real anatomy under its own head size (scale 0.93-1.07),
-position and orientation, with its own lesions (ellipsoids in the white matter); subjects come
+position and orientation, with its own lesions (2-5 irregular ellipsoids of radii 8-15 mm in the
+deep white matter, 12-40 ml per patient; LESION_RADII_MM, LESIONS_PER_PATIENT); subjects come
 from three sites that differ in intensity scale, bias field, noise and slice thickness, and some
 have two sessions (new positioning, one lesion more), so splits must group by subject and can
 balance site and lesion load. Grids cover the brain plus a margin at 3-4 mm, so volumes are
@@ -90,8 +91,22 @@ def _around_brain(head: Head, margin_mm: float = 16.0) -> Head:
     return Head(affine=affine, **fields)
 
 
+# Lesions: ellipsoids of these radii (mm) with an irregular (noise-modulated) border, centred in deep
+# white matter and confined to it, as confluent periventricular / deep white-matter lesions. At the
+# demo's 3.2-4 mm voxels they span ~5-9 voxels across; radii of 5-10 mm (1.5-3 voxels, ~100-200
+# lesion voxels per case) gave the demo's tiny networks almost no lesion voxels to learn from.
+LESION_RADII_MM = (8.0, 15.0)
+LESIONS_PER_PATIENT = (2, 5)  # at the first session; each follow-up session adds one
+# The T1w set's lesions enhance (bright on T1w, as contrast-enhancing lesions), so its lesion class
+# can be told apart by intensity: the demo's tiny networks did not learn T1-dark lesions (GM-like
+# intensity inside WM) within 2000 CPU iterations, while bright ones reach DSC ~0.9 within 1000.
+# The T1w + FLAIR set keeps T1-dark lesions (its FLAIR channel shows them bright).
+LESION_INTENSITY = {SEG_T1: {"T1w": 1.3}}
+
+
 def _lesion_field(head: Head, rng: np.random.Generator, n: int) -> np.ndarray:
-    """n ellipsoidal lesions (radii 5-10 mm) centred in deep white matter, soft-edged, in [0, 1]."""
+    """n lesions (ellipsoids of LESION_RADII_MM, border modulated by smooth noise) centred in deep
+    white matter, soft-edged, in [0, 1]."""
     field = np.zeros(head.shape, np.float32)
     if n == 0:
         return field
@@ -99,15 +114,18 @@ def _lesion_field(head: Head, rng: np.random.Generator, n: int) -> np.ndarray:
     deep = np.argwhere(ndimage.binary_erosion(head.wm > 0.9, iterations=2))
     grid = np.indices(head.shape, dtype=np.float32)
     for centre in deep[rng.choice(len(deep), size=n, replace=False)]:
-        radii = rng.uniform(5.0, 10.0, 3) / vox
-        dist = sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3))
-        field = np.maximum(field, (dist <= 1.0).astype(np.float32))
+        radii = rng.uniform(*LESION_RADII_MM, 3) / vox
+        box = tuple(slice(max(int(c - r) - 2, 0), int(c + r) + 3) for c, r in zip(centre, radii))
+        dist = sum(((grid[a][box] - centre[a]) / radii[a]) ** 2 for a in range(3))
+        border = ndimage.gaussian_filter(rng.standard_normal(dist.shape).astype(np.float32), 1.5)
+        border *= 0.35 / max(float(border.std()), 1e-6)
+        field[box] = np.maximum(field[box], (dist <= 1.0 + border).astype(np.float32))
     field = ndimage.gaussian_filter(field, 0.7)
     return np.clip(field * (head.wm > 0.3) * 1.6, 0, 1)
 
 
 def _scan(head: Head, site: str, lesions: np.ndarray, n_lesions: int, modalities: list[str],
-          rng: np.random.Generator, head_scale: float) -> _Scan:
+          rng: np.random.Generator, head_scale: float, lesion_intensity: dict | None = None) -> _Scan:
     acq = SITES[site]
     scaled = dataclasses.replace(head, affine=np.diag([head_scale] * 3 + [1.0]) @ head.affine)
     # grid over the brain plus ~10 mm, as downstream sets are usually cropped around the anatomy
@@ -116,7 +134,8 @@ def _scan(head: Head, site: str, lesions: np.ndarray, n_lesions: int, modalities
     affine, shape = subject_grid(cover, rotation, rng.uniform(-4, 4, 3), acq["spacing"])
     images = {}
     for modality in modalities:
-        img = resample(contrast_image(head, modality, lesions, rng), scaled.affine, affine, shape, 1)
+        img = resample(contrast_image(head, modality, lesions, rng, (lesion_intensity or {}).get(modality)),
+                       scaled.affine, affine, shape, 1)
         img = img * acq["scale"] * bias_field(shape, rng, acq["bias"])
         images[modality] = rician(img, acq["noise"] * float(np.percentile(img, 99.5)), rng)
     lesion = resample(lesions, scaled.affine, affine, shape, 1) > 0.5
@@ -132,13 +151,13 @@ def _subject_scans(head: Head, seed: int, dataset: str, subject: str, site: str,
                    sessions: int, modalities: list[str]):
     rng = np.random.default_rng([seed, zlib.crc32(dataset.encode()), zlib.crc32(subject.encode())])
     head_scale = rng.uniform(0.93, 1.07)
-    n = int(rng.integers(2, 5)) if patient else 0
+    n = int(rng.integers(LESIONS_PER_PATIENT[0], LESIONS_PER_PATIENT[1] + 1)) if patient else 0
     lesions = _lesion_field(head, rng, n)
     for session in range(1, sessions + 1):
         if patient and session > 1:  # follow-up: one new lesion
             lesions = np.maximum(lesions, _lesion_field(head, rng, 1))
             n += 1
-        yield session, _scan(head, site, lesions, n, modalities, rng, head_scale)
+        yield session, _scan(head, site, lesions, n, modalities, rng, head_scale, LESION_INTENSITY.get(dataset))
 
 
 def _image_scale(volume: np.ndarray) -> float:

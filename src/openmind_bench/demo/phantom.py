@@ -120,8 +120,12 @@ def lesion_map(head: Head, rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(out / max(out.max(), 1e-6), 0, 1) * (head.wm > 0.5)
 
 
-def contrast_image(head: Head, modality: str, lesions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def contrast_image(head: Head, modality: str, lesions: np.ndarray, rng: np.random.Generator,
+                   lesion_intensity: float | None = None) -> np.ndarray:
+    """`modality`'s contrast of the head with `lesions` (in [0, 1]) at CONTRAST's lesion intensity,
+    or `lesion_intensity` where given."""
     csf, gm, wm, skull, scalp, muscle, eye, lesion = CONTRAST[modality]
+    lesion = lesion if lesion_intensity is None else float(lesion_intensity)
     if modality == "T1w":
         brain = head.t1_brain / max(head.t1_brain.max(), 1e-6)
     else:
