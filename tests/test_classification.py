@@ -141,6 +141,32 @@ def test_schedules_on_the_optimiser_give_the_closed_form_lr():
             assert math.isclose(lrs["stem"], encoder, rel_tol=1e-12)
 
 
+def test_phase_changes_keep_or_renew_the_optimiser_as_the_segmentation_trainer():
+    torch.manual_seed(0)
+    net = nets.resolve("ResEncTiny").build([32, 32, 32])
+    groups = transfer.parameter_groups(net, nets.adaptation_keys(net))
+    cfg = {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 1e-2}
+    custom = {"grow": [{"name": "head", "trainable": ["decoder"], "epochs": 2},
+                       {"name": "all", "trainable": "all", "fresh_optimizer": False}]}
+    # steps where a new optimiser starts (one step per epoch): frozen's poly phase, sawtooth's whole net
+    for name, renewed_at in (("warmup", []), ("frozen", [2]), ("sawtooth", [2]), ("grow", [])):
+        schedule = schedules.build_schedule(name, 5, 1e-3, 1, decoder_warmup=2, whole_warmup=1, custom=custom)
+        phase, optimizer, renewed = None, None, []
+        for step in range(schedule.total_steps):
+            current = schedule.phase_at(step)[0]
+            if current is not phase:
+                kept = optimizer
+                optimizer = classification.enter_phase(current, phase, optimizer, net, groups, cfg,
+                                                       torch.device("cpu"))
+                if phase is not None and optimizer is not kept:
+                    renewed.append(step)
+                phase = current
+        assert renewed == renewed_at, name
+        trained = {"decoder"} if name == "frozen" else set(schedules.GROUPS)  # "grow": stem, encoder added
+        assert {g["name"] for g in optimizer.param_groups} == trained, name
+        assert all(p.requires_grad == (g in trained) for g, named in groups.items() for _, p in named), name
+
+
 def test_frozen_keeps_encoder_bit_identical_and_writes_metrics(downstream_root, tmp_path):
     ckpt = tmp_path / "mae__ResEncTiny__demo" / "checkpoint_final.pt"
     ckpt.parent.mkdir()

@@ -14,9 +14,9 @@ the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under to
 `engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Schedules
 other than the default (`frozen`, `warmup`, ...) come from `downstream.schedules`: per-epoch lr of the
 `stem` / `encoder` / `decoder` (= head) groups and which of them train; frozen groups get
-`requires_grad=False` and no optimiser slot, so they stay bit-identical; the optimiser is kept
-across a phase change unless the trained groups change or the phase starts a new one (as the
-segmentation trainer; the classification protocol itself has one phase).
+`requires_grad=False`, so they stay bit-identical; the optimiser is kept across a phase change
+(groups that start training added) unless the phase starts a new one (`fresh_optimizer`), as in the
+segmentation trainer (the classification protocol itself has one phase).
 
 Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
 the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
@@ -133,6 +133,7 @@ def epoch_plan(n_cases: int, batch_size: int, accumulation: int, steps_per_epoch
     fewer). Else that many full steps, the order continuing over further seeded passes."""
     if n_cases < 1:
         raise ValueError("classification fine-tuning needs at least one training case")
+
     def one_pass(index: int) -> list[int]:
         return [int(i) for i in np.random.default_rng(derive_seed(seed, _TAG_ORDER, epoch, index)).permutation(n_cases)]
 
@@ -166,25 +167,33 @@ def optimiser_config(settings: FinetuneSettings) -> dict:
 
 
 def apply_phase(net: nn.Module, groups: dict, trainable: frozenset, cfg: dict, device) -> torch.optim.Optimizer:
-    """Freeze what the phase freezes and build the optimiser over what trains (one torch param group
-    per schedule group, named, so `set_learning_rates` can address it)."""
-    param_groups = []
-    for group, named in groups.items():
-        train = group in trainable
-        for _, p in named:
-            p.requires_grad_(train)
-        if train and named:
-            param_groups.append({"params": [p for _, p in named], "name": group})
-    return optimisation.OPTIMIZERS[cfg["optimizer"]](param_groups, {**cfg, "lr": 0.0}, device)
+    """Freeze what the phase freezes and build a new optimiser over what trains (one torch param
+    group per schedule group, named, so `set_learning_rates` can address it)."""
+    transfer.set_trainable(groups, trainable)
+    return optimisation.OPTIMIZERS[cfg["optimizer"]](transfer.optimiser_groups(groups, trainable),
+                                                     {**cfg, "lr": 0.0}, device)
 
 
-def _optimiser(net: nn.Module, groups: dict, phase: schedules.Phase, cfg: dict, objective: nn.Module, ctx):
-    """(optimiser, the module train_step calls) for `phase`: DDP around the objective under torchrun."""
-    optimizer = apply_phase(net, groups, phase.trainable, cfg, ctx.device)
+def enter_phase(phase: schedules.Phase, previous: schedules.Phase | None, optimizer, net: nn.Module, groups: dict,
+                cfg: dict, device):
+    """The optimiser for `phase` after `previous`: a new one at the first phase and where the phase
+    asks for it (`fresh_optimizer`, as the segmentation trainer); else the same one, with the groups
+    that start training added (their state fresh, the others' carried on)."""
+    if previous is None or phase.fresh_optimizer:
+        return apply_phase(net, groups, phase.trainable, cfg, device)
+    if phase.trainable != previous.trainable:
+        transfer.set_trainable(groups, phase.trainable)
+        transfer.add_starting_groups(optimizer, groups, phase.trainable)
+    return optimizer
+
+
+def _wrapped(objective: nn.Module, ctx):
+    """The module train_step calls: DDP around the objective under torchrun (made again whenever the
+    trained parameters change, as DDP fixes them when wrapping)."""
     if not ctx.distributed:
-        return optimizer, objective
-    return optimizer, DistributedDataParallel(objective, find_unused_parameters=True,
-                                              device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        return objective
+    return DistributedDataParallel(objective, find_unused_parameters=True,
+                                   device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, schedule: schedules.Schedule, step: int) -> dict:
@@ -269,16 +278,25 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
 
     start_epoch, history = 0, []
     latest = out / LATEST
-    saved = None
+    phase, optimizer, model = None, None, objective
     if latest.exists():
         saved = torch.load(latest, map_location=ctx.device, weights_only=True)
         net.load_state_dict(saved["network_weights"])
         start_epoch, history = int(saved["current_epoch"]), list(saved["history"])
+        if saved.get("optimizer_state"):
+            # the optimiser as it was in the phase the checkpoint was written in (the phases up to it
+            # replayed, so its groups are the same), then its state
+            names = [p.name for p in schedule.phases]
+            last = names.index(saved["phase"]) if saved.get("phase") in names else 0
+            for replayed in schedule.phases[:last + 1]:
+                optimizer = enter_phase(replayed, phase, optimizer, net, groups, opt_cfg, ctx.device)
+                phase = replayed
+            optimizer.load_state_dict(saved["optimizer_state"])
+            model = _wrapped(objective, ctx)
         log.info("resuming %s at epoch %d", latest, start_epoch)
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps_per_epoch)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
     grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
-    phase, optimizer, model = None, None, objective
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
@@ -288,14 +306,10 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
             for step_in_epoch, step_batches in enumerate(plan_of(epoch)):
                 step = epoch * steps_per_epoch + step_in_epoch
                 current = schedule.phase_at(step)[0]
-                if phase is None and saved is not None and saved.get("optimizer_state"):
-                    # resume: the optimiser of the phase the checkpoint was written in, with its state
-                    phase = next((p for p in schedule.phases if p.name == saved.get("phase")), current)
-                    optimizer, model = _optimiser(net, groups, phase, opt_cfg, objective, ctx)
-                    optimizer.load_state_dict(saved["optimizer_state"])
                 if current is not phase:
-                    if phase is None or current.fresh_optimizer or current.trainable != phase.trainable:
-                        optimizer, model = _optimiser(net, groups, current, opt_cfg, objective, ctx)
+                    optimizer = enter_phase(current, phase, optimizer, net, groups, opt_cfg, ctx.device)
+                    if phase is None or current.trainable != phase.trainable:
+                        model = _wrapped(objective, ctx)
                     phase = current
                     log.info("epoch %d: phase %s, training %s", epoch + 1, phase.name, sorted(phase.trainable))
                 lrs = set_learning_rates(optimizer, schedule, step)
@@ -321,7 +335,6 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                     _save(latest, net, optimizer, epoch + 1, settings, logger.history, schedule, patch, spec,
                           phase.name)
             distributed.barrier(ctx)
-            saved = None
 
     if ctx.is_main:
         if settings.keep_checkpoint:

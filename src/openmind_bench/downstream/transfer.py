@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from openmind_bench import nets
+from openmind_bench.downstream.schedules import GROUPS
 from openmind_bench.engine import checkpoint
 
 log = logging.getLogger(__name__)
@@ -228,3 +229,24 @@ def parameter_groups(net: nn.Module, keys: dict) -> dict[str, list[tuple[str, nn
         else:
             groups["decoder"].append((name, param))
     return groups
+
+
+def set_trainable(groups: dict, trainable) -> None:
+    """`requires_grad` on for the parameters of the groups named in `trainable`, off for the others
+    (frozen parameters get no gradient, so no optimiser moves them)."""
+    for name, named in groups.items():
+        for _, param in named:
+            param.requires_grad_(name in trainable)
+
+
+def optimiser_groups(groups: dict, names) -> list[dict]:
+    """One torch parameter group per schedule group in `names` that has parameters, in the schedules'
+    order and named, so a schedule's lr can be set per group."""
+    return [{"params": [p for _, p in groups[g]], "name": g} for g in GROUPS if g in names and groups.get(g)]
+
+
+def add_starting_groups(optimizer, groups: dict, names) -> None:
+    """Add to `optimizer` the groups of `names` it does not hold yet (the others keep their state)."""
+    present = {g["name"] for g in optimizer.param_groups}
+    for group in optimiser_groups(groups, [n for n in names if n not in present]):
+        optimizer.add_param_group(group)

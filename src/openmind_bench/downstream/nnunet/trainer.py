@@ -36,7 +36,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 
-from openmind_bench.downstream import schedules
+from openmind_bench.downstream import schedules, transfer
 
 CNN_CLIP, TRANSFORMER_CLIP = 12.0, 1.0
 DECODER_STAGES = ("published", "decoder_only")
@@ -124,7 +124,6 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         if not self.run_settings:
             return super().configure_optimizers()
         from openmind_bench import nets
-        from openmind_bench.downstream import transfer
         from openmind_bench.downstream.nnunet import weights
 
         net = bare_network(self.network)
@@ -142,8 +141,7 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
 
     def new_optimizer(self, groups: frozenset) -> torch.optim.Optimizer:
         """The run's optimiser over the parameter groups `groups`, one named torch group each."""
-        param_groups = [{"params": [p for _, p in self.groups[g]], "name": g}
-                        for g in schedules.GROUPS if g in groups and self.groups.get(g)]
+        param_groups = transfer.optimiser_groups(self.groups, groups)
         cfg = self.run_settings["optimizer"]
         if cfg["name"] == "sgd":
             return torch.optim.SGD(param_groups, lr=self.initial_lr, momentum=float(cfg.get("momentum", 0.99)),
@@ -175,13 +173,8 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
                 self.print_to_log_file(f"epoch {epoch}: phase {phase.name} starts a new optimiser")
             self.current_phase = phase
         if groups != self.current_trainable:
-            for name, named in self.groups.items():
-                for _, p in named:
-                    p.requires_grad_(name in groups)
-            present = {g["name"] for g in self.optimizer.param_groups}
-            for name in schedules.GROUPS:
-                if name in groups and name not in present and self.groups.get(name):
-                    self.optimizer.add_param_group({"params": [p for _, p in self.groups[name]], "name": name})
+            transfer.set_trainable(self.groups, groups)
+            transfer.add_starting_groups(self.optimizer, self.groups, groups)
             if self.current_trainable is not None:
                 self.print_to_log_file(f"epoch {epoch}: phase {phase.name}, training {sorted(groups)}")
             self.current_trainable = groups
