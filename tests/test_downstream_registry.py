@@ -233,7 +233,7 @@ def test_check_command_reports_every_dataset(tmp_path, capsys):
 
 
 def test_label_images_with_undeclared_values_are_rejected_by_the_split_rule(tmp_path):
-    from openmind_bench.downstream.readers import declared_label_values, restricted_to, with_checked_labels
+    from openmind_bench.downstream.readers import checked_case_table, declared_label_values, restricted_to
     from openmind_bench.downstream.splits import SplitSettings, all_cases, split_dataset
 
     folder = make_seg_dataset(tmp_path / "data", cases=("a_1", "a_2", "b_1", "c_1", "d_1", "e_1"))
@@ -244,7 +244,8 @@ def test_label_images_with_undeclared_values_are_rejected_by_the_split_rule(tmp_
     reg = registry_for(tmp_path, Seg=SEG)
     spec = reg.get("Seg")
     assert declared_label_values(spec) == {0, 1}
-    checked = with_checked_labels(read_dataset(spec))
+    checked, table = checked_case_table(read_dataset(spec))
+    assert table.case.tolist() == ["a_1", "a_2", "d_1", "e_1"]
     assert [c.case_id for c in checked.cases] == ["a_1", "a_2", "d_1", "e_1"]
     reasons = dict(checked.rejected)
     assert reasons[str(folder / "labelsTr" / "b_1.nii.gz")] == \

@@ -20,7 +20,7 @@ folder, or a `subject_pattern` on the case id; otherwise every case is its own s
 A dataset that cannot be read at all (folder missing, dataset.json malformed, channels or labels
 contradicting the registry) raises `DatasetError` naming it; `read_datasets` collects those per
 dataset and goes on with the others. A single broken case (a channel missing, an unreadable
-header, grids that disagree) is rejected with its reason and skipped; `with_checked_labels` also
+header, grids that disagree) is rejected with its reason and skipped; `checked_case_table` also
 rejects label images with undeclared values (the split rule runs it, so splits hold only usable cases).
 """
 
@@ -285,38 +285,64 @@ def declared_label_values(spec: DatasetSpec) -> set[int]:
     return values
 
 
-def label_problem(path: Path, allowed: set[int]) -> str | None:
-    """Why a label image cannot be used (non-integer values, values outside `allowed`), or None."""
+def _label_counts(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """(values, voxel counts, ml per voxel) of one label image, read once."""
     import nibabel as nib
 
-    seg = np.asarray(nib.load(str(path)).dataobj)
-    values = np.unique(seg)
+    img = nib.load(str(path))
+    seg = np.asarray(img.dataobj)
+    voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    if np.issubdtype(seg.dtype, np.integer) and (seg.size == 0 or seg.min() >= 0):
+        counts = np.bincount(seg.ravel())  # linear time where np.unique would sort
+        values = np.flatnonzero(counts)
+        return values, counts[values], voxel_ml
+    values, counts = np.unique(seg, return_counts=True)
+    return values, counts, voxel_ml
+
+
+def _label_problem(name: str, values: np.ndarray, allowed: set[int]) -> str | None:
+    """Why a label image with these values cannot be used (non-integer values, values outside
+    `allowed`), or None."""
     if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
         odd = [float(v) for v in values if not np.isfinite(v) or v != np.round(v)][:5]
-        return f"{path.name}: label image holds non-integer values {odd}"
+        return f"{name}: label image holds non-integer values {odd}"
     outside = sorted(int(v) for v in values if int(v) not in allowed)
     if outside:
-        return f"{path.name}: label value(s) {outside} outside the declared {sorted(allowed)}"
+        return f"{name}: label value(s) {outside} outside the declared {sorted(allowed)}"
     return None
 
 
-def with_checked_labels(data: DownstreamData) -> DownstreamData:
-    """`data` without the segmentation cases whose label image holds undeclared or non-integer
-    values, those added to its rejections (reads every label image once: the split rule's job)."""
+def _volume_columns(spec: DatasetSpec, values: np.ndarray, counts: np.ndarray, voxel_ml: float) -> dict:
+    """`present:<label>` and `volume_ml:<label>` per foreground label (a region: its values summed)."""
+    by_value = dict(zip(values.tolist(), counts.tolist()))
+    out = {}
+    for name, value in spec.foreground.items():
+        n = int(sum(by_value.get(v, 0) for v in (value if isinstance(value, tuple) else (value,))))
+        out[f"present:{name}"] = int(n > 0)
+        out[f"volume_ml:{name}"] = n * voxel_ml
+    return out
+
+
+def checked_case_table(data: DownstreamData) -> tuple[DownstreamData, pd.DataFrame]:
+    """`case_table` for a new split, reading each label image once: segmentation cases whose label
+    image holds undeclared or non-integer values are left out, added to the rejections (the split
+    rule's job: splits hold only usable cases). Returns (the usable data, its table)."""
     if data.spec.task != "seg":
-        return data
+        return data, case_table(data)
     allowed = declared_label_values(data.spec)
-    cases, rejected = [], list(data.rejected)
+    cases, rejected, rows = [], list(data.rejected), []
     for case in data.cases:
-        problem = label_problem(case.label, allowed)
+        values, counts, voxel_ml = _label_counts(case.label)
+        problem = _label_problem(case.label.name, values, allowed)
         if problem:
             log.warning("dataset %s: rejected %s: %s", data.name, case.label, problem)
             rejected.append((str(case.label), problem))
-        else:
-            cases.append(case)
+            continue
+        cases.append(case)
+        rows.append({**_case_columns(case), **_volume_columns(data.spec, values, counts, voxel_ml)})
     if not cases:
         raise _error(data.spec, f"no usable case ({len(rejected)} rejected, first: {rejected[0][1]})")
-    return DownstreamData(data.spec, cases, rejected)
+    return DownstreamData(data.spec, cases, rejected), pd.DataFrame(rows)
 
 
 def restricted_to(data: DownstreamData, case_ids) -> DownstreamData:
@@ -353,26 +379,22 @@ def read_datasets(registry: Registry, names: Iterable[str] | None = None,
     return data, errors
 
 
+def _case_columns(case: Case) -> dict:
+    return {"case": case.case_id, "subject": case.subject, "site": case.site}
+
+
 def case_table(data: DownstreamData, volumes: bool = True) -> pd.DataFrame:
     """One row per case: case, subject, site and what splits balance.
 
     Segmentation adds, per foreground label, `present:<label>` (0/1) and `volume_ml:<label>` (read
     from the label images when `volumes`); classification adds `label` (the class index).
     """
-    import nibabel as nib
-
     rows = []
     for c in data.cases:
-        row = {"case": c.case_id, "subject": c.subject, "site": c.site}
+        row = _case_columns(c)
         if data.spec.task == "cls":
             row["label"] = c.target
         elif volumes:
-            img = nib.load(str(c.label))
-            seg = np.asarray(img.dataobj)
-            voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-            for name, value in data.spec.foreground.items():
-                n = int(np.count_nonzero(np.isin(seg, value) if isinstance(value, tuple) else seg == value))
-                row[f"present:{name}"] = int(n > 0)
-                row[f"volume_ml:{name}"] = n * voxel_ml
+            row.update(_volume_columns(data.spec, *_label_counts(c.label)))
         rows.append(row)
     return pd.DataFrame(rows)

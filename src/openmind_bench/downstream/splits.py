@@ -366,17 +366,17 @@ def split_dataset(registry: str | Path, root: str | Path | None, dataset: str, s
     """The split of one registry dataset, made once and reused (what rule downstream_split and
     `openmind-bench downstream-splits` call); cases the reader rejects (and label images with undeclared
     values) go to `rejected_out` and stay out of the split."""
-    from openmind_bench.downstream.readers import case_table, read_dataset, with_checked_labels
+    from openmind_bench.downstream.readers import checked_case_table, read_dataset
     from openmind_bench.qc import Rejections
     from openmind_bench.registry import load_registry
 
     spec = load_registry(registry, root).get(dataset)
-    data = with_checked_labels(read_dataset(spec))
+    data, table = checked_case_table(read_dataset(spec))
     if rejected_out is not None:
         rejections = Rejections("downstream")
         data.record_rejections(rejections)
         rejections.write(rejected_out)
-    return ensure_split(split_out, case_table(data), spec.name, spec.role, settings)
+    return ensure_split(split_out, table, spec.name, spec.role, settings)
 
 
 def training_cases(settings, data, name) -> tuple[list, list]:
