@@ -2,7 +2,7 @@
 
 Segmentation: the nnU-Net raw format::
 
-    DatasetXXX_Name/
+    Dataset{NNN}_{Name}/
       dataset.json     {"channel_names": {"0": "T1w", ...}, "labels": {"background": 0, ...},
                         "numTraining": N, "file_ending": ".nii.gz"}
       imagesTr/{case}_{0000..}{file_ending}   one file per channel
