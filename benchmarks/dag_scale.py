@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from openmind_bench.registry import load_registry
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,9 @@ def main() -> int:
         config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
         config.update(datasets_table="config/datasets.tsv", shard_size=args.shard_size)
         (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+        # the workflow checks that every downstream dataset has its folder before it plans a job
+        for spec in load_registry(work / config["downstream_registry"], work / "data" / "downstream").datasets.values():
+            spec.source.mkdir(parents=True, exist_ok=True)
         cmd = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(work), "-n", "all", "--quiet", "rules"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

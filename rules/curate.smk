@@ -17,7 +17,8 @@ rule select_pretrain_data:
     params:
         selection=selection_settings,
         collection_index=selection_collection_index,
-        downstream_registry=config["downstream_registry"],
+        # downstream test subjects on OpenNeuro (registry): an edit of them re-makes the selection
+        excluded_subjects=selection_excluded_subjects,
     resources:
         mem_mb=config["resources"]["curate"]["mem_mb"],
         runtime=config["resources"]["curate"]["runtime"],

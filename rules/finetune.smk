@@ -33,6 +33,8 @@ rule downstream_split:
         rejected="results/qc/parts/downstream/{target_dataset}.tsv",
     params:
         registry=config["downstream_registry"],
+        # the registry values the split reads (task, role, labels, source...): an edit re-makes the split
+        registry_entry=split_registry_entry,
         root=DOWNSTREAM["root"],
         split_settings=omb_finetune.split_settings(config),
     resources:

@@ -10,7 +10,7 @@ rule quality_shard:
         part="results/quality/parts/{dataset}/shard-{shard}.parquet",
         rejected="results/qc/parts/quality/{dataset}/{shard}.tsv",
     params:
-        settings=config["quality"],
+        settings=QUALITY_SHARD_SETTINGS,
     resources:
         mem_mb=config["resources"]["quality"]["mem_mb"],
         runtime=config["resources"]["quality"]["runtime"],
@@ -30,7 +30,7 @@ rule quality_gather:
     output:
         table="results/quality/iqs.parquet",
     params:
-        settings=config["quality"],
+        settings=QUALITY_GATHER_SETTINGS,
     resources:
         mem_mb=config["resources"]["quality"]["mem_mb"],
         runtime=config["resources"]["quality"]["runtime"],

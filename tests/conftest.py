@@ -85,6 +85,15 @@ def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
     return [exe, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
 
 
+def registry_folders(workdir: Path, registry: str = "config/downstream_datasets.yaml") -> None:
+    """Empty data folders for every dataset of the shipped registry under `workdir`: the workflow
+    refuses a config whose downstream datasets have no folder (checked before any job runs)."""
+    from openmind_bench.registry import load_registry
+
+    for spec in load_registry(REPO / registry, workdir / "data" / "downstream").datasets.values():
+        spec.source.mkdir(parents=True, exist_ok=True)
+
+
 def run_snakemake(workdir: Path, *args: str, timeout: int = 600, env: dict | None = None):
     proc = subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -13,7 +13,8 @@ import yaml
 from openmind_bench import config as cfg
 from openmind_bench.bids.index import conform
 from openmind_bench.curation import PREPROCESSED_TWIN, run_selection
-from openmind_bench.curation.budget import drop_test_subjects, greedy_budget, solve_budget, downstream_test_subjects, weights
+from openmind_bench.curation.budget import drop_test_subjects, greedy_budget, solve_budget, weights
+from openmind_bench.registry import downstream_test_subjects
 from openmind_bench.preprocess.shard import MANIFEST_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def _select(workspace, selection):
     root, index, manifest, registry = workspace
     out = root / "sel" / selection["name"]
     return run_selection(selection, 1, [index], [manifest], out / "pretrain_data.json", out / PREPROCESSED_TWIN,
-                         out / "images.tsv", downstream_registry=registry)
+                         out / "images.tsv", excluded_subjects=downstream_test_subjects(registry))
 
 
 def test_downstream_test_subjects_are_never_selected(workspace):

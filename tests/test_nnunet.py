@@ -4,6 +4,7 @@ from the checkpoint while the decoder keeps nnU-Net's init, Frozen keeps the enc
 and a result folder is a model folder `nnUNetv2_predict_from_modelfolder` reproduces."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -277,3 +278,50 @@ def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesio
     write_results([out / "metrics.json", Path(zs.out_dir) / "metrics.json"], tmp_path / "results.tsv")
     table = build_table(read_results(tmp_path / "results.tsv"), table_registry(lesion_set["registry"]))
     assert table["DemoZeroShot"].notna().any() and table[DATASET].notna().any()
+
+
+@pytest.mark.slow  # three short nnU-Net runs of one run folder
+def test_a_job_trains_with_its_own_settings_and_reuses_only_an_identical_finished_run(lesion_set, tmp_path, caplog):
+    """What Snakemake does on a changed param or --forcerun: metrics.json removed, the rest of the run
+    folder (nnU-Net's checkpoint_final.pth) left. The job must train with the settings it was given;
+    only a run with equal settings and inputs (checkpoint sha256) is reused, and the job says so."""
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, "ResEncTiny")
+    run = "mae__ResEncTiny__demo__default__1"
+    first = settings_for(lesion_set, run, ckpt, epochs_steps=2)
+    out = Path(first.out_dir)
+    model = nnrun.model_folder(out / "nnunet", lesion_set["prepared"]["dataset_name"])
+    fold_dir = model / f"fold_{nndata.nnunet_fold(lesion_set['split'], 'test')}"
+    assert nnrun.finetune_segmentation(first, threads=1) == "finished"
+    trained = (fold_dir / "checkpoint_final.pth").read_bytes()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["training_reused"] is False and doc["run_record"]["inputs"]["checkpoint"]["sha256"]
+
+    # forced with the same settings: the model is reused (said in the log), evaluated again
+    (out / "metrics.json").unlink()
+    with caplog.at_level(logging.INFO, logger="openmind_bench"):
+        nnrun.finetune_segmentation(settings_for(lesion_set, run, ckpt, epochs_steps=2), threads=1)
+    assert "reusing the trained model" in caplog.text
+    assert (fold_dir / "checkpoint_final.pth").read_bytes() == trained
+    assert json.loads((out / "metrics.json").read_text())["training_reused"] is True
+
+    # a changed setting: trained anew with it (the plans say so), a new model, a new record
+    (out / "metrics.json").unlink()
+    caplog.clear()
+    changed = settings_for(lesion_set, run, ckpt, epochs_steps=3)
+    with caplog.at_level(logging.INFO, logger="openmind_bench"):
+        nnrun.finetune_segmentation(changed, threads=1)
+    assert "steps_per_epoch: 2 -> 3" in caplog.text and "reusing" not in caplog.text
+    plans = json.loads((model / "plans.json").read_text())
+    assert plans["openmind_bench"]["schedule"]["steps_per_epoch"] == 3
+    assert (fold_dir / "checkpoint_final.pth").read_bytes() != trained
+    new_doc = json.loads((out / "metrics.json").read_text())
+    assert new_doc["training_reused"] is False and new_doc["run_record"]["digest"] != doc["run_record"]["digest"]
+
+    # a changed pre-trained checkpoint (same settings): trained anew
+    (out / "metrics.json").unlink()
+    caplog.clear()
+    pretrained_checkpoint(ckpt, "ResEncTiny", seed=2)
+    with caplog.at_level(logging.INFO, logger="openmind_bench"):
+        nnrun.finetune_segmentation(settings_for(lesion_set, run, ckpt, epochs_steps=3), threads=1)
+    assert "checkpoint sha256" in caplog.text and "reusing" not in caplog.text

@@ -260,3 +260,53 @@ def test_cli_parses_overrides_into_the_pretrain_section():
     args = parser.parse_args(["pretrain", "--method", "mae", "--arch", "PrimusTiny", "--train-data", "t.json",
                               "--out", "run", "--nproc", "2", "--set", "epochs=2"])
     assert args.func is cli.run and args.nproc == 2 and args.set == ["epochs=2"]
+
+
+def _processes_with(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (this test's own run folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_killing_the_job_process_group_leaves_no_trainer_and_the_rerun_resumes(tmp_path, caplog):
+    """kill -9 on the job's process group (what killing Snakemake does): torchrun's worker lives in a
+    session of its own, yet it must not outlive the job. It stops as on a preemption (checkpoint), and
+    the same job run again resumes from that checkpoint instead of starting at epoch 1."""
+    s = small_settings(tmp_path / "run", "simmim", "PrimusTiny", epochs=6, steps_per_epoch=25)
+    settings_file = tmp_path / "job_settings.json"
+    s.write(settings_file)
+    job = ("import sys\n"
+           "from openmind_bench.pretrain.settings import PretrainSettings\n"
+           "from openmind_bench.pretrain.worker import launch\n"
+           "sys.exit(launch(PretrainSettings.read(sys.argv[1]), nproc=1, threads=1))\n")
+    env = {**worker_env(), "PET_SHUTDOWN_TIMEOUT": "30"}
+    proc = subprocess.Popen([sys.executable, "-c", job, str(settings_file)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not progress_rows(s.out_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    run_dir = str(Path(s.out_dir) / "settings.json")  # on every torchrun / worker command line
+    assert _processes_with(run_dir), "no worker process found"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 90
+    while _processes_with(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(run_dir), "a training process outlived its job"
+    out = Path(s.out_dir)
+    assert not (out / checkpoint.FINAL).exists(), "the orphaned worker finished the run"
+    state = checkpoint.load(out / checkpoint.LATEST)  # the worker checkpointed as on a preemption
+    assert state["current_epoch"] >= 1 or state["step_in_epoch"] > 0
+
+    with caplog.at_level(logging.INFO, logger="openmind_bench"):
+        assert launch.launch(s, nproc=1, threads=1) == 0
+    assert "resuming from" in caplog.text and "keeping its state" in caplog.text
+    assert [int(r["epoch"]) for r in progress_rows(out)] == list(range(1, 7))

@@ -1,13 +1,14 @@
 """The Snakemake workflow itself: lint, dry runs with exact job counts, config errors naming the key,
 and (slow) a real run of the demo: resumable, re-run exactly where a setting changed, and reported."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_snakemake
+from conftest import registry_folders, run_snakemake
 
 # Jobs per rule of `snakemake -n all` on the demo config.
 DEMO_JOBS = {
@@ -31,6 +32,7 @@ def _workdir(tmp_path: Path, repo: Path, overrides: dict | None = None) -> Path:
     """A fresh working directory: the repository's config/, plus an overlay config file."""
     (tmp_path / "config").symlink_to(repo / "config")
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overrides or {}))
+    registry_folders(tmp_path)
     return tmp_path
 
 
@@ -103,6 +105,12 @@ def test_dry_run_full_config_has_every_method_on_both_architectures(tmp_path, re
     ({"pretrain": {"selections": ["t1"]}}, "config key 'pretrain.selections[0]'"),
     ({"finetune": {"scratch_architectures": ["Swin"]}}, "config key 'finetune.scratch_architectures[0]'"),
     ({"datasets_table": "config/absent.tsv"}, "datasets table config/absent.tsv does not exist"),
+    # two selections with one name: the last used to win silently
+    ({"selections": [{"name": "demo"}, {"name": "demo", "modalities": ["T1w"]}],
+      "pretrain": {"selections": ["demo"]}},
+     "config key 'selections[1].name': 'demo' is also the name of selections[0]"),
+    ({"downstream": {"schedules": ["sawtoth"]}}, "config key 'downstream.schedules[0]': unknown schedule 'sawtoth'"),
+    ({"downstream": {"build_demo": False, "root": "absent"}}, "has no folder absent/Dataset901_DemoLesionT1"),
 ])
 def test_bad_config_stops_with_key_named(tmp_path, repo, overrides, key):
     work = _workdir(tmp_path, repo, overrides)
@@ -111,12 +119,27 @@ def test_bad_config_stops_with_key_named(tmp_path, repo, overrides, key):
     assert key in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
+def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo):
+    registry = yaml.safe_load((repo / "config/downstream_demo.yaml").read_text())
+    registry["datasets"]["../../evil"] = dict(registry["datasets"]["DemoLesionT1"])
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    work = _workdir(tmp_path, repo, {"downstream_registry": str(tmp_path / "registry.yaml"),
+                                     "finetune": {"datasets": ["DemoLesionT1", "../../evil"]}})
+    proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml"), "-n", "all")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "MissingInputException" not in out
+    assert "datasets.../../evil: '../../evil' is not a valid dataset name" in out, out[-3000:]
+
+
 @pytest.mark.slow
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
     # workflow (README's demo command runs the full demo; benchmarks/nnunet_finetune.py its learning)
+    registry = tmp_path / "downstream_registry.yaml"  # a copy, edited below
+    registry.write_text((repo / "config/downstream_demo.yaml").read_text())
     work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False},
-                                     "downstream": {"epochs": [2], "steps_per_epoch": 10}})
+                                     "downstream": {"epochs": [2], "steps_per_epoch": 10},
+                                     "downstream_registry": str(registry)})
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     proc = run_snakemake(work, *configs, "-c2", "all", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -160,9 +183,53 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo
     assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 5, "finetune": 6,
                                                       "benchmark_table_of_config": 1}
-    # the sliding-window overlap: every fine-tuning run, nothing before
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 9,
+    # the sliding-window overlap: every segmentation run (classification has no sliding window)
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 6,
                                                                         "benchmark_table_of_config": 1}
+
+    # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
+    # (6 of 9), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 6,
+                                                                 "benchmark_table_of_config": 1}
+    manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
+    assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
+    # a registry edit re-runs the jobs that read the edited values: test subjects on OpenNeuro leave
+    # the pre-training selection (and so every run after it); the splits read no such field
+    original = registry.read_text()
+    edited = yaml.safe_load(original)
+    edited["datasets"]["DemoLesionT1FLAIR"]["openneuro"] = {"dataset": "ds990001", "subjects": ["01"]}
+    registry.write_text(yaml.safe_dump(edited))
+    counts = jobs_after({})
+    assert counts.get("select_pretrain_data") == 1 and counts.get("pretrain") == 5, counts
+    assert "downstream_split" not in counts and "fetch_dataset" not in counts, counts
+    edited["datasets"]["DemoLesionT1FLAIR"].pop("openneuro")
+    edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
+    registry.write_text(yaml.safe_dump(edited))
+    counts = jobs_after({})
+    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 3 and "pretrain" not in counts, counts
+    registry.write_text(original)
+
+    # a changed setting trains anew with it; Snakemake removes only metrics.json, and the job used to
+    # find nnU-Net's checkpoint_final.pth and skip training (plans and numbers of the old setting)
+    seg_run = work / "results/downstream/DemoLesionT1/scratch__ResEncTiny__2/fold_test"
+    (plans_file,) = seg_run.rglob("plans.json")
+    (model_file,) = seg_run.rglob("checkpoint_final.pth")
+    before = {"model": model_file.read_bytes(), "metrics": (seg_run / "metrics.json").read_text()}
+    assert json.loads(plans_file.read_text())["openmind_bench"]["schedule"]["steps_per_epoch"] == 10
+    (work / "change.yaml").write_text(yaml.safe_dump({"downstream": {"steps_per_epoch": 5}}))
+    target = str((seg_run / "metrics.json").relative_to(work))
+    proc = run_snakemake(work, *configs, str(work / "change.yaml"), "-c2", target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(plans_file.read_text())["openmind_bench"]["schedule"]["steps_per_epoch"] == 5
+    assert model_file.read_bytes() != before["model"]
+    after = json.loads((seg_run / "metrics.json").read_text())
+    assert (seg_run / "metrics.json").read_text() != before["metrics"] and after["training_reused"] is False
+    # forced with the same settings: the trained model is reused, and the job's log says so
+    proc = run_snakemake(work, *configs, str(work / "change.yaml"), "-c2", target, "--forcerun", "finetune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((seg_run / "metrics.json").read_text())["training_reused"] is True
+    log_file = work / "logs/downstream/DemoLesionT1/scratch__ResEncTiny__2__fold_test.log"
+    assert "reusing the trained model" in log_file.read_text()
 
     # the report holds the benchmark tables and plots
     proc = run_snakemake(work, *configs, "--report", str(work / "report.html"))

@@ -15,5 +15,5 @@ with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         quality_tables=list(snakemake.input.quality),
         out_train=snakemake.output.train,
         out_val=snakemake.output.val,
-        downstream_registry=snakemake.params.downstream_registry,  # noqa: F821
+        excluded_subjects=snakemake.params.excluded_subjects,  # noqa: F821
     )

@@ -42,6 +42,10 @@ def finetune_settings(wildcards):
     ).to_dict()
 
 
+def split_registry_entry(wildcards):
+    return omb_finetune.dataset_entries(config, wildcards.target_dataset)
+
+
 def finetune_threads(wildcards):
     return max(1, FINETUNE["resources"]["gpu"]) * FINETUNE["resources"]["cpus_per_gpu"]
 

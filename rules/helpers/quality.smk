@@ -1,6 +1,10 @@
 # Helpers of the quality rules (rules/quality.smk): per-shard parts and the gathered score table.
 
+from openmind_bench import quality as omb_quality  # noqa: E402
+
 QUALITY_TABLE = "results/quality/iqs.parquet"
+QUALITY_SHARD_SETTINGS = omb_quality.job_settings(config["quality"], omb_quality.SHARD_SETTINGS)
+QUALITY_GATHER_SETTINGS = omb_quality.job_settings(config["quality"], omb_quality.GATHER_SETTINGS)
 
 
 def quality_parts(wildcards=None):

@@ -182,3 +182,21 @@ def get(config: dict, dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+def named_selections(config: dict) -> dict[str, dict]:
+    """The `selections` entries by name, in config order; a name that is not a valid name part or
+    that two entries share is an error naming both keys (the last one would silently win)."""
+    from openmind_bench.names import InvalidName, check_name
+
+    out, position = {}, {}
+    for i, entry in enumerate(config.get("selections") or []):
+        try:
+            name = check_name(entry.get("name"), f"selections[{i}].name")
+        except InvalidName as e:
+            raise ConfigError(str(e)) from None
+        if name in out:
+            raise ConfigError(f"config key 'selections[{i}].name': {name!r} is also the name of "
+                              f"selections[{position[name]}]; selection names must be unique")
+        out[name], position[name] = entry, i
+    return out

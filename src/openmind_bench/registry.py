@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+from openmind_bench.names import NAME_PATTERN
+
 log = logging.getLogger(__name__)
 
 ALLOWED = {"task": ("seg", "cls"), "role": ("dev", "test"), "domain": ("id", "ood")}
@@ -169,6 +171,10 @@ def _labels(path, name, task, raw) -> dict:
 
 
 def _entry(path: Path, root: Path, name: str, fields) -> DatasetSpec:
+    if not re.fullmatch(NAME_PATTERN, name):
+        # the name becomes a folder of results/downstream/ and a part of file names: no paths, no '__'
+        raise RegistryError(f"dataset registry {path}: datasets.{name}: {name!r} is not a valid dataset name "
+                            "(letters and digits, with single '.', '-' or '_' between them)")
     if not isinstance(fields, dict):
         raise RegistryError(f"dataset registry {path}: datasets.{name} must be a mapping of fields")
     unknown = sorted(set(fields) - set(REQUIRED) - set(OPTIONAL))
@@ -271,6 +277,51 @@ def load_registry(path: str | Path, root: str | Path | None = None) -> Registry:
                 log.error("%s", errors[name])
                 del datasets[name]
     return Registry(path=path, root=root_path, datasets=datasets, errors=errors)
+
+
+# Entry fields that describe a dataset to people (or to the tables) and shape no job's result.
+_DESCRIPTIVE = ("title", "reference", "uncertain", "domain")
+
+
+def entry_values(spec: DatasetSpec) -> dict:
+    """The values of a checked entry that downstream jobs read, as plain data (for their params)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(spec):
+        if f.name in _DESCRIPTIVE:
+            continue
+        value = getattr(spec, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        out[f.name] = value
+    return out
+
+
+def downstream_test_subjects(registry_path) -> set[tuple[str, str]]:
+    """(OpenNeuro dataset, subject) pairs of downstream test sets that also live on OpenNeuro.
+
+    Registry field `openneuro: {dataset: dsNNNNNN, subjects: [...]}` of a `role: test` entry;
+    without `subjects` every subject of that dataset is a test subject (("ds...", "*")).
+    """
+    if not registry_path or not Path(registry_path).is_file():
+        return set()
+    doc = yaml.safe_load(Path(registry_path).read_text()) or {}
+    out = set()
+    for name, entry in (doc.get("datasets") or {}).items():
+        link = (entry or {}).get("openneuro")
+        if not link or entry.get("role") != "test":
+            continue
+        if "dataset" not in link:
+            raise RegistryError(f"dataset registry {registry_path}: datasets.{name}.openneuro: needs a 'dataset' "
+                                "(dsNNNNNN)")
+        subjects = link.get("subjects") or ["*"]
+        out |= {(str(link["dataset"]), str(s).removeprefix("sub-")) for s in subjects}
+    return out
 
 
 def usable_datasets(path: str | Path | None) -> dict[str, DatasetSpec]:

@@ -73,31 +73,6 @@ def image_costs(images: pd.DataFrame, unit: str) -> np.ndarray:
     raise ValueError(f"budget unit {unit!r}: voxels or bytes")
 
 
-def downstream_test_subjects(registry_path) -> set[tuple[str, str]]:
-    """(OpenNeuro dataset, subject) pairs of downstream test sets that also live on OpenNeuro.
-
-    Registry field `openneuro: {dataset: dsNNNNNN, subjects: [...]}` of a `role: test` entry;
-    without `subjects` every subject of that dataset is a test subject (("ds...", "*")).
-    """
-    from pathlib import Path
-
-    import yaml
-
-    if not registry_path or not Path(registry_path).is_file():
-        return set()
-    doc = yaml.safe_load(Path(registry_path).read_text()) or {}
-    out = set()
-    for name, entry in (doc.get("datasets") or {}).items():
-        link = (entry or {}).get("openneuro")
-        if not link or entry.get("role") != "test":
-            continue
-        if "dataset" not in link:
-            raise ValueError(f"{registry_path}: dataset {name}: field 'openneuro' needs a 'dataset' (dsNNNNNN)")
-        subjects = link.get("subjects") or ["*"]
-        out |= {(str(link["dataset"]), str(s).removeprefix("sub-")) for s in subjects}
-    return out
-
-
 def drop_test_subjects(images: pd.DataFrame, excluded: set[tuple[str, str]]) -> pd.DataFrame:
     if not excluded:
         return images

@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--index", nargs="+", default=["results/index/images.parquet"], help="index parquet table(s)")
     p.add_argument("--manifests", nargs="+", required=True, help="preprocessing shard manifests")
     p.add_argument("--quality", nargs="*", default=[], help="tables with image_id, quality_score columns")
+    p.add_argument("--registry", default="config/downstream_datasets.yaml",
+                   help="downstream registry whose test subjects on OpenNeuro are never selected")
     p.add_argument("--out-dir", help="default: results/selections/NAME")
     p.set_defaults(func=run)
 
@@ -23,6 +25,7 @@ def run(args) -> int:
 
     import yaml
 
+    from openmind_bench.registry import downstream_test_subjects
     from openmind_bench.curation.pretrain_data import PREPROCESSED_TWIN
     from openmind_bench.curation.select import run_selection
 
@@ -38,6 +41,7 @@ def run(args) -> int:
         position = len(entries) + 1
     out = Path(args.out_dir or f"results/selections/{args.name}")
     chosen = run_selection(cfg, position, args.index, args.manifests, out / "pretrain_data.json",
-                           out / PREPROCESSED_TWIN, out / "images.tsv", args.quality)
+                           out / PREPROCESSED_TWIN, out / "images.tsv", args.quality,
+                           excluded_subjects=downstream_test_subjects(args.registry))
     print(f"{len(chosen)} image(s) -> {out}")
     return 0

@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 
 from openmind_bench import atomic, config
-from openmind_bench.curation.budget import drop_test_subjects, image_costs, solve_budget, downstream_test_subjects, weights
+from openmind_bench.curation.budget import drop_test_subjects, image_costs, solve_budget, weights
 from openmind_bench.curation.pretrain_data import build_collection
 from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
@@ -111,16 +111,19 @@ def run_selection(
     quality_tables: Sequence[str | Path] = (),
     out_train: str | Path | None = None,
     out_val: str | Path | None = None,
-    downstream_registry: str | Path | None = None,
+    excluded_subjects: Iterable[Sequence[str]] = (),
 ) -> pd.DataFrame:
     """Write one selection's raw pretrain_data.json, its preprocessed twin and images.tsv.
 
     With `out_train`/`out_val`, also the preprocessed twin split into training and held-out
     validation subjects (`validation` settings of the selection, see curation.split).
+    `excluded_subjects`: (OpenNeuro dataset, subject or "*") pairs never selected, the downstream test
+    subjects (`registry.downstream_test_subjects` of the registry; the workflow passes them as a param,
+    so a registry edit re-makes the selection).
     """
     selection = Selection.from_config(selection_cfg)
     images = load_images(index_tables, manifests, quality_tables)
-    excluded = downstream_test_subjects(downstream_registry)
+    excluded = {(str(d), str(sub)) for d, sub in excluded_subjects}
     before = len(images)
     images = drop_test_subjects(images, excluded)
     if len(images) < before:

@@ -42,6 +42,7 @@ from openmind_bench.downstream.readers import read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.checkpoint import PREEMPTED
 from openmind_bench.engine.logger import RunLogger
+from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.step import StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler, train_step
 from openmind_bench.names import CNN, TRANSFORMER, RunName, parse_run
 from openmind_bench.registry import load_registry
@@ -272,6 +273,14 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
              "of %d steps (batch %d x %d accumulated)", spec.name, settings.fold, name, len(train_cases),
              len(eval_cases), patch, schedule.name, epochs, steps_per_epoch, batch_size, accumulation)
 
+    if (out / FINAL).exists():
+        # kept by the launcher only for a run with this exact record (engine.record): evaluate it again
+        log.info("reusing the trained model %s: its run's settings and inputs equal this job's", out / FINAL)
+        net.load_state_dict(torch.load(out / FINAL, map_location=ctx.device, weights_only=True)["network_weights"])
+        if ctx.is_main:
+            _evaluate(net, spec, eval_cases, name, settings, patch, ctx, {**training, "reused": True})
+        return "finished"
+
     # Preprocessed training cases stay in memory (one z-scored float32 copy per case).
     train_volumes = [volumes.load_case(c, settings.spacing) for c in train_cases]
     augment = volumes.classification_augmentation(patch)
@@ -339,15 +348,20 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     if ctx.is_main:
         if settings.keep_checkpoint:
             _save(out / FINAL, net, None, epochs, settings, logger.history, schedule, patch, spec)
-        doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold),
-                                 patch, settings.spacing, ctx.device)
-        doc["training"] = training
-        inference.write(doc, out)
+        _evaluate(net, spec, eval_cases, name, settings, patch, ctx, training)
         latest.unlink(missing_ok=True)
         (out / PREEMPTED).unlink(missing_ok=True)
     # No barrier after the evaluation: the other ranks may exit while rank 0 scores the test set.
     logger.close()
     return "finished"
+
+
+def _evaluate(net, spec, eval_cases, name, settings: FinetuneSettings, patch, ctx, training: dict) -> None:
+    record = RunRecord.read(settings.out_dir)  # written by the launcher
+    doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold),
+                             patch, settings.spacing, ctx.device)
+    doc.update(training=training, run_record=record.summary() if record else None)
+    inference.write(doc, settings.out_dir)
 
 
 def _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx, phase) -> str:

@@ -6,11 +6,13 @@ config/schema.yaml alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 from openmind_bench import names, nets
 from openmind_bench.config import ConfigError
+from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.settings import JsonSettings
 from openmind_bench.names import SCRATCH, parse_run
 
@@ -30,27 +32,27 @@ class FinetuneSettings(JsonSettings):
     root: str | None  # downstream data root (config downstream.root)
     checkpoint: str | None  # pre-training checkpoint; None for scratch
     epochs: int
-    steps_per_epoch: int
-    batch_size: int
+    steps_per_epoch: int | None  # segmentation only (None for classification, as every field below that only
+    batch_size: int | None  # one engine reads: _SEGMENTATION_ONLY / _CLASSIFICATION_ONLY)
     patch_size: list | None  # None: the checkpoint's recommended downstream patch
     scratch_patch_size: list
     spacing: list | None  # target spacing (mm); None: keep every case's own grid
     seed: int
-    amp: bool
-    amp_dtype: str
-    sliding_window_overlap: float
-    label_smoothing: float
-    head_dropout: float
+    amp: bool | None
+    amp_dtype: str | None
+    sliding_window_overlap: float | None
+    label_smoothing: float | None
+    head_dropout: float | None
     schedule_config: dict  # peak_lr / warmup_epochs / poly_exponent / custom_schedules
-    optimisation: dict  # the `pretrain.optimisation` table (per family)
-    architecture_presets: dict
+    architecture_presets: dict  # this run's architecture's entry of `pretrain.architecture_presets`, if any
     low_data_subset: str | None  # JSON path of the low-data subset (written once)
     split_settings: dict
     save_predictions: bool
-    keep_checkpoint: bool
+    keep_checkpoint: bool | None
     preemption_exit_code: int
-    nnunet: dict  # config downstream.nnunet (segmentation runs in nnU-Net)
-    classification: dict  # config downstream.classification (the classification protocol)
+    nnunet: dict | None  # config downstream.nnunet (segmentation runs in nnU-Net; None for classification)
+    classification: dict | None  # config downstream.classification (the classification protocol; None for seg)
+    registry_entries: dict | None = None  # the registry values the job reads (registry.entry_values)
     threads: int = 0  # set by the launcher
 
 
@@ -58,6 +60,20 @@ _SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed",
                  "sliding_window_overlap", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
                  "keep_checkpoint", "preemption_exit_code")
 _SCHEDULE_KEYS = ("peak_lr", "warmup_epochs", "poly_exponent", "custom_schedules")
+
+
+# Settings that do not shape the trained model: `sliding_window_overlap` only shapes the evaluation,
+# which a job always runs anew (a segmentation model is predicted with the job's own value).
+_NOT_SHAPING = ("out_dir", "threads", "save_predictions", "keep_checkpoint", "preemption_exit_code",
+                "sliding_window_overlap")
+
+
+def run_record(settings: FinetuneSettings) -> RunRecord:
+    """The run's record: its training settings and the sha256 of the pre-trained checkpoint, the
+    split and the low-data subset it trains from."""
+    return RunRecord.of(settings.to_dict(), ignore=_NOT_SHAPING,
+                        files={"checkpoint": settings.checkpoint, "split": settings.split,
+                               "low_data_subset": settings.low_data_subset})
 
 
 def registry_path(config: dict) -> str:
@@ -85,25 +101,73 @@ def split_path(config: dict, dataset: str, low_data_n: int | None = None) -> str
     return f"{folder}/{dataset}{f'__n{low_data_n}' if low_data_n else ''}.json"
 
 
+# Fields only one engine reads: the other task's jobs get None, so a change of them re-runs only the
+# jobs that use them (Snakemake's params trigger compares these settings).
+_SEGMENTATION_ONLY = ("steps_per_epoch", "batch_size", "nnunet", "sliding_window_overlap")
+_CLASSIFICATION_ONLY = ("classification", "label_smoothing", "head_dropout", "amp", "amp_dtype", "keep_checkpoint")
+
+
+def dataset_entries(config: dict, dataset: str) -> dict:
+    """The registry values a job of `dataset` reads (its entry, and its zero-shot source's), as plain
+    data for the job's params: a registry edit re-runs exactly the jobs of the datasets it touches."""
+    from openmind_bench.registry import entry_values
+
+    registry = cached_registry(config)
+    spec = registry.get(dataset)
+    entries = {dataset: entry_values(spec)}
+    if spec.zero_shot_from:
+        entries[spec.zero_shot_from] = entry_values(registry.get(spec.zero_shot_from))
+    return entries
+
+
+def cached_registry(config: dict):
+    """The registry of `config`, read once per file version (the workflow resolves every job's settings)."""
+    import os
+
+    path = registry_path(config)
+    try:
+        stat = os.stat(path)
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None
+    return _registry(str(path), config["downstream"]["root"], version)
+
+
+@functools.lru_cache(maxsize=8)
+def _registry(path: str, root: str | None, version):
+    from openmind_bench.registry import load_registry
+
+    return load_registry(path, root)
+
+
 def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_dir: str | None = None,
             pretrained_checkpoint: str | None = None, low_data_subset: str | None = None) -> FinetuneSettings:
-    """One run's settings from the validated workflow config (`finetune`, `downstream`, `pretrain`)."""
+    """One run's settings from the validated workflow config (`finetune`, `downstream`, `pretrain`):
+    what this run reads and nothing else (the other task's fields are None; the schedule table holds
+    this run's custom schedule only; the architecture presets this run's architecture only)."""
     section, downstream, pretrain = config["finetune"], config["downstream"], config["pretrain"]
     name = parse_run(run)
     if name.epochs not in [int(e) for e in downstream["epochs"]]:
         log.warning("run %s: %d epochs is not among downstream.epochs %s", run, name.epochs, downstream["epochs"])
     out_dir = out_dir or names.finetune_metrics(dataset, run, fold).rsplit("/", 1)[0]
-    return FinetuneSettings(
+    entries = dataset_entries(config, dataset)
+    schedule_config = {k: downstream[k] for k in _SCHEDULE_KEYS}
+    schedule_config["custom_schedules"] = {k: v for k, v in (downstream["custom_schedules"] or {}).items()
+                                           if k == name.schedule}
+    values = dict(
         dataset=dataset, fold=str(fold), run=run, out_dir=out_dir,
-        registry=registry_path(config), root=downstream["root"],
+        registry=registry_path(config), root=downstream["root"], registry_entries=entries,
         steps_per_epoch=int(downstream["steps_per_epoch"]), batch_size=int(downstream["batch_size"]),
         split=split, checkpoint=pretrained_checkpoint, epochs=name.epochs,
-        schedule_config={k: downstream[k] for k in _SCHEDULE_KEYS},
-        optimisation=pretrain["optimisation"], architecture_presets=pretrain["architecture_presets"],
+        schedule_config=schedule_config,
+        architecture_presets={k: v for k, v in pretrain["architecture_presets"].items() if k == name.architecture},
         low_data_subset=low_data_subset, split_settings=split_settings(config),
         nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
         **{k: section[k] for k in _SETTING_KEYS},
     )
+    unused = _CLASSIFICATION_ONLY if entries[dataset]["task"] == "seg" else _SEGMENTATION_ONLY
+    values.update({k: None for k in unused})
+    return FinetuneSettings(**values)
 
 
 def run_names(config: dict, pretrain_runs: list[str]) -> list[str]:
@@ -115,8 +179,7 @@ def run_names(config: dict, pretrain_runs: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"config key 'finetune.pretrained_runs': {unknown} are not pre-training runs of this "
                          f"config ({pretrain_runs})")
-    for i, schedule in enumerate(downstream["schedules"]):
-        names.check_name(schedule, f"downstream.schedules[{i}]")
+    check_schedules(config, chosen)
     for i, arch in enumerate(section["scratch_architectures"]):
         try:
             nets.resolve(arch, config["pretrain"]["architecture_presets"])
@@ -131,17 +194,45 @@ def run_names(config: dict, pretrain_runs: list[str]) -> list[str]:
     return runs
 
 
+def check_schedules(config: dict, pretrain_runs: list[str]) -> None:
+    """Every schedule of `downstream.schedules` is a built-in or custom one and can be built at every
+    epoch count for the families of the runs: an error naming the key, before any job runs."""
+    from openmind_bench.downstream import schedules
+
+    downstream = config["downstream"]
+    custom = downstream["custom_schedules"] or {}
+    presets = config["pretrain"]["architecture_presets"]
+    families = sorted({schedules.family_of(run.split(names.SEP)[1], presets) for run in pretrain_runs})
+    for i, schedule in enumerate(downstream["schedules"]):
+        key = f"downstream.schedules[{i}]"
+        names.check_name(schedule, key)
+        if schedule not in schedules.SCHEDULE_NAMES and schedule not in custom:
+            raise ConfigError(f"config key '{key}': unknown schedule {schedule!r} (built-in: "
+                              f"{list(schedules.SCHEDULE_NAMES)}; custom: {sorted(custom)})")
+        for family in families:
+            for epochs in downstream["epochs"]:
+                try:
+                    schedules.configured_schedule(schedule, family, int(epochs), 1.0, 1,
+                                                  {k: downstream[k] for k in _SCHEDULE_KEYS})
+                except ValueError as e:
+                    raise ConfigError(f"config key '{key}': {schedule!r} at {epochs} epochs ({family}): {e}") from None
+
+
 def dataset_folds(config: dict) -> dict[str, list[str]]:
     """dataset -> the folds it is evaluated on: `test` (the fixed split) for every dataset, fold
-    numbers for development sets only. Reads the registry (a small YAML file)."""
-    from openmind_bench.registry import load_registry
-
+    numbers for development sets only. Reads the registry (a small YAML file); a dataset whose folder
+    is missing is a config error (unless the demo builds it)."""
     section = config["finetune"]
-    registry = load_registry(registry_path(config), config["downstream"]["root"])
+    registry = cached_registry(config)
     datasets = registry.names() if section["datasets"] is None else list(section["datasets"])
     out = {}
     for name in datasets:
         spec = registry.get(name)  # a dataset the config names but the registry cannot use: error naming it
+        if not config["downstream"]["build_demo"] and not spec.source.is_dir():
+            where = "finetune.datasets" if section["datasets"] is not None else "downstream_registry"
+            raise ConfigError(f"config key '{where}': dataset {name} of the registry {registry.path} has no folder "
+                              f"{spec.source} (registry field datasets.{name}.source, under downstream.root); "
+                              "put the data there or leave the dataset out of finetune.datasets")
         folds = [str(f) for f in section["evaluate_folds"] if str(f) == "test" or spec.role == "dev"]
         if folds:
             out[name] = folds

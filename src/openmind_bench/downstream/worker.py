@@ -7,14 +7,16 @@ from __future__ import annotations
 import logging
 import sys
 
-from openmind_bench.downstream.settings import FinetuneSettings
+from openmind_bench.downstream.settings import FinetuneSettings, run_record
 from openmind_bench.engine import launch as engine_launch
-from openmind_bench.engine.checkpoint import PREEMPTED
+from openmind_bench.engine.checkpoint import FINAL, LATEST, PREEMPTED
 from openmind_bench.names import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
 WORKER = "openmind_bench.downstream.worker"
+# What a classification run leaves in its folder (kept only for a run with the same record).
+STATE = (FINAL, LATEST, "progress.csv", "tensorboard", "settings.json", "schedule.json", "metrics.csv")
 
 
 def is_segmentation(settings: FinetuneSettings) -> bool:
@@ -41,10 +43,12 @@ def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> i
 
         if int(nproc) > 1:
             log.warning("nnU-Net fine-tuning runs on one GPU (as the papers'); %d requested", nproc)
-        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)))
+        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)),
+                              record=run_record(settings))
         return 0
-    return engine_launch.launch(settings, worker=WORKER, done=METRICS_FILE, preempted=PREEMPTED, nproc=nproc,
-                                threads=threads, label="fine-tuning")
+    return engine_launch.launch(settings, worker=WORKER, done=METRICS_FILE, preempted=PREEMPTED,
+                                record=run_record(settings), state=STATE, nproc=nproc, threads=threads,
+                                label="fine-tuning")
 
 
 if __name__ == "__main__":

@@ -5,23 +5,27 @@ into the job's log, and the exit code says whether the run finished (0), was pre
 checkpoint (`preemption_exit_code`) or failed (RuntimeError).
 
 One launcher for every stage: the caller names its worker module (`python -m WORKER SETTINGS_JSON`
-is one torchrun process), the file whose presence means "done" and the marker a preempted run
-writes. A job that runs again (Snakemake reruns it because its settings changed, or it was forced)
-starts anew: a stale "done" file is removed first, never taken as the result.
+is one torchrun process), the file whose presence means "done", the marker a preempted run writes,
+and the run's record (`engine.record`): the state in the run folder (checkpoints, logs, the "done"
+file) is used only when it was made with exactly the settings and inputs of this launch; otherwise it
+is removed and the run starts anew. A "done" file kept that way is the result (nothing is trained).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
 
 import openmind_bench
+from openmind_bench.engine.record import RunRecord, prepare_run_dir
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("openmind_bench.engine.workers")
@@ -70,6 +74,94 @@ def configure_worker_logging() -> None:
     logging.captureWarnings(True)
 
 
+# ---- training processes die with their job
+# torchrun starts its workers in sessions of their own, so killing the job's process group (Snakemake
+# killed with -9, `scancel` of a batch script without a step) leaves them running: they would finish
+# the run, delete the checkpoint a re-run resumes from, and share the folder with that re-run. Three
+# guards: torchrun gets a parent-death signal from the launcher; every worker watches its parent (torchrun)
+# and stops as on a preemption (checkpoint, exit) when it is gone, killing itself if that takes
+# longer than the grace period; and rank 0 holds the run folder's lock, which a new launch waits for.
+LOCK = ".training.lock"
+PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal(signum: int = signal.SIGTERM):
+    """A `preexec_fn` giving the child `signum` when the launcher dies (Linux; elsewhere nothing)."""
+
+    def preexec():
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux
+            pass
+
+    return preexec if sys.platform.startswith("linux") else None
+
+
+def watch_parent(grace_s: float, interval_s: float = 1.0) -> threading.Thread:
+    """In a worker: when the parent process is gone (this process was re-parented), SIGTERM this
+    process (the training loop checkpoints and returns, as on a preemption), and SIGKILL it if it is
+    still alive `grace_s` seconds later."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.error("the launching process (pid %d) is gone: stopping this training process (pid %d)", parent,
+                  os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def hold_run_lock(out_dir: str | Path):
+    """In rank 0: hold the run folder's lock for the life of this process (released by the kernel
+    when the process dies, however it dies). Returns the open file."""
+    path = Path(out_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def wait_for_run_lock(out_dir: str | Path, timeout_s: float) -> None:
+    """Wait until no process of an earlier launch holds the run folder's lock (an orphaned worker
+    stopping); an error naming its pid after `timeout_s`."""
+    path = Path(out_dir) / LOCK
+    if not path.exists():
+        return
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as handle:
+        warned = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                holder = path.read_text().strip() or "?"
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another training process (pid {holder}) still writes into {path.parent} "
+                                       f"after {timeout_s:.0f} s: stop it, then run the job again") from None
+                if not warned:
+                    log.warning("waiting for an earlier training process (pid %s) to leave %s", holder, path.parent)
+                    warned = True
+                time.sleep(0.5)
+
+
+def shutdown_grace_s() -> float:
+    return float(os.environ.get("PET_SHUTDOWN_TIMEOUT", "120"))
+
+
 def worker_main(argv: list[str] | None, worker: str, read_settings, run) -> int:
     """Body of a worker module's `main`: read the settings JSON, run, map the status to an exit code.
     `run(settings)` returns "finished" or "preempted"."""
@@ -78,23 +170,32 @@ def worker_main(argv: list[str] | None, worker: str, read_settings, run) -> int:
         print(f"usage: python -m {worker} SETTINGS_JSON", file=sys.stderr)
         return 2
     configure_worker_logging()
+    watch_parent(shutdown_grace_s())
     settings = read_settings(argv[0])
-    return settings.preemption_exit_code if run(settings) == "preempted" else 0
+    lock = hold_run_lock(settings.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return settings.preemption_exit_code if run(settings) == "preempted" else 0
+    finally:
+        if lock is not None:
+            lock.close()
 
 
-def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, nproc: int = 1,
-           threads: int = 0, label: str = "training") -> int:
+def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, record: RunRecord,
+           state: tuple[str, ...], nproc: int = 1, threads: int = 0, label: str = "training") -> int:
     """Run `worker` to the end (or to a preemption) in `nproc` torchrun processes.
 
-    `done` / `preempted`: file names in `settings.out_dir`; `threads`: CPU threads for the whole job,
-    split over the processes (torch and OpenMP)."""
+    `done` / `preempted`: file names in `settings.out_dir`; `record` / `state`: the run's record and
+    the names of its state in that folder (`engine.record.prepare_run_dir`); `threads`: CPU threads
+    for the whole job, split over the processes (torch and OpenMP)."""
     nproc = max(1, int(nproc))
     out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     done_path, marker = out / done, out / preempted
+    # an orphaned worker of a killed launch stops within its grace period: never share the folder with it
+    wait_for_run_lock(out, shutdown_grace_s() + 30)
+    prepare_run_dir(out, record, (*state, done, preempted), label=f"{label} {out}")
     if done_path.exists():
-        log.info("%s exists from an earlier run: running again replaces it", done_path)
-        done_path.unlink()
+        log.info("%s: %s of a run with these exact settings and inputs exists: it is the result", label, done_path)
+        return 0
     if threads:
         settings.threads = max(1, int(threads) // nproc)
     settings_path = out / "settings.json"
@@ -105,7 +206,8 @@ def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, 
     cmd = torchrun_command(settings_path, nproc, worker)
     log.info("starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if relay else None,
-                            stderr=subprocess.STDOUT if relay else None, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT if relay else None, text=True, bufsize=1,
+                            preexec_fn=_parent_death_signal())
     received: list[int] = []
 
     def forward(signum, frame):

@@ -11,11 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from openmind_bench import config, names, nets, ssl
+from openmind_bench.engine import checkpoint
+from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.settings import JsonSettings
 
 # Keys of the config section that describe the workflow (which runs exist, on what resources),
 # not one run.
 _WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
+# Settings that do not shape the trained weights: a run differing only in these continues from its state.
+_NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code")
+# What a run leaves in its folder besides the final checkpoint (removed when the record differs).
+STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json")
 
 
 def merged(config_section: dict | None) -> dict:
@@ -70,6 +76,12 @@ class PretrainSettings(JsonSettings):
     @property
     def anatomy_aware(self) -> bool:
         return ssl.parse(self.method).anatomy_aware
+
+
+def run_record(settings: PretrainSettings) -> RunRecord:
+    """The run's record: its result-shaping settings and the sha256 of its data lists."""
+    return RunRecord.of(settings.to_dict(), ignore=_NOT_SHAPING,
+                        files={"train_data": settings.train_data, "val_data": settings.val_data})
 
 
 def resolve(config_section: dict | None, method: str, architecture: str, *, out_dir: str,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from openmind_bench.engine import checkpoint, launch as engine_launch
-from openmind_bench.pretrain.settings import PretrainSettings
+from openmind_bench.pretrain.settings import STATE, PretrainSettings, run_record
 
 WORKER = "openmind_bench.pretrain.worker"
 
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0) -> int:
     """Pre-train into `settings.out_dir` under torchrun (what the rule and `openmind-bench pretrain` call)."""
     return engine_launch.launch(settings, worker=WORKER, done=checkpoint.FINAL, preempted=checkpoint.PREEMPTED,
-                                nproc=nproc, threads=threads, label="pre-training")
+                                record=run_record(settings), state=STATE, nproc=nproc, threads=threads,
+                                label="pre-training")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ CHECKPOINT = "checkpoint_final.pth"
 OPTIMIZER = {"cnn": {"name": "sgd", "momentum": 0.99, "weight_decay": 3e-5},
              "transformer": {"name": "adamw", "betas": [0.9, 0.98], "weight_decay": 5e-2}}
 GRAD_CLIP = {"cnn": 12.0, "transformer": 1.0}
+# What a segmentation run leaves in its folder (kept only for a run with the same record).
+SEGMENTATION_STATE = ("nnunet", "predictions", METRICS_FILE, "metrics.csv")
 
 
 def ext_trainer_path() -> str:
@@ -130,24 +132,23 @@ def score(spec, cases: list, predictions: dict, identity) -> dict:
     return segmentation_document(identity, scored, float(spec.nsd_tolerance_mm))
 
 
-def finetune_segmentation(settings, threads: int = 1) -> str:
+def finetune_segmentation(settings, threads: int = 1, record=None) -> str:
     """Train, predict, score into `settings.out_dir` (module doc); returns "finished".
 
-    A run whose metrics.json exists finished before: running it again (Snakemake re-runs it because
-    its settings changed, or it was forced) starts anew, never reuses that model. A run without
-    metrics.json continues from nnU-Net's checkpoint_latest.pth (preemption)."""
-    import shutil
-
+    The nnU-Net model folder an earlier job left is used only when that job's record
+    (`engine.record`: training settings, sha256 of the pre-trained checkpoint, split and low-data
+    subset) equals this one's: then a finished model is predicted and scored again with this job's
+    evaluation settings, and an unfinished one continues from its checkpoint_latest.pth
+    (preemption). Otherwise it is removed and the run trains anew. `record`: the run's record
+    (`downstream.settings.run_record`, computed when not given)."""
     from openmind_bench.downstream import inference
     from openmind_bench.downstream.readers import read_dataset, restricted_to
+    from openmind_bench.downstream.settings import run_record
+    from openmind_bench.engine.record import prepare_run_dir
     from openmind_bench.names import parse_run
     from openmind_bench.registry import load_registry
 
     out = Path(settings.out_dir)
-    if (out / METRICS_FILE).exists():
-        log.info("%s exists from an earlier run: training anew", out / METRICS_FILE)
-        (out / METRICS_FILE).unlink()
-        shutil.rmtree(out / "nnunet", ignore_errors=True)
     name = parse_run(settings.run)
     registry = load_registry(settings.registry, settings.root)
     spec = registry.get(settings.dataset)
@@ -155,6 +156,8 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         return zero_shot(settings, registry, threads)
     if name.pretrained and not settings.checkpoint:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
+    record = record or run_record(settings)
+    prepare_run_dir(out, record, SEGMENTATION_STATE, label=f"fine-tuning {out}")
     split = splits.read_split(settings.split)
     # nnU-Net sees the split's cases only: a case the split rule rejected (say, an undeclared label
     # value, recorded in results/qc/rejected.tsv) would fail its dataset integrity check
@@ -176,7 +179,11 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         from openmind_bench.downstream.nnunet.trainer import nnUNetTrainer_OpenMind
 
         fold_dir = folder / f"fold_{fold}"
-        if not (fold_dir / CHECKPOINT).exists():
+        reused = (fold_dir / CHECKPOINT).exists()
+        if reused:
+            log.info("reusing the trained model %s: its run's training settings and inputs equal this job's "
+                     "(record digest %s); predicting and scoring again", fold_dir / CHECKPOINT, record.digest[:12])
+        else:
             resume = (fold_dir / "checkpoint_latest.pth").exists()
             trainer = nnUNetTrainer_OpenMind({**plans, "continue_training": resume}, nnplans.CONFIGURATION, fold,
                                              dataset_json, device)
@@ -187,7 +194,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
         predictions = predict(folder, fold, eval_cases, out / "predictions", device,
                               1.0 - float(settings.sliding_window_overlap))
     doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold))
-    doc["engine"] = "nnunetv2"
+    doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused)
     inference.write(doc, out)
     return "finished"
 
