@@ -52,7 +52,7 @@ class FinetuneSettings(JsonSettings):
     preemption_exit_code: int
     nnunet: dict | None  # config downstream.nnunet (segmentation runs in nnU-Net; None for classification)
     classification: dict | None  # config downstream.classification (the classification protocol; None for seg)
-    registry_entries: dict | None = None  # the registry values the job reads (registry.entry_values)
+    registry_entries: dict  # the registry values the job reads (registry.entry_values)
     threads: int = 0  # set by the launcher
 
 
