@@ -35,6 +35,7 @@ rule downstream_split:
         registry=config["downstream_registry"],
         root=DOWNSTREAM["root"],
         split_settings=omb_finetune.split_settings(config),
+        data_fingerprint=downstream_data_fingerprint,
     resources:
         mem_mb=config["resources"]["downstream_split"]["mem_mb"],
         runtime=config["resources"]["downstream_split"]["runtime"],
