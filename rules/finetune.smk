@@ -37,6 +37,7 @@ rule downstream_split:
         registry_entry=split_registry_entry,
         root=DOWNSTREAM["root"],
         split_settings=omb_finetune.split_settings(config),
+        data_fingerprint=downstream_data_fingerprint,
     resources:
         mem_mb=config["resources"]["downstream_split"]["mem_mb"],
         runtime=config["resources"]["downstream_split"]["runtime"],

@@ -137,3 +137,32 @@ def test_build_is_deterministic(downstream_demo, tmp_path):
         a, _ = load(root / SEG_T1_FLAIR / part)
         b, _ = load(tmp_path / "again" / SEG_T1_FLAIR / part)
         assert np.array_equal(a, b)
+
+
+def test_truncated_demo_files_go_to_the_rejection_part_and_out_of_the_split(downstream_demo, repo, tmp_path):
+    """The issue's case on the real demo set: a half-truncated image (SimpleITK would fill the rest
+    with zeros, nnU-Net would score it) and a truncated label file."""
+    import shutil
+
+    import pandas as pd
+
+    from openmind_bench.downstream.splits import all_cases, split_dataset
+
+    root, truth = downstream_demo
+    shutil.copytree(root / SEG_T1, tmp_path / SEG_T1)
+    cases = sorted(truth["datasets"][SEG_T1]["cases"])
+    image = tmp_path / SEG_T1 / "imagesTr" / f"{cases[0]}_0000.nii.gz"
+    label = tmp_path / SEG_T1 / "labelsTr" / f"{cases[1]}.nii.gz"
+    for path, keep in ((image, 0.5), (label, 0.8)):
+        whole = path.read_bytes()
+        path.write_bytes(whole[: int(len(whole) * keep)])
+        nib.load(str(path))  # the header still reads
+    part = tmp_path / "qc" / "parts" / "downstream" / "DemoLesionT1.tsv"
+    doc = split_dataset(repo / "config" / "downstream_demo.yaml", tmp_path, "DemoLesionT1",
+                        SplitSettings(test_fraction=0.25, folds=3), split_out=tmp_path / "split.json",
+                        rejected_out=part)
+    assert all_cases(doc) == cases[2:]
+    rejected = pd.read_csv(part, sep="\t", dtype=str).set_index("image").reason.to_dict()
+    assert list(rejected) == [str(label.parent / f"{c}.nii.gz") for c in cases[:2]]
+    assert rejected[str(label.parent / f"{cases[0]}.nii.gz")].startswith(f"{image}: truncated: gzip stream ends after")
+    assert rejected[str(label)].startswith(f"{label}: truncated: gzip stream ends after")

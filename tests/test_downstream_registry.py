@@ -3,11 +3,13 @@ name the dataset and field, and nnU-Net raw / image-folder datasets with broken 
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -276,3 +278,123 @@ def test_zero_shot_channels_map_this_sets_modalities_onto_the_source_models(tmp_
     assert "datasets.WRONG.zero_shot_channels" in reg.errors["WRONG"] and "must list modalities" in reg.errors["WRONG"]
     shipped = load_registry("config/downstream_datasets.yaml")
     assert "BTM" in shipped.datasets and len(shipped.get("BTM").zero_shot_inputs) == shipped.get("BRM").channels
+
+
+# ------------------------------------------------------------- broken files and changed data
+
+
+def truncate(path, keep=0.5):
+    """Keep the first `keep` of the file's bytes: a half-written download or copy."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_or_corrupt_files_are_rejected_by_the_split_rule(tmp_path):
+    from openmind_bench.downstream.splits import SplitSettings, all_cases, split_dataset
+
+    folder = make_seg_dataset(tmp_path / "data", cases=("a_1", "a_2", "b_1", "c_1", "d_1", "e_1", "f_1"))
+    truncate(folder / "imagesTr" / "a_2_0001.nii.gz")  # its header still reads: only the data are cut
+    label = folder / "labelsTr" / "b_1.nii.gz"
+    # float32 and stored, not deflated: nibabel sniffs 1 KiB, and a tiny uint8 label map has fewer
+    # bytes (its header would go with half of its deflated stream)
+    save(np.asarray(nib.load(str(label)).dataobj).astype(np.float32), label)
+    label.write_bytes(gzip.compress(gzip.decompress(label.read_bytes()), compresslevel=0))
+    truncate(label, keep=0.6)
+    crc = bytearray((folder / "imagesTr" / "d_1_0000.nii.gz").read_bytes())
+    crc[-8] ^= 0xFF
+    (folder / "imagesTr" / "d_1_0000.nii.gz").write_bytes(bytes(crc))
+    for name in ("imagesTr/a_2_0001.nii.gz", "labelsTr/b_1.nii.gz"):
+        nib.load(str(folder / name))  # their headers read: what the reader used to stop at
+    reg = registry_for(tmp_path, Seg=SEG)
+
+    rejected = tmp_path / "rejected.tsv"
+    doc = split_dataset(reg.path, None, "Seg", SplitSettings(folds=0, test_fraction=0.25),
+                        split_out=tmp_path / "s.json", rejected_out=rejected)
+    assert all_cases(doc) == ["a_1", "c_1", "e_1", "f_1"]
+    table = pd.read_csv(rejected, sep="\t", dtype=str).set_index("image")
+    assert set(table.dataset) == {"Seg"} and set(table.stage) == {"downstream"}
+    reasons = table.reason.to_dict()
+    assert reasons[str(folder / "labelsTr" / "a_2.nii.gz")].startswith(
+        f"{folder / 'imagesTr' / 'a_2_0001.nii.gz'}: truncated: gzip stream ends after ")
+    assert reasons[str(folder / "labelsTr" / "b_1.nii.gz")].startswith(
+        f"{folder / 'labelsTr' / 'b_1.nii.gz'}: truncated: gzip stream ends after ")
+    assert "d_1_0000.nii.gz: corrupt gzip" in reasons[str(folder / "labelsTr" / "d_1.nii.gz")]
+    assert "CRC-32 check failed" in reasons[str(folder / "labelsTr" / "d_1.nii.gz")]
+    # downstream-check reads the same way
+    data, errors = read_datasets(reg)
+    assert errors == {} and len(data["Seg"].rejected) == 3
+
+
+def test_classification_images_are_checked_too(tmp_path):
+    folder = make_cls_dataset(tmp_path / "data")
+    truncate(folder / "imagesTr" / "x2_0000.nii.gz", keep=0.9)
+    data = read_dataset(registry_for(tmp_path, Cls=CLS).get("Cls"))
+    assert [c.case_id for c in data.cases] == ["x1", "y1", "z1"]
+    assert "x2_0000.nii.gz: truncated" in dict(data.rejected)["x2"]
+
+
+def test_data_fingerprint_changes_when_a_file_is_rewritten_and_only_then(tmp_path, repo):
+    import os
+
+    from openmind_bench import config as omb_config
+    from openmind_bench.downstream.readers import data_fingerprint
+    from openmind_bench.downstream.settings import split_data_fingerprint
+
+    folder = make_seg_dataset(tmp_path / "data")
+    spec = registry_for(tmp_path, Seg=SEG).get("Seg")
+    first = data_fingerprint(spec)
+    assert len(first) == 16 and data_fingerprint(spec) == first
+    (folder / "notes.txt").write_text("not read by the reader")
+    (folder / "imagesTr" / ".DS_Store").write_bytes(b"x")
+    assert data_fingerprint(spec) == first
+    # what the split rule's param calls, from the workflow config
+    config = omb_config.validate({"downstream_registry": str(tmp_path / "registry.yaml"),
+                                  "downstream": {"root": str(tmp_path / "data")}}, omb_config.SCHEMA_PATH)
+    assert split_data_fingerprint(config, "Seg") == first
+
+    label = folder / "labelsTr" / "b_1.nii.gz"
+    stat = label.stat()
+    lesion = np.asarray(nib.load(str(label)).dataobj).astype(np.float32)
+    save(lesion * 1.5, label)  # a lesion value 1 -> 1.5
+    changed = data_fingerprint(spec)
+    assert changed != first and data_fingerprint(spec) == changed
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched only
+    assert data_fingerprint(spec) not in (first, changed)
+    (folder / "imagesTr" / "a_1_0001.nii.gz").unlink()
+    assert data_fingerprint(spec) not in (first, changed)
+
+
+def test_finetuning_refuses_a_case_whose_label_changed_after_the_split(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from openmind_bench.downstream.splits import SplitError, SplitSettings, check_case_files, split_dataset, \
+        training_cases
+
+    folder = make_seg_dataset(tmp_path / "data", cases=("a_1", "a_2", "b_1", "c_1", "d_1", "e_1"))
+    reg = registry_for(tmp_path, Seg=SEG)
+    split_path = tmp_path / "s.json"
+    doc = split_dataset(reg.path, None, "Seg", SplitSettings(folds=0, test_fraction=0.25), split_out=split_path)
+    assert doc["case_files"]["b_1"]["labelsTr/b_1.nii.gz"][0] == (folder / "labelsTr" / "b_1.nii.gz").stat().st_size
+    assert sorted(doc["case_files"]["b_1"]) == ["imagesTr/b_1_0000.nii.gz", "imagesTr/b_1_0001.nii.gz",
+                                                "labelsTr/b_1.nii.gz"]
+    assert list(doc["dataset_files"]) == ["dataset.json"]
+    data = read_dataset(reg.get("Seg"), verify_files=False)
+    job = SimpleNamespace(split=str(split_path), fold="test")
+    train, test = training_cases(job, data, SimpleNamespace(low_data_n=None))  # the files are as recorded
+    assert len(train) + len(test) == 6
+
+    label = folder / "labelsTr" / "b_1.nii.gz"
+    save(np.asarray(nib.load(str(label)).dataobj).astype(np.float32) * 1.5, label)  # lesion 1 -> 1.5
+    with pytest.raises(SplitError, match=rf"{label} changed \(size .*Re-make the split: snakemake re-runs rule "
+                                         rf"downstream_split.*delete {split_path}"):
+        training_cases(job, data, SimpleNamespace(low_data_n=None))
+    check_case_files(doc, split_path, folder, ["a_1"])  # the cases asked for only
+    (folder / "imagesTr" / "a_1_0000.nii.gz").unlink()
+    with pytest.raises(SplitError, match="a_1_0000.nii.gz is gone"):
+        check_case_files(doc, split_path, folder, ["a_1"])
+    # an older split without the record: not checked, said in the log
+    old = {k: v for k, v in doc.items() if k not in ("case_files", "dataset_files")}
+    with caplog.at_level(logging.INFO, logger="openmind_bench.downstream.splits"):
+        check_case_files(old, split_path, folder, ["a_1", "b_1"])
+    assert "records no file sizes and times" in caplog.text

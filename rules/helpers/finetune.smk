@@ -21,6 +21,12 @@ def downstream_data(wildcards):
     return [rules.demo_downstream.output.truth] if DOWNSTREAM["build_demo"] else []
 
 
+def downstream_data_fingerprint(wildcards):
+    """Paths, sizes and mtimes of the dataset's files, digested: a file changed after the split (a
+    label rewritten) changes this param, so Snakemake re-runs the split and its checks."""
+    return omb_finetune.split_data_fingerprint(config, wildcards.target_dataset)
+
+
 def finetune_checkpoint(wildcards):
     name = omb_names.parse_run(wildcards.finetune_run)
     return [omb_names.pretrain_checkpoint(name.pretrain_run)] if name.pretrained else []

@@ -18,7 +18,7 @@ import pandas as pd
 from openmind_bench.bids.entities import MODALITY_OF_SUFFIX, NIFTI_EXTENSIONS, datatype_of, parse_name
 from openmind_bench.bids.sidecars import SidecarIndex
 from openmind_bench.metadata import harmonise
-from openmind_bench.nifti import data_size_problem, memory_problem
+from openmind_bench.nifti import data_size_problem, image_file_problem, memory_problem
 from openmind_bench.qc import Rejections
 from openmind_bench.sharding import image_id, shard_of
 from openmind_bench.sources.base import Manifest, snapshot_from_description
@@ -155,6 +155,10 @@ def read_header(path: Path, verify_data: bool) -> tuple[dict, str | None]:
             return {}, "voxel data contain NaN or Inf"
         if float(data.max()) == float(data.min()):
             return {}, "voxel data are constant"
+        # nibabel stops at the last voxel: a bad CRC-32 or length trailer is seen by a full pass only
+        file_problem = image_file_problem(path)
+        if file_problem:
+            return {}, file_problem
     fields = {
         "n_volumes": shape[3] if len(shape) >= 4 else 1,
         "shape": "x".join(str(s) for s in shape),

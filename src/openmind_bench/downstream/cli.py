@@ -34,7 +34,6 @@ def run(args) -> int:
     from openmind_bench import config as omb_config
     from openmind_bench.downstream import settings as run_settings
     from openmind_bench.downstream import splits, worker
-    from openmind_bench.downstream.readers import checked_case_table, read_dataset
     from openmind_bench.registry import load_registry
 
     config = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
@@ -49,7 +48,8 @@ def run(args) -> int:
     settings = run_settings.resolve(config, args.dataset, args.run, args.fold, out_dir=args.out, split=args.split,
                                     pretrained_checkpoint=args.checkpoint, low_data_subset=args.low_data_subset)
     spec = load_registry(settings.registry, settings.root).get(args.dataset)
-    # as the split rule: label images with undeclared values stay out of a new split
-    splits.ensure_split(args.split, checked_case_table(read_dataset(spec))[1], spec.name, spec.role,
-                        splits.SplitSettings(**run_settings.split_settings(config, spec.role)))
+    # as the split rule: broken files and label images with undeclared values stay out of a new split,
+    # and the split records the files it was made on
+    splits.split_dataset(settings.registry, settings.root, spec.name,
+                         splits.SplitSettings(**run_settings.split_settings(config, spec.role)), split_out=args.split)
     return worker.launch(settings, nproc=args.nproc, threads=args.threads)

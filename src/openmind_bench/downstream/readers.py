@@ -20,14 +20,21 @@ folder, or a `subject_pattern` on the case id; otherwise every case is its own s
 A dataset that cannot be read at all (folder missing, dataset.json malformed, channels or labels
 contradicting the registry) raises `DatasetError` naming it; `read_datasets` collects those per
 dataset and goes on with the others. A single broken case (a channel missing, an unreadable
-header, grids that disagree) is rejected with its reason and skipped; `checked_case_table` also
-rejects label images with undeclared values (the split rule runs it, so splits hold only usable cases).
+header, grids that disagree, an image or label file truncated or corrupt: `nifti.check_image_file`)
+is rejected with its reason and skipped; `checked_case_table` also rejects label images with
+undeclared values (the split rule runs it, so splits hold only usable cases).
+
+`dataset_files` lists the files the reader reads with their size and mtime: the split records them
+per case (`case_file_record`) and `data_fingerprint` digests them for the split rule's params, so
+a file changed after its split is noticed (splits.check_case_files, Snakemake's params trigger).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from openmind_bench.nifti import image_file_problem
 from openmind_bench.registry import DatasetSpec, Registry, RegistryError
 from openmind_bench.qc import Rejections
 
@@ -130,6 +138,21 @@ def _channel_files(folder: Path, case_id: str, channels: int, ending: str) -> tu
     return files, [i for i, f in enumerate(files) if not f.is_file()]
 
 
+def _case_problem(files: Iterable[Path], verify_files: bool) -> str | None:
+    """Why these files cannot be one case (unreadable header, not 3-D, grids that differ, and with
+    `verify_files` a truncated or corrupt file), or None."""
+    files = list(files)
+    problem = _header_problem(files)
+    if problem or not verify_files:
+        return problem
+    for f in files:
+        # a header reads fine from a half-written .nii.gz; SimpleITK (nnU-Net) then fills the rest with zeros
+        problem = image_file_problem(f)
+        if problem:
+            return problem
+    return None
+
+
 def _header_problem(files: Iterable[Path]) -> str | None:
     """Why these files cannot be one case (unreadable, not 3-D, grids that differ), or None."""
     import nibabel as nib
@@ -182,7 +205,7 @@ def _grouping(spec: DatasetSpec, case_ids: list[str]) -> tuple[dict[str, tuple[s
     return {c: (c, "") for c in case_ids}, []
 
 
-def _read_segmentation(spec: DatasetSpec, check_headers: bool) -> DownstreamData:
+def _read_segmentation(spec: DatasetSpec, check_headers: bool, verify_files: bool) -> DownstreamData:
     doc = _read_dataset_json(spec)
     ending = doc["file_ending"]
     images, labels = spec.source / "imagesTr", spec.source / "labelsTr"
@@ -210,7 +233,7 @@ def _read_segmentation(spec: DatasetSpec, check_headers: bool) -> DownstreamData
             rejected.append((str(label), f"channel(s) {missing} missing in imagesTr"))
             continue
         if check_headers:
-            problem = _header_problem([*files, label])
+            problem = _case_problem([*files, label], verify_files)
             if problem:
                 rejected.append((str(label), problem))
                 continue
@@ -219,7 +242,7 @@ def _read_segmentation(spec: DatasetSpec, check_headers: bool) -> DownstreamData
     return DownstreamData(spec, cases, rejected)
 
 
-def _read_classification(spec: DatasetSpec, check_headers: bool) -> DownstreamData:
+def _read_classification(spec: DatasetSpec, check_headers: bool, verify_files: bool) -> DownstreamData:
     table_path = spec.source / spec.labels_csv
     if not table_path.is_file():
         raise _error(spec, f"labels table {spec.labels_csv} is missing")
@@ -256,7 +279,7 @@ def _read_classification(spec: DatasetSpec, check_headers: bool) -> DownstreamDa
             rejected.append((case_id, f"channel(s) {missing} missing in {spec.images_dir}/"))
             continue
         if check_headers:
-            problem = _header_problem(files)
+            problem = _case_problem(files, verify_files)
             if problem:
                 rejected.append((case_id, problem))
                 continue
@@ -332,8 +355,12 @@ def checked_case_table(data: DownstreamData) -> tuple[DownstreamData, pd.DataFra
     allowed = declared_label_values(data.spec)
     cases, rejected, rows = [], list(data.rejected), []
     for case in data.cases:
-        values, counts, voxel_ml = _label_counts(case.label)
-        problem = _label_problem(case.label.name, values, allowed)
+        try:
+            values, counts, voxel_ml = _label_counts(case.label)
+        except Exception as e:  # nibabel raises many kinds for broken data; one case never fails the split
+            problem = f"{case.label.name}: unreadable label data ({type(e).__name__}: {e})"
+        else:
+            problem = _label_problem(case.label.name, values, allowed)
         if problem:
             log.warning("dataset %s: rejected %s: %s", data.name, case.label, problem)
             rejected.append((str(case.label), problem))
@@ -351,12 +378,15 @@ def restricted_to(data: DownstreamData, case_ids) -> DownstreamData:
     return DownstreamData(data.spec, [c for c in data.cases if c.case_id in wanted], list(data.rejected))
 
 
-def read_dataset(spec: DatasetSpec, check_headers: bool = True) -> DownstreamData:
-    """One dataset's usable cases (and its rejected ones); raises DatasetError if none can be used."""
+def read_dataset(spec: DatasetSpec, check_headers: bool = True, verify_files: bool = True) -> DownstreamData:
+    """One dataset's usable cases (and its rejected ones); raises DatasetError if none can be used.
+    `verify_files`: also stream every image and label file through `nifti.check_image_file` (the
+    split rule and `downstream-check`; fine-tuning jobs instead check the files against the split's
+    record, `splits.check_case_files`, which costs a stat per file)."""
     if not spec.source.is_dir():
         raise _error(spec, "source folder does not exist (registry field source, under the downstream root)")
     reader = _read_segmentation if spec.task == "seg" else _read_classification
-    data = reader(spec, check_headers)
+    data = reader(spec, check_headers, verify_files)
     for item, reason in data.rejected:
         log.warning("dataset %s: rejected %s: %s", spec.name, item, reason)
     if not data.cases:
@@ -377,6 +407,67 @@ def read_datasets(registry: Registry, names: Iterable[str] | None = None,
             errors[name] = str(e)
             log.error("%s", e)
     return data, errors
+
+
+def _table_files(spec: DatasetSpec) -> list[str]:
+    """The dataset's table files the reader reads (relative to its folder)."""
+    tables = ["dataset.json"] if spec.task == "seg" else [spec.labels_csv]
+    return tables + ([spec.metadata] if spec.metadata else [])
+
+
+def dataset_files(spec: DatasetSpec) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file the reader reads: the image and label
+    folders' files and the tables (dataset.json / labels table, metadata). Files missing now are
+    left out; a missing folder gives an empty listing."""
+    source = Path(spec.source)
+    folders = ["imagesTr", "labelsTr"] if spec.task == "seg" else [spec.images_dir]
+    out = {}
+    for folder in folders:
+        try:
+            entries = list(os.scandir(source / folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            st = entry.stat()
+            out[f"{folder}/{entry.name}"] = (st.st_size, st.st_mtime_ns)
+    for name in _table_files(spec):
+        try:
+            st = (source / name).stat()
+        except OSError:
+            continue
+        out[name] = (st.st_size, st.st_mtime_ns)
+    return dict(sorted(out.items()))
+
+
+def data_fingerprint(spec: DatasetSpec) -> str:
+    """A short stable digest of `dataset_files`: it changes when any file the reader reads is
+    added, removed, rewritten or touched, and only then."""
+    digest = hashlib.sha256()
+    for name, (size, mtime_ns) in dataset_files(spec).items():
+        digest.update(f"{name}\t{size}\t{mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def case_file_record(data: DownstreamData, files: dict[str, tuple[int, int]]) -> dict:
+    """What a split records of the files under it: {"case_files": {case: {path: [size, mtime_ns]}},
+    "dataset_files": {table: [size, mtime_ns]}}, paths relative to the dataset folder; `files` as
+    `dataset_files`, listed before the cases were checked (a file rewritten during the checks then
+    no longer matches the record). A file not in `files` (created since) is stat'ed now."""
+    source = Path(data.spec.source)
+
+    def entry(path: Path) -> tuple[str, list[int]]:
+        name = path.relative_to(source).as_posix() if path.is_relative_to(source) else str(path)
+        if name not in files:
+            st = path.stat()
+            return name, [st.st_size, st.st_mtime_ns]
+        return name, list(files[name])
+
+    cases = {c.case_id: dict(entry(Path(p)) for p in [*c.images, *([c.label] if c.label else [])])
+             for c in data.cases}
+    tables = {name: list(files[name]) for name in _table_files(data.spec) if name in files}
+    return {"case_files": cases, "dataset_files": tables}
 
 
 def _case_columns(case: Case) -> dict:

@@ -95,6 +95,17 @@ def split_settings(config: dict, role: str = "dev") -> dict:
     return out
 
 
+def split_data_fingerprint(config: dict, dataset: str) -> str:
+    """A short digest of the paths, sizes and mtimes of the files the reader reads for `dataset`
+    (`readers.data_fingerprint`): a param of rule downstream_split, so a file changed under a split
+    (a label rewritten) re-runs the split and its checks (Snakemake's params trigger), then the
+    fine-tuning jobs after it."""
+    from openmind_bench.downstream.readers import data_fingerprint
+    from openmind_bench.registry import load_registry
+
+    return data_fingerprint(load_registry(registry_path(config), config["downstream"]["root"]).get(dataset))
+
+
 def split_path(config: dict, dataset: str, low_data_n: int | None = None) -> str:
     """`{downstream.splits_dir}/{dataset}.json`, and `{dataset}__n{N}.json` for a low-data subset."""
     folder = config["downstream"]["splits_dir"]

@@ -24,6 +24,12 @@ The split is written once (`ensure_split`) and reused: an existing file is read 
 against the dataset's cases, never drawn again; a dataset whose cases changed is an error naming
 the file, so a changed dataset cannot silently change a benchmark's test set. Low-data subsets
 (N training cases) are drawn the same way, from the training part, into their own files.
+
+A split made by `split_dataset` records size and mtime of every file under it (`case_files`,
+`dataset_files`: the files its checks passed); a fine-tuning job checks its split's files against
+that record before it trains or predicts (`check_case_files`) and refuses files changed since. In
+the workflow the split rule's params carry `readers.data_fingerprint`, so a changed file re-runs the
+split (and its checks) first.
 """
 
 from __future__ import annotations
@@ -274,8 +280,9 @@ def read_split(path: str | Path) -> dict:
 
 
 def ensure_split(path: str | Path, cases: pd.DataFrame, dataset: str, role: str,
-                 settings: SplitSettings = SplitSettings()) -> dict:
-    """The split at `path`: read and checked if it exists, else made and written (atomically)."""
+                 settings: SplitSettings = SplitSettings(), files: dict | None = None) -> dict:
+    """The split at `path`: read and checked if it exists, else made and written (atomically), with
+    `files` (`readers.case_file_record`: the files its cases were checked on) when given."""
     path = Path(path)
     if path.exists():
         doc = read_split(path)
@@ -287,6 +294,8 @@ def ensure_split(path: str | Path, cases: pd.DataFrame, dataset: str, role: str,
                      path, doc["settings"], asdict(settings))
         return doc
     doc = make_split(cases, dataset, role, settings)
+    if files is not None:
+        doc.update(files)
     atomic.write_json(path, doc)
     log.info("dataset %s: split written to %s (%d train, %d test%s)", dataset, path, len(doc["train"]),
              len(doc["test"]), f", {len(doc['folds'])} folds" if "folds" in doc else "")
@@ -366,17 +375,51 @@ def split_dataset(registry: str | Path, root: str | Path | None, dataset: str, s
     """The split of one registry dataset, made once and reused (what rule downstream_split and
     `openmind-bench downstream-splits` call); cases the reader rejects (and label images with undeclared
     values) go to `rejected_out` and stay out of the split."""
-    from openmind_bench.downstream.readers import checked_case_table, read_dataset
+    from openmind_bench.downstream.readers import case_file_record, checked_case_table, dataset_files, read_dataset
     from openmind_bench.qc import Rejections
     from openmind_bench.registry import load_registry
 
     spec = load_registry(registry, root).get(dataset)
+    listed = dataset_files(spec)  # before the checks: a file rewritten meanwhile will not match the record
     data, table = checked_case_table(read_dataset(spec))
     if rejected_out is not None:
         rejections = Rejections("downstream")
         data.record_rejections(rejections)
         rejections.write(rejected_out)
-    return ensure_split(split_out, table, spec.name, spec.role, settings)
+    return ensure_split(split_out, table, spec.name, spec.role, settings, files=case_file_record(data, listed))
+
+
+def check_case_files(split: dict, split_path: str | Path, source: str | Path, case_ids) -> None:
+    """Raise SplitError naming the first files (of `case_ids` and the dataset's tables, under the
+    dataset folder `source`) whose size or mtime differ from the split's record: the split's checks
+    (file integrity, label values) were made on other files. A split without a record (made before
+    splits kept one) is not checked; a log line says so."""
+    record = split.get("case_files")
+    if record is None:
+        log.info("split %s records no file sizes and times (an older split): the files of its cases are "
+                 "not checked against it", split_path)
+        return
+    source = Path(source)
+    wanted = dict(split.get("dataset_files") or {})
+    for case in case_ids:
+        wanted.update(record.get(case) or {})
+    changed = []
+    for name, (size, mtime_ns) in wanted.items():
+        path = Path(name) if Path(name).is_absolute() else source / name
+        try:
+            st = path.stat()
+        except OSError:
+            changed.append(f"{path} is gone")
+            continue
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            changed.append(f"{path} changed (size {size} -> {st.st_size} bytes, mtime_ns {mtime_ns} -> "
+                           f"{st.st_mtime_ns})")
+    if changed:
+        raise SplitError(
+            f"{len(changed)} file(s) under split {split_path} changed since it was made, so its checks (file "
+            f"integrity, label values) no longer hold: {'; '.join(changed[:3])}. Re-make the split: snakemake "
+            f"re-runs rule downstream_split by itself (the data fingerprint in its params changed); outside "
+            f"Snakemake delete {split_path}")
 
 
 def training_cases(settings, data, name) -> tuple[list, list]:
@@ -386,6 +429,8 @@ def training_cases(settings, data, name) -> tuple[list, list]:
     from openmind_bench.downstream.readers import case_table
 
     split = read_split(settings.split)
+    # every case of the split, not only this fold's: nnU-Net preprocesses them all once per dataset
+    check_case_files(split, settings.split, data.spec.source, all_cases(split))
     train_ids, eval_ids = partition(split, settings.fold)
     if name.low_data_n:
         if not settings.low_data_subset:

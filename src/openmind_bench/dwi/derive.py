@@ -19,6 +19,7 @@ import numpy as np
 
 from openmind_bench.dwi.backends import TensorMaps, make_backend
 from openmind_bench.dwi.gradients import DwiRejected, Gradients, read_gradients, rotate_bvecs
+from openmind_bench.nifti import image_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ def load_series(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many types for broken files
         raise DwiRejected("load", f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from e
+    # nibabel stops at the last voxel: a bad CRC-32 or length trailer is seen by a full pass only,
+    # and the maps derived here would be whole files that hide it
+    problem = image_file_problem(path)
+    if problem:
+        raise DwiRejected("load", problem)
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim == 3 or (data.ndim == 4 and data.shape[3] == 1):

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 from openmind_bench import config
-from openmind_bench.nifti import data_size_problem, memory_problem
+from openmind_bench.nifti import data_size_problem, image_file_problem, memory_problem
 from openmind_bench.preprocess.resample import (
     lowres_axis,
     new_shape_for,
@@ -118,6 +118,10 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ImageRejected(f"image {path}: non-finite or singular affine")
     data = _voxels(img, path, "image")
+    # nibabel stops at the last voxel: a bad CRC-32 or length trailer is seen by a full pass only
+    problem = image_file_problem(path)
+    if problem:
+        raise ImageRejected(f"image {problem}")
     finite = np.isfinite(data)
     if not finite.all():
         n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())

@@ -160,8 +160,9 @@ def finetune_segmentation(settings, threads: int = 1, record=None) -> str:
     prepare_run_dir(out, record, SEGMENTATION_STATE, label=f"fine-tuning {out}")
     split = splits.read_split(settings.split)
     # nnU-Net sees the split's cases only: a case the split rule rejected (say, an undeclared label
-    # value, recorded in results/qc/rejected.tsv) would fail its dataset integrity check
-    data = restricted_to(read_dataset(spec), splits.all_cases(split))
+    # value, recorded in results/qc/rejected.tsv) would fail its dataset integrity check. The files
+    # are not streamed again: training_cases checks them against the split's record of the checked ones
+    data = restricted_to(read_dataset(spec, verify_files=False), splits.all_cases(split))
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     threads = max(1, int(threads or settings.threads or 1))
     device = device_for(threads)
@@ -228,8 +229,10 @@ def zero_shot(settings, registry, threads: int = 1) -> str:
         raise ValueError(f"zero-shot {spec.name} <- {source.name}: the model takes {channels} channel(s), "
                          f"{spec.name} gives {len(spec.zero_shot_inputs)} ({list(spec.zero_shot_inputs)}; "
                          "registry field zero_shot_channels)")
-    data = read_dataset(spec)
-    _, test_ids = splits.partition(splits.read_split(settings.split), "test")
+    data = read_dataset(spec, verify_files=False)
+    split = splits.read_split(settings.split)
+    _, test_ids = splits.partition(split, "test")
+    splits.check_case_files(split, settings.split, spec.source, test_ids)
     by_id = {c.case_id: c for c in data.cases}
     cases = [by_id[c] for c in test_ids if c in by_id]
     inputs = [spec.zero_shot_images(c.images) for c in cases]  # the source model's channel order
