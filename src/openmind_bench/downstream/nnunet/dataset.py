@@ -131,9 +131,13 @@ def prepare(data, split: dict, root: str | Path, *, spacing: Sequence[float], n_
     identifier = nnplans.data_identifier(spacing)
     cases = sorted(c.case_id for c in data.cases)
     marker = folder / f"{identifier}.done.json"
+    # the split's record of each case's files (size, mtime): a label rewritten under the same case id
+    # makes nnU-Net preprocess again instead of training on the old voxels
+    recorded = split.get("case_files") or {}
+    wanted = {"cases": cases, "spacing": [float(s) for s in spacing], "case_files": {c: recorded.get(c) for c in cases}}
     with _locked(root / ".lock"), environment(raw, pre, None, n_proc):
         done = json.loads(marker.read_text()) if marker.exists() else None
-        if done != {"cases": cases, "spacing": [float(s) for s in spacing]}:
+        if done != wanted:
             from nnunetv2.experiment_planning.plan_and_preprocess_api import (
                 extract_fingerprint_dataset,
                 plan_experiment_dataset,
@@ -153,7 +157,7 @@ def prepare(data, split: dict, root: str | Path, *, spacing: Sequence[float], n_
             prep_name = f"{nnplans.PLANS_NAME}_preprocessing_{identifier}"
             atomic.write_json(folder / f"{prep_name}.json", prep)
             DefaultPreprocessor(verbose=False).run(dataset_id(data.spec), nnplans.CONFIGURATION, prep_name, n)
-            atomic.write_json(marker, {"cases": cases, "spacing": [float(s) for s in spacing]})
+            atomic.write_json(marker, wanted)
             log.info("dataset %s: nnU-Net preprocessing at %s mm done in %s", data.name, list(spacing), folder)
         atomic.write_json(folder / "splits_final.json", splits_final(split))
     return {"raw": raw, "preprocessed": pre, "dataset_name": name,
