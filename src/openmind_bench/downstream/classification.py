@@ -95,11 +95,15 @@ def _prefixed(keys: dict, prefix: str) -> dict:
             for k, v in keys.items()}
 
 
-def build_model(settings: FinetuneSettings, spec, name: RunName):
-    """(classifier, schedule groups' keys, patch size, transferred keys)."""
+def check_task(spec) -> None:
     if spec.task != "cls":
         raise ValueError(f"dataset {spec.name} is a {spec.task} dataset: segmentation fine-tunes inside nnU-Net "
                          "(openmind_bench.downstream.nnunet), this engine classifies")
+
+
+def build_model(settings: FinetuneSettings, spec, name: RunName):
+    """(classifier, schedule groups' keys, patch size, transferred keys)."""
+    check_task(spec)
     pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
     architecture = None
     if pretrained is None or not pretrained.plan:
@@ -241,6 +245,7 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     if name.pretrained and not settings.checkpoint:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
     spec = load_registry(settings.registry, settings.root).get(settings.dataset)
+    check_task(spec)
     data = read_dataset(spec, verify_files=False)  # training_cases checks the files against the split's record
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     cls = settings.classification
