@@ -20,6 +20,7 @@ from pathlib import Path
 from openmind_bench import atomic
 from openmind_bench.aggregate.results import ResultsFormatError
 from openmind_bench.names import METRICS
+from openmind_bench.spreadsheet import neutralise_frame
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Outputs:
 
 def _write_csv(path: Path, frame) -> None:
     with atomic.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, encoding="utf-8")
+        neutralise_frame(frame).to_csv(tmp, index=False, encoding="utf-8")
 
 
 def _write_utf8(path: Path, text: str) -> None:
