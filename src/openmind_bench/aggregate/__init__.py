@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +95,11 @@ def run(
     _write_csv(paths.ranks, boot.ranks)
     _write_csv(paths.intervals, boot.intervals)
 
-    # Built aside and swapped in whole, so no figure of an earlier run survives in plots/.
+    # Built aside and swapped in whole, so no figure of an earlier run survives in plots/, and a reader
+    # or a second writer (the command line beside a workflow run) never meets a half-written folder.
     with atomic.atomic_path(paths.plots) as tmp:
         tmp.mkdir()
         written = plots.write_all(table, boot.ranks, boot.intervals, tmp)
-        if paths.plots.exists():
-            shutil.rmtree(paths.plots)
     log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
              paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
     return paths
