@@ -395,3 +395,60 @@ def test_collect_errors_name_the_file(tmp_path):
         collect([one, two])
     with pytest.raises(CollectError, match="no metrics.json"):
         collect([])
+
+
+# ------------------------------------------------------------------------------------ figures
+
+
+def _texts_outside_canvas(fig) -> list[str]:
+    """Every visible text of the drawn `fig` that reaches past the canvas (what a reader sees clipped)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # lay out again at the figure's dpi (the saved file's), then measure
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    outside = []
+    for text in fig.findobj(Text):
+        if not text.get_visible() or not text.get_text().strip():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < canvas.x0 - 0.5 or box.y0 < canvas.y0 - 0.5 or box.x1 > canvas.x1 + 0.5 or box.y1 > canvas.y1 + 0.5:
+            extents = [round(v) for v in box.extents]
+            outside.append(f"{text.get_text()!r} at {extents} on {[round(v) for v in canvas.extents]}")
+    return outside
+
+
+def _figure_results(runs: list[tuple[str, str, str]], datasets: list[str], cases: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = [(m, a, s, d, "DSC", rng.uniform(0.3, 0.9), "test", f"case_{c}" if cases else "")
+            for m, a, s in runs for d in datasets for c in range(max(cases, 1))]
+    return pd.DataFrame(rows, columns=HEADER.strip().split(","))
+
+
+FIGURE_SHAPES = {
+    "one run, one dataset, no per-case values": ([("scratch", "ResEncTiny", "none")], ["DemoPatientCls"], 0),
+    "the demo": ([("scratch", "ResEncTiny", "none"), ("simclr", "ResEncTiny", "default"),
+                  ("simclr", "ResEncTiny", "frozen")], ["DemoLesionT1", "DemoLesionT1FLAIR"], 3),
+    "many long runs and datasets": ([(f"models_genesis_anat_anon{i}", "PrimusM", "sawtooth") for i in range(11)]
+                                    + [("scratch", "ResEncL", "none")], [f"Dataset{i}_LongName" for i in range(8)], 2),
+}
+
+
+@pytest.mark.parametrize("shape", FIGURE_SHAPES)
+def test_every_figure_keeps_its_texts_inside_the_canvas(tmp_path, shape):
+    from openmind_bench.aggregate import plots
+
+    runs, datasets, cases = FIGURE_SHAPES[shape]
+    results = tmp_path / "results.csv"
+    _figure_results(runs, datasets, cases).to_csv(results, index=False)
+    frame = read_results(results)
+    table = build_table(frame, {})
+    boot = bootstrap(frame, 20, 0, dataset_order=datasets)
+    figures = {
+        "heatmap": plots.heatmap(table, "DSC", tmp_path / "heatmap.png"),
+        "rank_stability": plots.rank_stability(boot.ranks, "DSC", tmp_path / "rank.png"),
+        **{f"bars {d}": plots.dataset_bars(boot.intervals, table, "DSC", d, tmp_path / f"bars_{d}.png", 20)
+           for d in datasets[:2]},
+    }
+    clipped = {name: outside for name, fig in figures.items() if (outside := _texts_outside_canvas(fig))}
+    assert not clipped, clipped

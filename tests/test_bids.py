@@ -1,6 +1,6 @@
 import json
 
-from openmind_bench.bids.entities import datatype_of, parse_name
+from openmind_bench.bids_names import datatype_of, parse_name
 from openmind_bench.bids.sidecars import SidecarIndex
 
 
@@ -63,7 +63,7 @@ def _tiny_dataset(root, participants: str):
     import numpy as np
 
     from conftest import lying_nifti
-    from openmind_bench.sources.base import FileRecord, Manifest
+    from openmind_bench.download_manifest import FileRecord, Manifest
 
     root.mkdir(parents=True)
     (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.8.0"}))

@@ -30,6 +30,9 @@ IMAGES = [
     ("ds000002__sub-08_desc-FA_dwi", "ds000002", "08", "", "FA", 4.5, "", ""),
 ]
 
+# a raw diagnosis from participants.tsv that a spreadsheet would run as a formula
+PARTICIPANT_FORMULA = '=HYPERLINK("http://x","y")'
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -41,6 +44,7 @@ def workspace(tmp_path_factory):
                      "path": f"data/raw/local/{ds}/sub-{sub}/anat/{stem}.nii.gz", "quality_score": score,
                      "anat_mask": anat, "anon_mask": anon, "age": 30.0 + len(ses), "sex": "F",
                      "manufacturer": "Siemens", "field_strength": 3.0,
+                     "diagnosis": PARTICIPANT_FORMULA if ds == "ds000002" else "",
                      "derived_from": f"{ds}__sub-{sub}_dwi" if modality == "FA" else "",
                      "dataset_doi": f"doi:10.18112/openneuro.{ds}.v1.0.0"})
         folder = f"results/preprocessed/{ds}/sub-{sub}/ses-{ses or 'DEFAULT'}/{iid}"
@@ -100,6 +104,17 @@ def test_all_keeps_every_preprocessed_image_in_nnssl_schema(workspace):
     flair = next(i for i in twin["datasets"]["ds000001"]["subjects"]["sub-01"]["sessions"]["ses-01"]["images"]
                  if i["modality"] == "FLAIR")
     assert "image_quality_score" not in flair["image_info"]  # no score: the key is left out, as nnssl does
+
+
+def test_images_tsv_neutralises_formula_like_participant_values(workspace):
+    chosen, _, _ = run(workspace, {"name": "all_for_people"})
+    table = pd.read_csv(workspace[0] / "sel" / "all_for_people" / "images.tsv", sep="\t", dtype=str,
+                        keep_default_na=False).set_index("image_id")
+    assert table.loc["ds000002__sub-07_T2w", "diagnosis"] == "'" + PARTICIPANT_FORMULA
+    assert table.loc["ds000001__sub-01_ses-01_T1w", "diagnosis"] == ""
+    assert float(table.loc["ds000001__sub-01_ses-01_T1w", "quality_score"]) == 1.5
+    # the returned frame (and the index parquet) keep the true value
+    assert chosen.set_index("image_id").loc["ds000002__sub-07_T2w", "diagnosis"] == PARTICIPANT_FORMULA
 
 
 @pytest.mark.parametrize("cfg,expected", [

@@ -25,7 +25,8 @@ from s3server import FaultProxy, upload
 from openmind_bench.config import validate
 from openmind_bench.qc import Rejections
 from openmind_bench.sources import fetch_dataset, openneuro, s3_mirror
-from openmind_bench.sources.base import Manifest, SourceError
+from openmind_bench.download_manifest import Manifest
+from openmind_bench.sources.base import SourceError
 from openmind_bench.sources.state import STATE_FILE
 
 DATASET = "ds000001"

@@ -6,7 +6,8 @@ import pytest
 from openmind_bench.config import validate
 from openmind_bench.qc import Rejections
 from openmind_bench.sources import fetch_dataset
-from openmind_bench.sources.base import Manifest, SourceError, selected, unsafe_reason
+from openmind_bench.download_manifest import Manifest
+from openmind_bench.sources.base import SourceError, selected, unsafe_reason
 
 
 @pytest.fixture

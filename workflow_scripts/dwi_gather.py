@@ -1,9 +1,5 @@
 """Snakemake adapter: rule dwi_gather -> openmind_bench.dwi.shard.gather."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.dwi.shard import gather
 from openmind_bench.logs import log_to
 

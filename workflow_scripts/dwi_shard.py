@@ -1,9 +1,5 @@
 """Snakemake adapter: rule dwi_shard -> openmind_bench.dwi.shard.run_dwi_shard."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  this checkout's package, also under --sdm conda
-
 from openmind_bench.dwi.derive import DwiSettings
 from openmind_bench.dwi.shard import run_dwi_shard
 from openmind_bench.logs import log_to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -51,15 +52,48 @@ def remove_temporaries(paths) -> list[Path]:
     return removed
 
 
+def replace_directory(new: Path, path: Path, attempts: int = 10) -> None:
+    """Put the directory `new` in place of `path` (a directory, or nothing yet).
+
+    The old tree is renamed aside, the new one renamed in, then the old one deleted: a reader finds
+    the whole old tree or the whole new one (or, for a moment, none), never a half-deleted one. A
+    second writer swapping the same path at the same time (`openmind-bench benchmark-table` beside a
+    workflow run) makes the rename in fail with ENOTEMPTY: its tree is moved aside on the next try.
+    """
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for _ in range(attempts):
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            pass
+        try:
+            os.replace(new, path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if aside.exists():
+                    os.rename(aside, path)  # put the old tree back rather than lose it
+                raise
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        shutil.rmtree(aside, ignore_errors=True)  # the tree that was there; the other writer's lands next
+    raise OSError(errno.EBUSY, f"{path} kept being replaced by another writer; gave up after {attempts} tries")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    """Yield a temporary path next to `path`; rename it onto `path` only on success.
+
+    A directory written there replaces the whole tree at `path` (`replace_directory`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if tmp.is_dir() and not tmp.is_symlink():
+            replace_directory(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             if tmp.is_dir():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from openmind_bench import atomic
+from openmind_bench.spreadsheet import neutralise_frame
 
 COLUMNS = ["image", "dataset", "stage", "reason", "time"]
 
@@ -40,7 +41,7 @@ class Rejections:
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
     def write(self, path: str | Path) -> None:
-        atomic.write_tsv(path, self.frame())
+        atomic.write_tsv(path, neutralise_frame(self.frame()))
 
 
 def read_parts(paths) -> pd.DataFrame:
@@ -53,5 +54,5 @@ def read_parts(paths) -> pd.DataFrame:
 
 def gather(parts, out: str | Path) -> pd.DataFrame:
     table = read_parts(parts).sort_values(["stage", "dataset", "image"], kind="stable")
-    atomic.write_tsv(out, table)
+    atomic.write_tsv(out, neutralise_frame(table))
     return table

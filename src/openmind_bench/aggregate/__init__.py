@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from openmind_bench import atomic
 from openmind_bench.aggregate.results import ResultsFormatError
 from openmind_bench.names import METRICS
+from openmind_bench.spreadsheet import neutralise_frame
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Outputs:
 
 def _write_csv(path: Path, frame) -> None:
     with atomic.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, encoding="utf-8")
+        neutralise_frame(frame).to_csv(tmp, index=False, encoding="utf-8")
 
 
 def _write_utf8(path: Path, text: str) -> None:
@@ -95,12 +95,11 @@ def run(
     _write_csv(paths.ranks, boot.ranks)
     _write_csv(paths.intervals, boot.intervals)
 
-    # Built aside and swapped in whole, so no figure of an earlier run survives in plots/.
+    # Built aside and swapped in whole, so no figure of an earlier run survives in plots/, and a reader
+    # or a second writer (the command line beside a workflow run) never meets a half-written folder.
     with atomic.atomic_path(paths.plots) as tmp:
         tmp.mkdir()
         written = plots.write_all(table, boot.ranks, boot.intervals, tmp)
-        if paths.plots.exists():
-            shutil.rmtree(paths.plots)
     log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
              paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
     return paths

@@ -46,6 +46,7 @@ import pandas as pd
 
 from openmind_bench import atomic
 from openmind_bench.names import METRICS, NO_SCHEDULE, SCRATCH
+from openmind_bench.spreadsheet import neutralise_frame
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,6 @@ def write_results(paths, out: str | Path) -> pd.DataFrame:
     """Collect `paths` and write RESULTS.csv to `out`."""
     long = collect(paths)
     with atomic.atomic_path(out) as tmp:
-        long.to_csv(tmp, index=False)
+        neutralise_frame(long).to_csv(tmp, index=False)  # a CSV people open in spreadsheets
     log.info("collected %d values from %d metrics.json files into %s", len(long), len(set(map(str, paths))), out)
     return long

@@ -2,7 +2,9 @@
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot state, no display
 needed). Runs are labelled 'method / architecture / schedule' and coloured by method, the same in
-every figure; values are shown in percent.
+every figure; values are shown in percent. Every text stays inside the canvas whatever the number of
+runs and datasets (constrained layout; titles that would be longer than the axes are on their own
+lines; tests/test_aggregate.py measures each text's extent).
 """
 
 from __future__ import annotations
@@ -41,12 +43,18 @@ def method_colours(methods) -> dict[str, str]:
     return colours
 
 
-def _save(fig: Figure, path: Path) -> None:
+RUN_FORMAT = "method / architecture / schedule"
+
+
+def _save(fig: Figure, path: Path) -> Figure:
+    """Write `fig` as PNG; the returned figure has the saved file's dpi, so measuring it measures the file."""
+    fig.set_dpi(DPI)
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=DPI)
+    return fig
 
 
-def heatmap(table: pd.DataFrame, metric: str, path: Path) -> None:
+def heatmap(table: pd.DataFrame, metric: str, path: Path) -> Figure:
     """Runs x datasets; cell text = value (%), colour = rank among runs in that column."""
     rows = table[table.metric == metric].reset_index(drop=True)
     datasets = [c for c in table.columns if c not in {*RUN_KEY, "metric", *STAT_COLUMNS} and rows[c].notna().any()]
@@ -57,7 +65,8 @@ def heatmap(table: pd.DataFrame, metric: str, path: Path) -> None:
     n_runs, n_cols = values.shape
 
     label_width = 0.075 * max(len(s) for s in labels)
-    fig = Figure(figsize=(2.6 + label_width + 0.85 * n_cols, 1.9 + 0.42 * n_runs), layout="constrained")
+    # At least as wide as the title's longest line, and tall enough for its four lines and the ticks.
+    fig = Figure(figsize=(max(2.6 + label_width + 0.85 * n_cols, 5.2), 2.6 + 0.42 * n_runs), layout="constrained")
     ax = fig.add_subplot()
     cmap = colormaps["RdYlGn_r"].with_extremes(bad="#e6e6e6")
     image = ax.imshow(np.ma.masked_invalid(ranks), cmap=cmap, vmin=1, vmax=max(n_runs, 2), aspect="auto")
@@ -75,21 +84,25 @@ def heatmap(table: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_xticks(range(n_cols), [*datasets, "Mean"], rotation=40, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n_runs), labels)
     ax.set_xlabel("downstream dataset")
-    ax.set_ylabel("run (method / architecture / schedule)")
+    # A vertical axis title as long as "run (method / ...)" is taller than the axes of a few runs:
+    # the axis says "run", the title says what a row label is made of.
+    ax.set_ylabel("run")
     ax.tick_params(length=0)
     ax.set_title(
-        f"{METRIC_TITLES[metric]} per dataset\ncell: mean over cases then folds; colour: rank within column",
+        f"{METRIC_TITLES[metric]} per dataset\nrow: {RUN_FORMAT}\n"
+        "cell: mean over cases then folds\ncolour: rank within column (1 = best)",
         fontsize=10,
     )
     bar = fig.colorbar(image, ax=ax, shrink=min(1.0, 0.4 + 0.06 * n_runs), pad=0.02)
-    bar.set_label("rank within column (1 = best)")
+    # No label on the bar: a vertical one is longer than the bar of a few runs, a title above it wider
+    # than the bar; the figure title says what the colour is.
     bar.ax.invert_yaxis()
     if n_runs <= 12:
         bar.set_ticks(range(1, max(n_runs, 2) + 1))
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> None:
+def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> Figure:
     """Bubble plot: share of bootstrap samples at each leaderboard position, per run."""
     rows = ranks[ranks.metric == metric].sort_values(["rank_observed", "rank_mean"], kind="stable")
     rows = rows.reset_index(drop=True)
@@ -123,7 +136,7 @@ def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_xlim(-0.7, n_runs - 0.3)
     ax.grid(True, color="#dddddd", linewidth=0.6, zorder=0)
     ax.set_axisbelow(True)
-    ax.set_xlabel("run (method / architecture / schedule), ordered by observed position")
+    ax.set_xlabel(f"run ({RUN_FORMAT}),\nordered by observed position")
     ax.set_ylabel("leaderboard position by average rank (1 = best)")
     if (rows.datasets_resampled == 0).all():
         note = "no per-case values, so every sample ranks alike"
@@ -149,11 +162,11 @@ def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> None:
     methods = sorted(set(rows.method), key=lambda m: (m != SCRATCH, m))
     legend_ax.legend(handles=[Patch(facecolor=colours[m], edgecolor="black", linewidth=0.4, label=m) for m in methods],
                      loc="lower left", fontsize=8, title="method", title_fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, dataset: str, path: Path,
-                 n_samples: int) -> None:
+                 n_samples: int) -> Figure:
     """One bar per run with its 95% bootstrap interval, for one dataset and metric."""
     cells = intervals[(intervals.metric == metric) & (intervals.dataset == dataset)]
     order = table[table.metric == metric][RUN_KEY].apply(tuple, axis=1).tolist()
@@ -164,7 +177,7 @@ def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, data
     labels = [run_label(r) for _, r in cells.iterrows()]
     fixed = ~cells.resampled.to_numpy(dtype=bool)
 
-    fig = Figure(figsize=(7.5 + 0.07 * max(len(s) for s in labels), 1.9 + 0.36 * n), layout="constrained")
+    fig = Figure(figsize=(7.5 + 0.07 * max(len(s) for s in labels), 2.3 + 0.36 * n), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(n)
     ax.barh(y, value, color=[colours[m] for m in cells.method], edgecolor="black", linewidth=0.4,
@@ -182,14 +195,15 @@ def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, data
     ax.set_ylim(n - 0.4, -0.6)  # first run on top, no empty band
     zoom = " (axis does not start at 0)" if left > 0 else ""
     ax.set_xlabel(f"{metric} (%){zoom}")
-    ax.set_ylabel("run (method / architecture / schedule)")
+    ax.set_ylabel("run")  # what a run label is made of is in the title: a long vertical title outgrows few bars
     ax.grid(True, axis="x", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
     if fixed.all():
         note = "no per-case values, so no bootstrap interval"
     else:
         note = f"whiskers: 95% interval over {n_samples} bootstrap samples of the cases"
-    ax.set_title(f"{dataset}: {METRIC_TITLES[metric]}\nmean over cases then folds; {note}", fontsize=10)
+    ax.set_title(f"{dataset}: {METRIC_TITLES[metric]}\nrow: {RUN_FORMAT}; bar: mean over cases then folds\n{note}",
+                 fontsize=10)
     handles = [Patch(facecolor=colours[m], edgecolor="black", linewidth=0.4, label=m)
                for m in sorted(set(cells.method), key=lambda m: (m != SCRATCH, m))]
     if fixed.any():
@@ -197,7 +211,7 @@ def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, data
                              label="held fixed (no per-case values)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="method",
               title_fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def write_all(table: pd.DataFrame, ranks: pd.DataFrame, intervals: pd.DataFrame, directory: Path) -> list[Path]:

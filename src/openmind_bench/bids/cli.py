@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run_index_cmd(args) -> int:
-    from openmind_bench.bids.entities import MODALITY_OF_SUFFIX
+    from openmind_bench.bids_names import MODALITY_OF_SUFFIX
     from openmind_bench.bids.index import run_index
 
     modalities = args.modalities or sorted(set(MODALITY_OF_SUFFIX.values()))

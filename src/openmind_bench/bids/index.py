@@ -15,13 +15,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from openmind_bench.bids.entities import MODALITY_OF_SUFFIX, NIFTI_EXTENSIONS, datatype_of, parse_name
+from openmind_bench.bids_names import MODALITY_OF_SUFFIX, NIFTI_EXTENSIONS, datatype_of, parse_name
 from openmind_bench.bids.sidecars import SidecarIndex
 from openmind_bench.metadata import harmonise
 from openmind_bench.nifti import data_size_problem, image_file_problem, memory_problem
 from openmind_bench.qc import Rejections
 from openmind_bench.sharding import image_id, shard_of
-from openmind_bench.sources.base import Manifest, snapshot_from_description
+from openmind_bench.download_manifest import Manifest, snapshot_from_description
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from openmind_bench.bids.entities import BidsName, parse_name
+from openmind_bench.bids_names import BidsName, parse_name
 
 
 class SidecarIndex:

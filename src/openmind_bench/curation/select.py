@@ -24,6 +24,7 @@ from openmind_bench.curation.budget import drop_test_subjects, image_costs, solv
 from openmind_bench.curation.pretrain_data import build_collection
 from openmind_bench.curation.split import split_images
 from openmind_bench.preprocess.shard import read_manifests
+from openmind_bench.spreadsheet import neutralise_frame
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def run_selection(
     twin = build_collection(chosen, collection_index, selection.name, "image", "anon", "anat")
     atomic.write_json(out_raw, raw)
     atomic.write_json(out_preprocessed, twin)
-    atomic.write_tsv(out_table, chosen)
+    atomic.write_tsv(out_table, neutralise_frame(chosen))  # for people: spreadsheet-safe text
     if out_train is not None and out_val is not None:
         train, val = split_images(chosen, selection_cfg.get("validation"))
         atomic.write_json(out_train, build_collection(train, collection_index, selection.name, "image", "anon", "anat"))

@@ -21,6 +21,7 @@ import numpy as np
 
 from openmind_bench import atomic
 from openmind_bench.names import SCRATCH
+from openmind_bench.spreadsheet import neutralise_cell
 from openmind_bench.metrics.classification import classification_metrics
 
 
@@ -107,9 +108,19 @@ def _identity(run: RunIdentity) -> dict:
     return {k: v for k, v in asdict(run).items() if v is not None}
 
 
+class _SpreadsheetSafeRows:
+    """A csv writer whose text cells (case ids, class names) cannot run as spreadsheet formulas."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    def writerow(self, row) -> None:
+        self._writer.writerow([neutralise_cell(v) for v in row])
+
+
 def _csv_text(doc: dict) -> str:
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = _SpreadsheetSafeRows(csv.writer(out, lineterminator="\n"))
     if doc.get("task") == "cls":
         classes = doc["classes"]
         writer.writerow(["case", "label", "prediction", *[f"p:{c}" for c in classes]])

@@ -14,7 +14,8 @@ from typing import Callable
 
 from openmind_bench.qc import Rejections
 from openmind_bench.sources import local, openmind_release, openneuro
-from openmind_bench.sources.base import Manifest, check_snapshot, keep_out_of_bids
+from openmind_bench.download_manifest import Manifest
+from openmind_bench.sources.base import check_snapshot, keep_out_of_bids
 from openmind_bench.sources.state import STATE_FILE
 
 FETCHERS: dict[str, Callable[..., Manifest]] = {

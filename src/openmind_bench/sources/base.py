@@ -1,23 +1,22 @@
-"""The pieces every source kind shares: file selection, path safety, checksums, the manifest."""
+"""The pieces every source kind shares: file selection, path safety, checksums, `.bidsignore`, the snapshot
+check (the manifest itself lives in `openmind_bench.download_manifest`, which the index reads too)."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from openmind_bench import atomic
+from openmind_bench.download_manifest import Manifest, snapshot_from_description
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("dataset_description.json",)
-_DOI_VERSION = re.compile(r"openneuro\.(ds\d{6})\.v?([0-9][\w.\-]*)", re.IGNORECASE)
 
 
 class SourceError(RuntimeError):
@@ -60,46 +59,6 @@ def md5_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class FileRecord:
-    path: str
-    size: int
-    md5: str | None = None
-    etag: str | None = None
-    version_id: str | None = None
-
-
-@dataclass
-class Manifest:
-    dataset: str
-    source: str
-    snapshot: str
-    files: list[FileRecord] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}: kept trying, gave up
-    refused: list[dict] = field(default_factory=list)  # {"path", "reason"}: never written
-    snapshot_found: str | None = None
-    dataset_doi: str | None = None
-    snapshot_match: bool | None = None
-    created: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
-
-    def write(self, path: str | Path) -> None:
-        atomic.write_json(path, asdict(self))
-
-    @classmethod
-    def read(cls, path: str | Path) -> "Manifest":
-        raw = json.loads(Path(path).read_text())
-        raw["files"] = [FileRecord(**f) for f in raw.get("files", [])]
-        return cls(**raw)
-
-    def record_of(self, relpath: str) -> FileRecord | None:
-        for f in self.files:
-            if f.path == relpath:
-                return f
-        return None
-
-
 BIDSIGNORE = ".bidsignore"
 _BIDSIGNORE_HEADER = "# openmind-bench: fetch bookkeeping, not part of the dataset"
 
@@ -133,17 +92,6 @@ def previous_manifest(path: Path) -> Manifest | None:
         return Manifest.read(path)
     except (OSError, ValueError, TypeError):
         return None
-
-
-def snapshot_from_description(description: dict) -> tuple[str | None, str | None]:
-    """(version tag, DOI) from dataset_description.json; the tag comes from the DOI if present."""
-    doi = description.get("DatasetDOI")
-    if isinstance(doi, str):
-        m = _DOI_VERSION.search(doi)
-        if m:
-            return m.group(2), doi
-    version = description.get("DatasetVersion") or description.get("Version")
-    return (str(version) if version else None), doi if isinstance(doi, str) else None
 
 
 def check_snapshot(manifest: Manifest, dest: Path, on_mismatch: str = "warn") -> None:

@@ -15,9 +15,8 @@ from tqdm import tqdm
 
 from openmind_bench import atomic
 from openmind_bench.qc import Rejections
+from openmind_bench.download_manifest import FileRecord, Manifest
 from openmind_bench.sources.base import (
-    FileRecord,
-    Manifest,
     SourceError,
     inside,
     md5_of,

@@ -53,9 +53,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from openmind_bench import __version__, atomic
-from openmind_bench.bids.entities import parse_name
+from openmind_bench.bids_names import parse_name
+from openmind_bench.download_manifest import FileRecord, Manifest
 from openmind_bench.qc import Rejections
-from openmind_bench.sources.base import FileRecord, Manifest, SourceError, inside, md5_of, selected, unsafe_reason
+from openmind_bench.sources.base import SourceError, inside, md5_of, selected, unsafe_reason
 from openmind_bench.sources.state import FetchState, remove_stale_temporaries
 
 log = logging.getLogger(__name__)

@@ -52,10 +52,9 @@ from tqdm import tqdm
 from openmind_bench import atomic
 from openmind_bench import config as omb_config
 from openmind_bench.qc import Rejections
+from openmind_bench.download_manifest import FileRecord, Manifest
 from openmind_bench.sources.base import (
     REQUIRED_FILES,
-    FileRecord,
-    Manifest,
     SourceError,
     inside,
     selected,

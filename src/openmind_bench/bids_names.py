@@ -2,6 +2,8 @@
 
 The grammar is `key-value` pairs joined by `_`, then `_suffix.ext`
 (BIDS specification, "File name structure"); unknown keys are kept rather than dropped.
+Its own module below `bids` and `sources`: the index and the release source both read names, and
+neither package imports the other (import-linter contract in pyproject.toml).
 """
 
 from __future__ import annotations
