@@ -198,7 +198,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     original = registry.read_text()
     edited = yaml.safe_load(original)
     edited["datasets"]["DemoLesionT1FLAIR"]["openneuro"] = {"dataset": "ds990001", "subjects": ["01"]}
-    registry.write_text(yaml.safe_dump(edited))
+    registry.write_text(yaml.safe_dump(edited))  # keys sorted: a new order alone re-runs nothing
     counts = jobs_after({})
     assert counts.get("select_pretrain_data") == 1 and counts.get("pretrain") == 5, counts
     assert "downstream_split" not in counts and "fetch_dataset" not in counts, counts

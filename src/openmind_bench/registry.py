@@ -296,8 +296,9 @@ def entry_values(spec: DatasetSpec) -> dict:
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
-        elif isinstance(value, dict):
-            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        elif f.name == "labels":  # in value order: how the YAML lists them shapes no result
+            ordered = sorted(value.items(), key=lambda kv: (isinstance(kv[1], tuple), kv[1], kv[0]))
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in ordered}
         out[f.name] = value
     return out
 
