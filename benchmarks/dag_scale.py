@@ -51,7 +51,8 @@ def main() -> int:
         config.update(datasets_table="config/datasets.tsv", shard_size=args.shard_size)
         (work / "config" / "config.yaml").write_text(yaml.safe_dump(config))
         # the workflow checks that every downstream dataset has its folder before it plans a job
-        for spec in load_registry(work / config["downstream_registry"], work / "data" / "downstream").datasets.values():
+        registry = work / config.get("downstream_registry", "config/downstream_datasets.yaml")
+        for spec in load_registry(registry, work / "data" / "downstream").datasets.values():
             spec.source.mkdir(parents=True, exist_ok=True)
         cmd = [snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(work), "-n", "all", "--quiet", "rules"]
         start = time.perf_counter()
