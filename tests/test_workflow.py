@@ -150,6 +150,18 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     proc = run_snakemake(work, *configs, "-c2", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
+    # a store file deleted after real pre-training and fine-tuning runs: `all` re-makes it alone,
+    # byte-identical, and none of those runs (their params, code and input provenance all recorded)
+    image = work / stored.image.iloc[0]
+    before = image.read_bytes()
+    image.unlink()
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert _job_counts(proc) == {"all": 1, "preprocess_image": 1}, (proc.stdout + proc.stderr)[-3000:]
+    proc = run_snakemake(work, *configs, "-c1", "all")
+    assert proc.returncode == 0 and image.read_bytes() == before, proc.stderr[-3000:]
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
     # a changed setting re-runs exactly the jobs it shapes, and those after them
     def jobs_after(change: dict) -> dict:
         (work / "change.yaml").write_text(yaml.safe_dump(change))
@@ -251,7 +263,8 @@ def test_deleted_per_image_files_are_remade_alone_by_all_or_by_name(tmp_path, re
     proc = run_snakemake(work, *configs, "-n", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
-    stored = pd.concat([pd.read_csv(p, sep="\t") for p in sorted((work / "results/preprocessed").glob("*/shard-*.tsv"))])
+    manifests = sorted((work / "results/preprocessed").glob("*/shard-*.tsv"))
+    stored = pd.concat([pd.read_csv(p, sep="\t") for p in manifests])
     image = work / stored.image.iloc[0]
     anat = work / stored.anat.iloc[0]
     masks = pd.concat([pd.read_parquet(p) for p in sorted((work / "results/masks").glob("*/shard-*.parquet"))])
