@@ -36,4 +36,5 @@ include: "rules/aggregate.smk"
 rule all:
     default_target: True
     input:
-        get_final_output(),
+        final=get_final_output(),
+        remade=missing_per_image_files,

@@ -23,6 +23,7 @@ envvars:
 
 from openmind_bench import config as omb_config  # noqa: E402
 from openmind_bench import names as omb_names  # noqa: E402
+from openmind_bench import sharding as omb_sharding  # noqa: E402
 
 omb_config.validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
 
@@ -53,3 +54,19 @@ def get_final_output():
         *finetune_targets(),
         *benchmark_targets(),
     ]
+
+
+def finished_shard_outputs(checkpoint, output_name):
+    """The named output of every (dataset, shard) job of a shard checkpoint, once all of them have run in
+    an earlier invocation or this one; raises Snakemake's IncompleteCheckpointException (the caller is
+    evaluated again when the shard is done) while any has not. Nothing is read here."""
+    return [getattr(checkpoint.get(dataset=d, shard=k).output, output_name)
+            for d in DATASETS for k in range(N_SHARDS[d])]
+
+
+def missing_per_image_files(wildcards):
+    """Per-image files of finished shard jobs that were deleted since (DWI maps, masks, store files):
+    `all` asks for them, so exactly those are re-made (rules dwi_file, masks_image, preprocess_image) and
+    nothing that read them runs again. Read only once every shard job of a stage has run (a checkpoint
+    each)."""
+    return [*missing_dwi_files(wildcards), *missing_mask_files(wildcards), *missing_store_files(wildcards)]

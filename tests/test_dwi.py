@@ -25,7 +25,7 @@ from openmind_bench.dwi.backends import DipyBackend, MrtrixBackend  # noqa: E402
 from openmind_bench.dwi.derive import DwiSettings, derive_scan, load_series  # noqa: E402
 from openmind_bench.dwi.gradients import (  # noqa: E402
     DwiRejected, Gradients, fsl_to_world, read_gradients, world_to_fsl)
-from openmind_bench.dwi.shard import run_dwi_shard  # noqa: E402
+from openmind_bench.dwi.shard import NotRemade, missing_outputs, remake_file, run_dwi_shard  # noqa: E402
 from openmind_bench.qc import Rejections  # noqa: E402
 from openmind_bench.sharding import image_id  # noqa: E402
 from openmind_bench.sources import local  # noqa: E402
@@ -280,6 +280,26 @@ def test_shard_writes_valid_bids_derivatives_and_rejects(tmp_path, small_64d):
         proc = subprocess.run([VALIDATOR, str(out / "derivatives/dwi" / ds)], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stdout[-3000:]
+    # a derived map and a brain mask deleted after the shard ran: listed missing, re-made on their own
+    # (rule dwi_file), the NIfTI files byte-identical
+    fa = table[table.modality == "FA"].path.iloc[0]
+    brain = table.anat_mask.iloc[0]
+    before = {p: Path(p).read_bytes() for p in (fa, brain)}
+    assert missing_outputs([out / "table.parquet"]) == []
+    for p in before:
+        Path(p).unlink()
+    Path(fa.replace(".nii.gz", ".json")).unlink()
+    assert sorted(missing_outputs([out / "table.parquet"])) == sorted([fa, brain, fa.replace(".nii.gz", ".json")])
+    for p in (fa, brain, fa.replace(".nii.gz", ".json")):
+        remake_file(index, out / "table.parquet", ds, p, settings(motion=False))
+    assert {p: Path(p).read_bytes() for p in before} == before
+    assert json.loads(Path(fa.replace(".nii.gz", ".json")).read_text())["Sources"]
+    # a rejected scan's map: no job makes it; the error names the shard command
+    never = out / "derivatives/dwi" / ds / "sub-02/dwi/sub-02_desc-FA_dwimap.nii.gz"
+    rerun = rf"snakemake {out / 'table.parquet'} --forcerun dwi_shard"
+    with pytest.raises(NotRemade, match=rf"lists no derived scan .*{rerun}"):
+        remake_file(index, out / "table.parquet", ds, never, settings(motion=False))
+    assert not never.exists()
 
 
 def test_index_inherits_dataset_level_gradient_table(tmp_path):

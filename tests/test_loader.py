@@ -144,6 +144,17 @@ def test_raw_selection_json_reads_its_twin_and_raw_only_fails(selection, tmp_pat
         load_pretrain_images(lonely)
 
 
+def test_a_deleted_store_file_fails_naming_the_target_that_remakes_it(selection, images):
+    gone = images[0].image
+    kept = gone.with_name(gone.name + ".kept")
+    gone.rename(kept)
+    try:
+        with pytest.raises(FileNotFoundError, match=rf"1 of {len(images)} image file\(s\) do not exist.*"
+                                                    rf"`snakemake {gone}`.*`snakemake all`"):
+            load_pretrain_images(selection)
+    finally:
+        kept.rename(gone)
+
 def test_patches_are_padded_with_zeros_at_the_borders(images):
     sampler = PatchSampler(images, PATCH)
     i = index_of(images, "thin")

@@ -16,7 +16,7 @@ from openmind_bench import config as cfg
 from openmind_bench.bids.index import conform
 from openmind_bench.masks.classical import ClassicalSettings, MaskError, compute_masks
 from openmind_bench.masks.release import check_polarity
-from openmind_bench.masks.shard import merge_index, run_masks_shard
+from openmind_bench.masks.shard import NotRemade, merge_index, missing_outputs, remake_mask, run_masks_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,6 +207,42 @@ def test_release_masks_that_pass_are_used_as_shipped(tmp_path, settings):
     assert (row.anat_mask, row.anon_mask) == (str(paths["anat"]), str(paths["anon"]))
     assert row.anatomy_source == "release" and row.mask_kind == "release"
     assert len(pd.read_csv(tmp_path / "rejected.tsv", sep="\t")) == 0
+
+
+def test_a_deleted_mask_is_listed_and_remade_byte_identical_and_a_release_mask_is_not(tmp_path, settings):
+    """Rule masks_image's function: a computed mask deleted after its shard ran is listed as missing and
+    re-made exactly; a file the stage never wrote (the image keeps its release mask) is refused with
+    the shard command named."""
+    from nilearn import datasets
+
+    tpl = datasets.load_mni152_template(resolution=2)
+    data = _rician(np.asarray(tpl.dataobj, np.float32), 2.0, np.random.default_rng(0)).astype(np.float32)
+    head = ndi.binary_fill_holes(data > 0.1 * data.max())
+    face = head & (np.indices(data.shape)[1] > 80)
+    data[face] = 0
+    image = tmp_path / "sub-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, tpl.affine), image)
+    release_anon = tmp_path / "release_anon.nii.gz"
+    nib.save(nib.Nifti1Image(face.astype(np.uint8), tpl.affine), release_anon)
+    table = _table(tmp_path, [{"image_id": "ds000001__sub-01_T1w", "subject": "01", "path": str(image),
+                               "anon_mask": str(release_anon)},
+                              {"image_id": "ds000001__sub-02_T1w", "subject": "02", "path": str(image)}])
+    masks = tmp_path / "masks"
+    shard_table = masks / "ds000001/shard-0.parquet"  # the masks live under the tables' folder
+    out = run_masks_shard([table], "ds000001", 0, masks, shard_table, tmp_path / "rejected.tsv", settings)
+    first, second = out.iloc[0], out.iloc[1]
+    assert first.anonymization_source == "release" and first.anatomy_source == "classical"
+    written = [first.anat_mask, second.anat_mask, second.anon_mask]
+    before = {p: Path(p).read_bytes() for p in written}
+    assert missing_outputs([shard_table]) == []
+    Path(second.anat_mask).unlink()
+    assert missing_outputs([shard_table]) == [second.anat_mask]
+    remake_mask([table], shard_table, "ds000001", second.anat_mask, settings)
+    assert {p: Path(p).read_bytes() for p in written} == before
+    ours = masks / "ds000001/sub-01/sub-01_T1w_mask-anonymization.nii.gz"  # the release's mask is used instead
+    with pytest.raises(NotRemade, match=rf"lists no image .*snakemake {shard_table} --forcerun masks_shard"):
+        remake_mask([table], shard_table, "ds000001", ours, settings)
+    assert not ours.exists()
 
 
 def _tiny_nnunet_model(folder: Path, winning_label: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 from importlib import resources
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +17,8 @@ from conftest import lying_nifti
 from openmind_bench.bids.index import conform
 from openmind_bench.preprocess import ImageRejected, PreprocessSettings, preprocess_image, to_original_grid
 from openmind_bench.preprocess.resample import lowres_axis, new_shape_for, zoom_to_shape
-from openmind_bench.preprocess.shard import run_preprocess_shard
+from openmind_bench.preprocess.shard import (NotRemade, listed_files, missing_outputs, remake_image,
+                                             run_preprocess_shard)
 from openmind_bench.store import open_array, read_properties
 
 
@@ -358,6 +360,45 @@ def test_rerun_removes_its_own_stale_temporaries_only(shard_case):
     assert other.exists() and unrelated.exists()
     leftovers = sorted(p.name for p in out.rglob(".*.tmp-*"))
     assert leftovers == sorted([other.name, unrelated.name]), leftovers
+
+
+def test_a_deleted_store_file_is_listed_and_remade_byte_identical(shard_case):
+    """What `snakemake all` does after a store file is deleted: the manifest names it missing, and
+    rule preprocess_image's function re-makes that image's files exactly as its shard wrote them."""
+    root, manifest, _ = shard_case
+    args = ([root / "images.parquet"], root / "manifest.tsv", "ds000001")
+    settings = PreprocessSettings(spacing=(2.5, 2.5, 2.5))
+    row = manifest.set_index("image_id").loc["ds000001__sub-masked_T1w"]
+    files = listed_files(manifest[manifest.image_id == "ds000001__sub-masked_T1w"])
+    assert len(files) == 5 and files[-1].endswith(".pkl")
+    before = {p: Path(p).read_bytes() for p in files}
+    assert missing_outputs([root / "manifest.tsv"]) == []
+    Path(row.image).unlink()
+    Path(row.anat).unlink()
+    assert missing_outputs([root / "manifest.tsv"]) == [row.image, row.anat]
+    record = remake_image(*args, "ds000001__sub-masked_T1w", root / "preprocessed", settings)
+    assert record["shape"] == row["shape"]
+    assert {p: Path(p).read_bytes() for p in files} == before
+    assert missing_outputs([root / "manifest.tsv"]) == []
+
+
+def test_an_image_its_shard_did_not_write_or_would_write_differently_is_not_remade(shard_case):
+    """The error names the shard command that re-makes the shard; nothing is written."""
+    root, manifest, _ = shard_case
+    args = ([root / "images.parquet"], root / "manifest.tsv", "ds000001")
+    rerun = rf"snakemake {root / 'manifest.tsv'} --forcerun preprocess_shard"
+    with pytest.raises(NotRemade, match=rf"sub-nan_T1w: .* does not list this image .*rejected.*{rerun}"):
+        remake_image(*args, "ds000001__sub-nan_T1w", root / "preprocessed", PreprocessSettings(spacing=(2.5,) * 3))
+    assert not (root / "preprocessed/ds000001/sub-nan").exists()
+    # other settings than the shard's (they changed since it ran): refused before anything is written
+    good = Path(manifest.set_index("image_id").loc["ds000001__sub-good_T1w"].image)
+    saved = good.read_bytes()
+    good.unlink()
+    with pytest.raises(NotRemade, match=rf"differs from what .* records: shape .*{rerun}"):
+        remake_image(*args, "ds000001__sub-good_T1w", root / "preprocessed", PreprocessSettings(spacing=(3.0,) * 3))
+    assert not good.exists()
+    remake_image(*args, "ds000001__sub-good_T1w", root / "preprocessed", PreprocessSettings(spacing=(2.5,) * 3))
+    assert good.read_bytes() == saved
 
 
 def test_header_claiming_more_data_than_the_file_holds(tmp_path):

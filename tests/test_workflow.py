@@ -173,6 +173,18 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     proc = run_snakemake(work, *configs, "-c2", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
+    # a store file deleted after real pre-training and fine-tuning runs: `all` re-makes it alone,
+    # byte-identical, and none of those runs (their params, code and input provenance all recorded)
+    image = work / stored.image.iloc[0]
+    before = image.read_bytes()
+    image.unlink()
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert _job_counts(proc) == {"all": 1, "preprocess_image": 1}, (proc.stdout + proc.stderr)[-3000:]
+    proc = run_snakemake(work, *configs, "-c1", "all")
+    assert proc.returncode == 0 and image.read_bytes() == before, proc.stderr[-3000:]
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
     # a changed setting re-runs exactly the jobs it shapes, and those after them
     def jobs_after(change: dict) -> dict:
         (work / "change.yaml").write_text(yaml.safe_dump(change))
@@ -283,3 +295,77 @@ def test_default_workflow_profile_reruns_incomplete_outputs(tmp_path, repo):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Using profile" in out and "and workflow specific profile" in out
+
+
+def _fake_the_rest_finished(work: Path, configs: list[str]) -> None:
+    """Mark every job of `all` still to run as done without running it: its outputs created empty, then
+    `--touch` (pre-training and fine-tuning are not what these tests are about)."""
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip().startswith("output:"):
+            for out in line.split(":", 1)[1].split(","):
+                path = work / out.strip()
+                if path.name == "plots":
+                    path.mkdir(parents=True, exist_ok=True)
+                elif not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+    proc = run_snakemake(work, *configs, "-c1", "--touch", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_deleted_per_image_files_are_remade_alone_by_all_or_by_name(tmp_path, repo, demo_mirror):
+    """A store file, mask or DWI map deleted after its shard ran: `snakemake all` plans exactly the job that
+    re-makes it (no pre-training or fine-tuning), the file comes back byte-identical, naming it as a
+    target works, and a file no job makes fails with the shard command named (issue: 'a deleted
+    intermediate is not re-made')."""
+    work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}})
+    configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
+    # the real run up to the pre-training data (every shard stage), the rest marked done
+    proc = run_snakemake(work, *configs, "-c2", "results/selections/demo/pretrain_data__preprocessed_train.json",
+                         timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    _fake_the_rest_finished(work, configs)
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+    manifests = sorted((work / "results/preprocessed").glob("*/shard-*.tsv"))
+    stored = pd.concat([pd.read_csv(p, sep="\t") for p in manifests])
+    image = work / stored.image.iloc[0]
+    anat = work / stored.anat.iloc[0]
+    masks = pd.concat([pd.read_parquet(p) for p in sorted((work / "results/masks").glob("*/shard-*.parquet"))])
+    mask = work / masks[masks.anatomy_source != "release"].anat_mask.iloc[0]
+    fa_map = work / pd.read_parquet(work / "results/index/dwi.parquet").query("modality == 'FA'").path.iloc[0]
+    before = {p: p.read_bytes() for p in (image, anat, mask, fa_map)}
+    for p in before:
+        p.unlink()
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _job_counts(proc) == {"all": 1, "preprocess_image": 1, "masks_image": 1, "dwi_file": 1}
+    proc = run_snakemake(work, *configs, "-c2", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in before} == before
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+    # naming the file as a target re-makes it (and only it)
+    for p in (image, mask, fa_map):
+        p.unlink()
+        proc = run_snakemake(work, *configs, "-c1", str(p.relative_to(work)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert p.read_bytes() == before[p]
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+    # the store path of a 4D DWI scan (its shard skips it; its derived maps are stored instead): no job
+    # makes it, and the error names the file and the shard command
+    images = pd.read_parquet(work / "results/index/images.parquet")
+    dwi = images[images.n_volumes > 1].iloc[0]
+    target = (f"results/preprocessed/{dwi.dataset}/sub-{dwi.subject}/ses-{dwi.session or 'DEFAULT'}/"
+              f"{dwi.image_id}.b2nd")
+    proc = run_snakemake(work, *configs, "-c1", target)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert (f"{dwi.image_id}: results/preprocessed/{dwi.dataset}/shard-" in out and "does not list this image" in out
+            and "--forcerun preprocess_shard" in out), out[-3000:]

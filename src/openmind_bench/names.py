@@ -57,6 +57,18 @@ WILDCARDS = {
     "target_dataset": NAME_PATTERN,
     "finetune_run": FINETUNE_RUN_PATTERN,
     "fold": r"test|\d+",
+    # per-image files of the shard stages (rules preprocess_image, masks_image, dwi_file): an image id is
+    # `{dataset}__{BIDS stem}`, never ending in the store's `__anat`/`__anon` mask suffixes
+    "image_id": r"ds\d{6}__(?:(?!__an(?:at|on)\.b2nd$)[^/])+",
+    "subject_dir": r"sub-[^/]+",
+    "session_dir": r"ses-[^/]+",
+    "mask_dir": r"sub-[^/]+(?:/ses-[^/]+)?",
+    "mask_stem": r"[^/]+",
+    "mask_kind": r"anatomy|anonymization",
+    "dwi_dir": r"sub-[^/]+(?:/ses-[^/]+)?",
+    "dwi_stem": r"[^/]+",
+    "dwi_desc": r"(?:T2w|ADC|FA)_dwimap|brain_mask",
+    "dwi_ext": r"nii\.gz|json",
 }
 
 

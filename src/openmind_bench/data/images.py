@@ -54,7 +54,9 @@ def _check_exist(images: Sequence[StoredImage], source: Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"{source}: {len(missing)} of {len(images)} image file(s) do not exist, e.g. {missing[:3]} "
-            "(relative paths are taken under `root`, default the working directory)"
+            "(relative paths are taken under `root`, default the working directory). A store file the "
+            f"workflow wrote is re-made on its own by naming it: `snakemake {missing[0]}`; `snakemake all` "
+            "re-makes every deleted one (rule preprocess_image) without re-running finished jobs"
         )
 
 

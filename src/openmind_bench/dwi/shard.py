@@ -91,6 +91,50 @@ def _rel_folder(row) -> str:
     return f"{folder}/dwi"
 
 
+def scan_outputs(row, result, dataset: str, root: Path, settings: DwiSettings, columns) -> tuple[dict, list[dict]]:
+    """The files of one derived scan ({path: function that writes it}, brain mask first) and its
+    derived-image records (the index's columns)."""
+    writes = {}
+    records = []
+    folder = root / _rel_folder(row)
+    stem = _stem(row.path)
+    source_uri = f"bids:raw:{_rel_folder(row)}/{Path(row.path).name}"
+    mask_path = folder / f"{stem}_desc-brain_mask.nii.gz"
+    writes[mask_path] = lambda: _save(result.mask.astype(np.uint8), result.affine, mask_path, np.uint8)
+    mask_sidecar = mask_path.with_name(mask_path.name.replace(".nii.gz", ".json"))
+    writes[mask_sidecar] = lambda: atomic.write_json(mask_sidecar, {"Type": "Brain", "Sources": [source_uri],
+                                                                    "SkullStripped": False})
+    for modality, attr in MAPS.items():
+        array = getattr(result, attr)
+        if array is None:
+            continue
+        path = folder / f"{stem}_desc-{modality}_dwimap.nii.gz"
+        writes[path] = lambda array=array, path=path: _save(array, result.affine, path, np.float32)
+        sidecar = {"Description": {"T2w": "mean of the b0 volumes", "ADC": "mean diffusivity (tensor), mm^2/s",
+                                   "FA": "fractional anisotropy (tensor)"}[modality],
+                   "Units": "mm^2/s" if modality == "ADC" else "arbitrary",
+                   "SkullStripped": True, "Sources": [source_uri],
+                   "Steps": result.status, "Notes": result.notes, "Settings": settings.describe()}
+        sidecar_path = path.with_name(path.name.replace(".nii.gz", ".json"))
+        writes[sidecar_path] = lambda p=sidecar_path, v=sidecar: atomic.write_json(p, v)
+        rel = path.relative_to(root).as_posix()
+        entities = dict(json.loads(row.entities or "{}"), desc=modality)
+        records.append({
+            **{c: getattr(row, c) for c in COLUMNS if c in columns},
+            "image_id": image_id(dataset, rel),
+            "suffix": "dwimap",
+            "modality": modality,
+            "entities": json.dumps(entities, sort_keys=True),
+            "path": path.as_posix(),
+            "derived_from": row.image_id,
+            "bval": "", "bvec": "", "n_volumes": 1,
+            "shape": "x".join(str(s) for s in array.shape),
+            "anat_mask": mask_path.as_posix(), "anon_mask": "",
+            "quality_score": math.nan,
+        })
+    return writes, records
+
+
 def run_dwi_shard(index: str | Path, dataset: str, shard: int, deriv_root: str | Path, table_path: str | Path,
                   status_path: str | Path, rejected_path: str | Path, settings: DwiSettings,
                   scratch: str | Path | None = None) -> pd.DataFrame:
@@ -111,40 +155,10 @@ def run_dwi_shard(index: str | Path, dataset: str, shard: int, deriv_root: str |
             status.append({"image_id": row.image_id, "step": e.step, "seconds": 0.0, "outcome": f"rejected: {e.reason}"})
             continue
         status += [dict(s, image_id=row.image_id) for s in result.status]
-        folder = root / _rel_folder(row)
-        stem = _stem(row.path)
-        source_uri = f"bids:raw:{_rel_folder(row)}/{Path(row.path).name}"
-        mask_path = folder / f"{stem}_desc-brain_mask.nii.gz"
-        _save(result.mask.astype(np.uint8), result.affine, mask_path, np.uint8)
-        atomic.write_json(mask_path.with_name(mask_path.name.replace(".nii.gz", ".json")),
-                          {"Type": "Brain", "Sources": [source_uri], "SkullStripped": False})
-        for modality, attr in MAPS.items():
-            array = getattr(result, attr)
-            if array is None:
-                continue
-            path = folder / f"{stem}_desc-{modality}_dwimap.nii.gz"
-            _save(array, result.affine, path, np.float32)
-            sidecar = {"Description": {"T2w": "mean of the b0 volumes", "ADC": "mean diffusivity (tensor), mm^2/s",
-                                       "FA": "fractional anisotropy (tensor)"}[modality],
-                       "Units": "mm^2/s" if modality == "ADC" else "arbitrary",
-                       "SkullStripped": True, "Sources": [source_uri],
-                       "Steps": result.status, "Notes": result.notes, "Settings": settings.describe()}
-            atomic.write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
-            rel = path.relative_to(root).as_posix()
-            entities = dict(json.loads(row.entities or "{}"), desc=modality)
-            derived.append({
-                **{c: getattr(row, c) for c in COLUMNS if c in rows.columns},
-                "image_id": image_id(dataset, rel),
-                "suffix": "dwimap",
-                "modality": modality,
-                "entities": json.dumps(entities, sort_keys=True),
-                "path": path.as_posix(),
-                "derived_from": row.image_id,
-                "bval": "", "bvec": "", "n_volumes": 1,
-                "shape": "x".join(str(s) for s in array.shape),
-                "anat_mask": mask_path.as_posix(), "anon_mask": "",
-                "quality_score": math.nan,
-            })
+        writes, records = scan_outputs(row, result, dataset, root, settings, rows.columns)
+        for write in writes.values():
+            write()
+        derived += records
         log.info("%s: %s (%s)", row.image_id, ", ".join(m for m, a in MAPS.items() if getattr(result, a) is not None),
                  "; ".join(result.notes) or "clean")
     table = conform(derived)
@@ -164,3 +178,70 @@ def gather(tables: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     images = concat_image_tables(tables, "derived image ids")
     atomic.write_parquet(out, images[list(COLUMNS)])
     return images
+
+
+class NotRemade(Exception):
+    """A derived file that cannot be re-made on its own; the message names what re-makes it."""
+
+
+def rerun_shard_hint(table_path: str | Path) -> str:
+    return f"snakemake {Path(table_path).as_posix()} --forcerun dwi_shard"
+
+
+def _sidecar(nifti: str) -> str:
+    return nifti[: -len(".nii.gz")] + ".json"
+
+
+def listed_files(table: pd.DataFrame) -> list[str]:
+    """Every file of the shard table's derived scans: maps, brain masks and their sidecars."""
+    niftis = sorted({*table.path.astype(str), *table.anat_mask.astype(str)})
+    return [f for n in niftis for f in (n, _sidecar(n))]
+
+
+def missing_outputs(tables: Sequence[str | Path]) -> list[str]:
+    """The derived files the given shard tables list that do not exist (deleted after their shard ran)."""
+    import os
+
+    out = []
+    for t in tables:
+        out += [p for p in listed_files(pd.read_parquet(t, columns=["path", "anat_mask"])) if not os.path.exists(p)]
+    return out
+
+
+def remake_file(index: str | Path, table_path: str | Path, dataset: str, path: str | Path, settings: DwiSettings,
+                scratch: str | Path | None = None) -> None:
+    """Re-make one derived file of a scan its shard derived (rule `dwi_file`): the scan is derived again
+    and only that file written; a map's shape is checked against the shard table first. The JSON
+    sidecars record the steps' seconds, so a re-made sidecar differs from the deleted one there.
+
+    NotRemade when the shard table does not list the file (the scan was rejected) or the re-made map
+    differs from the table: the message names the shard command that re-makes it.
+    """
+    target = Path(path).as_posix()
+    nifti = target[: -len(".json")] + ".nii.gz" if target.endswith(".json") else target
+    table = pd.read_parquet(table_path)
+    hit = table[(table.path == nifti) | (table.anat_mask == nifti)]
+    if hit.empty:
+        raise NotRemade(f"{target}: {table_path} lists no derived scan with this file (the scan was rejected, "
+                        f"see results/qc/rejected.tsv), so no job makes it; to run its shard again: "
+                        f"{rerun_shard_hint(table_path)}")
+    listed = hit.iloc[0]
+    rows = shard_rows(index, dataset, int(listed["shard"]))
+    rows = rows[rows.image_id == listed["derived_from"]]
+    if rows.empty:
+        raise NotRemade(f"{target}: its scan {listed['derived_from']} is no longer in {index}; run the shard "
+                        f"again: {rerun_shard_hint(table_path)}")
+    row = next(rows.itertuples(index=False))
+    result = derive_scan(row.path, row.bval or None, row.bvec or None, settings, scratch)
+    root = Path(target).parents[len(Path(_rel_folder(row)).parts)]  # {deriv_root}/{dataset}
+    writes, records = scan_outputs(row, result, dataset, root, settings, rows.columns)
+    made = {r["path"]: r["shape"] for r in records}
+    differs = [f"{p}: shape {made.get(p)} (table: {s})" for p, s in zip(table.path, table["shape"])
+               if p in set(hit.path) and made.get(p) != s]
+    write = writes.get(Path(target))
+    if write is None or differs:
+        raise NotRemade(f"{target}: deriving {row.image_id} again does not give what {table_path} records "
+                        f"({'; '.join(differs) or 'the file is not among its outputs'}); the shard's inputs or "
+                        f"settings changed since it ran; run the shard again: {rerun_shard_hint(table_path)}")
+    write()
+    log.info("%s: re-made as %s records it", target, table_path)

@@ -72,7 +72,16 @@ def make_masker(settings: dict):
 
 def masks_for_image(row, data: np.ndarray, affine: np.ndarray, masker, settings: dict, rejections: Rejections,
                     out_root: str | Path) -> dict:
-    """Masks of one image: the shipped ones when they pass the checks, else computed ones."""
+    """Masks of one image: the shipped ones when they pass the checks, else computed ones (written)."""
+    record, computed = image_masks(row, data, affine, masker, settings, rejections, out_root)
+    for path, mask in computed.items():
+        _save(mask, affine, path)
+    return record
+
+
+def image_masks(row, data: np.ndarray, affine: np.ndarray, masker, settings: dict, rejections: Rejections,
+                out_root: str | Path) -> tuple[dict, dict[Path, np.ndarray]]:
+    """Masks of one image, in memory: (its mask table record, {file: mask} of the computed masks to write)."""
     dataset = row.dataset
     shipped = {"anat": _text(row.anat_mask), "anon": _text(row.anon_mask)}
     loaded = {}
@@ -96,13 +105,14 @@ def masks_for_image(row, data: np.ndarray, affine: np.ndarray, masker, settings:
         computed = masker(data, affine)  # MaskError propagates: the image cannot be masked
     anat_path, anon_path = mask_paths(out_root, dataset, _text(row.subject), _text(row.session), row.image_id)
     out = {}
+    to_write = {}
     for kind, path in (("anat", anat_path), ("anon", anon_path)):
         if kind in loaded:
             mask, source, file = loaded[kind], "release", shipped[kind]
         else:
             mask = computed.anat if kind == "anat" else computed.anon
             source = settings["backend"]
-            _save(mask, affine, path)
+            to_write[path] = mask
             file = path.as_posix()
         out[kind] = (mask, source, file)
     return {
@@ -111,7 +121,15 @@ def masks_for_image(row, data: np.ndarray, affine: np.ndarray, masker, settings:
         "anatomy_source": out["anat"][1], "anonymization_source": out["anon"][1],
         "mask_kind": computed.kind if computed is not None else "release",
         "anatomy_fraction": float(out["anat"][0].mean()), "anonymized_fraction": float(out["anon"][0].mean()),
-    }
+    }, to_write
+
+
+def _load_image(path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    return data, img.affine
 
 
 def run_masks_shard(image_tables: Sequence[str | Path], dataset: str, shard: int, out_root: str | Path,
@@ -126,11 +144,8 @@ def run_masks_shard(image_tables: Sequence[str | Path], dataset: str, shard: int
         if int(row.n_volumes) > 1:
             continue  # a 4D series: its 3D maps (DWI stage) get masks of their own
         try:
-            img = nib.load(str(row.path))
-            data = np.asanyarray(img.dataobj).astype(np.float32)
-            if data.ndim == 4 and data.shape[3] == 1:
-                data = data[..., 0]
-            records.append(masks_for_image(row, data, img.affine, masker, settings, rejections, out_root))
+            data, affine = _load_image(row.path)
+            records.append(masks_for_image(row, data, affine, masker, settings, rejections, out_root))
         except MaskError as e:
             rejections.add(row.image_id, f"{row.path}: no masks: {e}", dataset)
         except Exception as e:  # one image never fails the shard; the log keeps the traceback
@@ -168,3 +183,72 @@ def merge_index(image_tables: Sequence[str | Path], mask_tables: Sequence[str | 
         images.loc[hit, column] = images.loc[hit, "image_id"].map(masks[column]).astype("string")
     atomic.write_parquet(out, images.reset_index(drop=True))
     return images
+
+
+class NotRemade(Exception):
+    """A mask file that cannot be re-made on its own; the message names what re-makes it."""
+
+
+def rerun_shard_hint(mask_table: str | Path) -> str:
+    return f"snakemake {Path(mask_table).as_posix()} --forcerun masks_shard"
+
+
+def _written_masks(table: pd.DataFrame) -> list[str]:
+    """The mask files the masks stage wrote for a shard table's images (not the release's own files)."""
+    anat = table.anat_mask[table.anatomy_source != "release"]
+    anon = table.anon_mask[table.anonymization_source != "release"]
+    return [*anat.astype(str), *anon.astype(str)]
+
+
+def missing_outputs(mask_tables: Sequence[str | Path]) -> list[str]:
+    """The mask files the given shard tables list as written by this stage that do not exist."""
+    import os
+
+    out = []
+    for t in mask_tables:
+        table = pd.read_parquet(t, columns=["anat_mask", "anon_mask", "anatomy_source", "anonymization_source"])
+        out += [p for p in _written_masks(table) if not os.path.exists(p)]
+    return out
+
+
+def remake_mask(image_tables: Sequence[str | Path], mask_table: str | Path, dataset: str, mask_path: str | Path,
+                settings: dict) -> dict:
+    """Re-make one mask file its shard wrote (rule `masks_image`), as the shard made it; checked against
+    the shard table's record (source, fraction) before it is written. The masks live under the
+    folder that holds the dataset's shard tables (`{out_root}/{dataset}/shard-{k}.parquet`).
+
+    NotRemade when the shard table does not list the file as one it wrote, or the re-made mask differs
+    from the record (the shard's inputs or settings changed since it ran): the message names the
+    shard command that re-makes it.
+    """
+    path = Path(mask_path).as_posix()
+    table = pd.read_parquet(mask_table)
+    for kind, column, source, fraction in (("anat", "anat_mask", "anatomy_source", "anatomy_fraction"),
+                                           ("anon", "anon_mask", "anonymization_source", "anonymized_fraction")):
+        hit = table[(table[column].astype(str) == path) & (table[source] != "release")]
+        if len(hit):
+            break
+    else:
+        raise NotRemade(f"{path}: {mask_table} lists no image whose mask the masks stage wrote there (the image "
+                        f"was rejected, is a 4D series or keeps its release mask), so no job makes this file; "
+                        f"to run its shard again: {rerun_shard_hint(mask_table)}")
+    listed = hit.iloc[0]
+    rows = shard_rows(image_tables, dataset, int(listed["shard"]))
+    rows = rows[rows.image_id == listed["image_id"]]
+    if rows.empty:
+        raise NotRemade(f"{path}: its image {listed['image_id']} is no longer in the image tables "
+                        f"{list(map(str, image_tables))}; run the shard again: {rerun_shard_hint(mask_table)}")
+    row = next(rows.itertuples(index=False))
+    data, affine = _load_image(row.path)
+    out_root = Path(mask_table).parent.parent
+    record, computed = image_masks(row, data, affine, make_masker(settings), settings, Rejections(STAGE), out_root)
+    mask = computed.get(Path(path))
+    if (mask is None or record[source] != listed[source]
+            or not math.isclose(record[fraction], float(listed[fraction]), rel_tol=1e-9, abs_tol=1e-12)):
+        raise NotRemade(f"{path}: the re-made mask differs from what {mask_table} records (source "
+                        f"{record[source]} vs {listed[source]}, fraction {record[fraction]!r} vs "
+                        f"{float(listed[fraction])!r}); the shard's inputs or settings changed since it ran; run "
+                        f"the shard again: {rerun_shard_hint(mask_table)}")
+    _save(mask, affine, Path(path))
+    log.info("%s: re-made as %s records it", path, mask_table)
+    return record
