@@ -224,8 +224,8 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     # a changed setting trains anew with it; Snakemake removes only metrics.json, and the job used to
     # find nnU-Net's checkpoint_final.pth and skip training (plans and numbers of the old setting)
     seg_run = work / "results/downstream/DemoLesionT1/scratch__ResEncTiny__2/fold_test"
-    (plans_file,) = seg_run.rglob("plans.json")
-    (model_file,) = seg_run.rglob("checkpoint_final.pth")
+    (plans_file,) = (seg_run / "nnunet").rglob("plans.json")  # (predictions/ holds a copy)
+    (model_file,) = (seg_run / "nnunet").rglob("checkpoint_final.pth")
     before = {"model": model_file.read_bytes(), "metrics": (seg_run / "metrics.json").read_text()}
     assert json.loads(plans_file.read_text())["openmind_bench"]["schedule"]["steps_per_epoch"] == 10
     (work / "change.yaml").write_text(yaml.safe_dump({"downstream": {"steps_per_epoch": 5}}))
