@@ -221,6 +221,26 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert counts.get("downstream_split") == 1 and counts.get("finetune") == 3 and "pretrain" not in counts, counts
     registry.write_text(original)
 
+    # the report holds the benchmark tables and plots
+    proc = run_snakemake(work, *configs, "--report", str(work / "report.html"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "benchmark_table.csv" in html and "ranks_bootstrap.csv" in html and ".png" in html
+
+    # `benchmark_table` gathers what exists and forces nothing
+    proc = run_snakemake(work, *configs, "-c1", "benchmark_table", "--forcerun", "benchmark_table")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _job_counts(proc) == {"benchmark_table": 1}
+
+    # any single output can be re-made by naming it
+    target = work / "results/index/datasets/ds990002.parquet"
+    before = pd.read_parquet(target)
+    target.unlink()
+    proc = run_snakemake(work, *configs, "-c1", "results/index/datasets/ds990002.parquet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
+
+    # (last: it leaves a run trained with another setting than the demo's)
     # a changed setting trains anew with it; Snakemake removes only metrics.json, and the job used to
     # find nnU-Net's checkpoint_final.pth and skip training (plans and numbers of the old setting)
     seg_run = work / "results/downstream/DemoLesionT1/scratch__ResEncTiny__2/fold_test"
@@ -242,25 +262,6 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert json.loads((seg_run / "metrics.json").read_text())["training_reused"] is True
     log_file = work / "logs/downstream/DemoLesionT1/scratch__ResEncTiny__2__fold_test.log"
     assert "reusing the trained model" in log_file.read_text()
-
-    # the report holds the benchmark tables and plots
-    proc = run_snakemake(work, *configs, "--report", str(work / "report.html"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    html = (work / "report.html").read_text(errors="replace")
-    assert "benchmark_table.csv" in html and "ranks_bootstrap.csv" in html and ".png" in html
-
-    # `benchmark_table` gathers what exists and forces nothing
-    proc = run_snakemake(work, *configs, "-c1", "benchmark_table", "--forcerun", "benchmark_table")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _job_counts(proc) == {"benchmark_table": 1}
-
-    # any single output can be re-made by naming it
-    target = work / "results/index/datasets/ds990002.parquet"
-    before = pd.read_parquet(target)
-    target.unlink()
-    proc = run_snakemake(work, *configs, "-c1", "results/index/datasets/ds990002.parquet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
 
 
 def _mark_incomplete(work: Path, *outputs: str) -> None:
