@@ -185,7 +185,8 @@ def test_shard_job_records_bad_input_and_finishes(tmp_path, settings):
     assert merged.set_index("image_id").loc["ds000001__sub-04_T1w"].anon_mask.endswith("_mask-anonymization.nii.gz")
 
 
-def test_release_masks_that_pass_are_used_as_shipped(tmp_path, settings):
+def _defaced_template(folder):
+    """The MNI152 template with Rician noise and its face zeroed, saved as sub-01_T1w: (path, head, face, affine)."""
     from nilearn import datasets
 
     tpl = datasets.load_mni152_template(resolution=2)
@@ -193,12 +194,17 @@ def test_release_masks_that_pass_are_used_as_shipped(tmp_path, settings):
     head = ndi.binary_fill_holes(data > 0.1 * data.max())
     face = head & (np.indices(data.shape)[1] > 80)
     data[face] = 0
-    image = tmp_path / "sub-01_T1w.nii.gz"
+    image = folder / "sub-01_T1w.nii.gz"
     nib.save(nib.Nifti1Image(data, tpl.affine), image)
+    return image, head, face, tpl.affine
+
+
+def test_release_masks_that_pass_are_used_as_shipped(tmp_path, settings):
+    image, head, face, affine = _defaced_template(tmp_path)
     paths = {}
     for kind, mask in (("anat", head & ~face), ("anon", face)):
         paths[kind] = tmp_path / f"release_{kind}.nii.gz"
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), tpl.affine), paths[kind])
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), paths[kind])
     table = _table(tmp_path, [{"image_id": "ds000001__sub-01_T1w", "subject": "01", "path": str(image),
                                "anat_mask": str(paths["anat"]), "anon_mask": str(paths["anon"])}])
     out = run_masks_shard([table], "ds000001", 0, tmp_path / "masks", tmp_path / "shard.parquet",
@@ -213,17 +219,9 @@ def test_a_deleted_mask_is_listed_and_remade_byte_identical_and_a_release_mask_i
     """Rule masks_image's function: a computed mask deleted after its shard ran is listed as missing and
     re-made exactly; a file the stage never wrote (the image keeps its release mask) is refused with
     the shard command named."""
-    from nilearn import datasets
-
-    tpl = datasets.load_mni152_template(resolution=2)
-    data = _rician(np.asarray(tpl.dataobj, np.float32), 2.0, np.random.default_rng(0)).astype(np.float32)
-    head = ndi.binary_fill_holes(data > 0.1 * data.max())
-    face = head & (np.indices(data.shape)[1] > 80)
-    data[face] = 0
-    image = tmp_path / "sub-01_T1w.nii.gz"
-    nib.save(nib.Nifti1Image(data, tpl.affine), image)
+    image, head, face, affine = _defaced_template(tmp_path)
     release_anon = tmp_path / "release_anon.nii.gz"
-    nib.save(nib.Nifti1Image(face.astype(np.uint8), tpl.affine), release_anon)
+    nib.save(nib.Nifti1Image(face.astype(np.uint8), affine), release_anon)
     table = _table(tmp_path, [{"image_id": "ds000001__sub-01_T1w", "subject": "01", "path": str(image),
                                "anon_mask": str(release_anon)},
                               {"image_id": "ds000001__sub-02_T1w", "subject": "02", "path": str(image)}])

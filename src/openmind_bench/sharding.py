@@ -45,3 +45,25 @@ def read_shard(tables, dataset: str, shard: int, *, columns: list[str] | None = 
     if dup:
         raise ValueError(f"index tables {list(map(str, tables))} list image id(s) twice: {dup[:5]}")
     return rows.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+class NotRemade(Exception):
+    """A per-image output of a shard job (store file, mask, DWI map) that cannot be re-made on its own;
+    the message names the command that runs its shard again (`rerun_shard_hint`)."""
+
+
+def rerun_shard_hint(table_path, rule: str) -> str:
+    """The command that runs the shard job owning `table_path` (its manifest or table) again."""
+    from pathlib import Path
+
+    return f"snakemake {Path(table_path).as_posix()} --forcerun {rule}"
+
+
+def source_row(rows, image_id: str, target: str, tables, hint: str):
+    """The row of `image_id` among a shard's index `rows` (a DataFrame), as a named tuple; NotRemade
+    naming `target` and `hint` when the index no longer holds it."""
+    hit = rows[rows.image_id == image_id]
+    if hit.empty:
+        raise NotRemade(f"{target}: its source image {image_id} is no longer in {tables}; run the shard "
+                        f"again: {hint}")
+    return next(hit.itertuples(index=False))

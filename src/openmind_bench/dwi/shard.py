@@ -30,7 +30,8 @@ from openmind_bench.bids.index import COLUMNS, concat_image_tables, conform
 from openmind_bench.dwi.derive import DwiSettings, derive_scan
 from openmind_bench.dwi.gradients import DwiRejected
 from openmind_bench.qc import Rejections
-from openmind_bench.sharding import image_id, read_shard
+from openmind_bench import sharding
+from openmind_bench.sharding import NotRemade, image_id, read_shard, source_row  # noqa: F401 (NotRemade: this stage's error)
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,8 @@ def gather(tables: Sequence[str | Path], out: str | Path) -> pd.DataFrame:
     return images
 
 
-class NotRemade(Exception):
-    """A derived file that cannot be re-made on its own; the message names what re-makes it."""
-
-
 def rerun_shard_hint(table_path: str | Path) -> str:
-    return f"snakemake {Path(table_path).as_posix()} --forcerun dwi_shard"
+    return sharding.rerun_shard_hint(table_path, "dwi_shard")
 
 
 def _sidecar(nifti: str) -> str:
@@ -227,11 +224,7 @@ def remake_file(index: str | Path, table_path: str | Path, dataset: str, path: s
                         f"{rerun_shard_hint(table_path)}")
     listed = hit.iloc[0]
     rows = shard_rows(index, dataset, int(listed["shard"]))
-    rows = rows[rows.image_id == listed["derived_from"]]
-    if rows.empty:
-        raise NotRemade(f"{target}: its scan {listed['derived_from']} is no longer in {index}; run the shard "
-                        f"again: {rerun_shard_hint(table_path)}")
-    row = next(rows.itertuples(index=False))
+    row = source_row(rows, listed["derived_from"], target, index, rerun_shard_hint(table_path))
     result = derive_scan(row.path, row.bval or None, row.bvec or None, settings, scratch)
     root = Path(target).parents[len(Path(_rel_folder(row)).parts)]  # {deriv_root}/{dataset}
     writes, records = scan_outputs(row, result, dataset, root, settings, rows.columns)

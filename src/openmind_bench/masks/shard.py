@@ -24,6 +24,8 @@ from openmind_bench.masks.classical import ClassicalSettings, MaskError, compute
 from openmind_bench.masks.release import ReleaseMaskProblem, check_polarity, load_on_grid
 from openmind_bench.preprocess.shard import shard_rows
 from openmind_bench.qc import Rejections
+from openmind_bench import sharding
+from openmind_bench.sharding import NotRemade, source_row  # noqa: F401 (NotRemade: this stage's error)
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +187,8 @@ def merge_index(image_tables: Sequence[str | Path], mask_tables: Sequence[str | 
     return images
 
 
-class NotRemade(Exception):
-    """A mask file that cannot be re-made on its own; the message names what re-makes it."""
-
-
 def rerun_shard_hint(mask_table: str | Path) -> str:
-    return f"snakemake {Path(mask_table).as_posix()} --forcerun masks_shard"
+    return sharding.rerun_shard_hint(mask_table, "masks_shard")
 
 
 def _written_masks(table: pd.DataFrame) -> list[str]:
@@ -234,11 +232,7 @@ def remake_mask(image_tables: Sequence[str | Path], mask_table: str | Path, data
                         f"to run its shard again: {rerun_shard_hint(mask_table)}")
     listed = hit.iloc[0]
     rows = shard_rows(image_tables, dataset, int(listed["shard"]))
-    rows = rows[rows.image_id == listed["image_id"]]
-    if rows.empty:
-        raise NotRemade(f"{path}: its image {listed['image_id']} is no longer in the image tables "
-                        f"{list(map(str, image_tables))}; run the shard again: {rerun_shard_hint(mask_table)}")
-    row = next(rows.itertuples(index=False))
+    row = source_row(rows, listed["image_id"], path, list(map(str, image_tables)), rerun_shard_hint(mask_table))
     data, affine = _load_image(row.path)
     out_root = Path(mask_table).parent.parent
     record, computed = image_masks(row, data, affine, make_masker(settings), settings, Rejections(STAGE), out_root)

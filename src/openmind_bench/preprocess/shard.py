@@ -20,7 +20,8 @@ from openmind_bench import atomic
 from openmind_bench.preprocess.image import (ANATOMY_DEFAULT, ANONYMIZATION_DEFAULT, ImageRejected,
                                             PreprocessSettings, preprocess_image)
 from openmind_bench.qc import Rejections
-from openmind_bench.sharding import read_shard
+from openmind_bench import sharding
+from openmind_bench.sharding import NotRemade, read_shard, source_row  # noqa: F401 (NotRemade: this stage's error)
 from openmind_bench.store.files import image_files, write_image
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,8 @@ def read_manifests(paths: Sequence[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[MANIFEST_COLUMNS]
 
 
-class NotRemade(Exception):
-    """A per-image output that cannot be re-made on its own; the message names what re-makes it."""
-
-
 def rerun_shard_hint(manifest_path: str | Path) -> str:
-    return f"snakemake {Path(manifest_path).as_posix()} --forcerun preprocess_shard"
+    return sharding.rerun_shard_hint(manifest_path, "preprocess_shard")
 
 
 def listed_files(manifest: pd.DataFrame) -> list[str]:
@@ -213,11 +210,7 @@ def remake_image(index_tables: Sequence[str | Path], manifest_path: str | Path, 
     listed = hit.iloc[0]
     shard = int(listed["shard"])
     rows = shard_rows(index_tables, dataset, shard)
-    rows = rows[rows.image_id == image_id]
-    if rows.empty:
-        raise NotRemade(f"{image_id}: listed in {manifest_path} but no longer in the index tables "
-                        f"{list(map(str, index_tables))}; run the shard again: {rerun_shard_hint(manifest_path)}")
-    row = next(rows.itertuples(index=False))
+    row = source_row(rows, image_id, image_id, list(map(str, index_tables)), rerun_shard_hint(manifest_path))
     files, record, write = preprocess_row(row, dataset, shard, out_root, settings)
     differs = _differences(record, listed)
     if differs:
