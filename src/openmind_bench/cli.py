@@ -29,6 +29,7 @@ STAGES = [
     "openmind_bench.downstream.cli",
     "openmind_bench.qc_cli",
     "openmind_bench.aggregate.cli",
+    "openmind_bench.checkpoints.cli",
     "openmind_bench.profiles",
 ]
 

@@ -14,12 +14,31 @@ Checkpoints in nnssl's own layout load too: the weights under `network_weights` 
 `module.` / `_orig_mod.` prefixes from DDP or torch.compile), the misspelt `key_to_in_proj` of some
 public Primus trainers, and Spark checkpoints without an adaptation plan (the target network's own
 keys are used then; the caller must name the architecture).
+
+The published repository layout (the `openmind-models` collection on Hugging Face, e.g.
+`AnonRes/ResEncL-OpenMind-MAE`) reads as well, from the folder or from its `checkpoint_final.pth`.
+What the folder holds, from nnssl (`utilities/add_adaptation_plan.py`, `AdaptationPlan.serialize`)
+and nnU-Net's reader (`experiment_planning/like_nnssl.py`, branch `nnssl_finetuning_inclusion`):
+
+- `checkpoint_final.pth`: nnssl's `save_checkpoint` dict less the optimiser, grad scaler, EMA,
+  epoch and logging entries, i.e. `network_weights`, `nnssl_adaptation_plan`, `trainer_name`;
+  it loads with `weights_only=True` (nnssl converts numpy values to plain ones for that);
+- `adaptation_plan.json`: the same adaptation plan (`architecture_plans`, `pretrain_plan`,
+  `pretrain_num_input_channels`, `recommended_downstream_patchsize`, `key_to_encoder`, `key_to_stem`,
+  `keys_to_in_proj`, `key_to_lpe`) plus `trainer_name`; used here when the checkpoint has no plan;
+- `config.json`: downloaded by nnU-Net's reader but never read; assumed to be free-form model
+  metadata, so it is not read here either.
+
+Only `torch.load(weights_only=True)`: a checkpoint whose pickle needs other classes (it would run
+code from the file) is refused with a message saying so, never loaded another way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +53,8 @@ from openmind_bench.engine import checkpoint
 log = logging.getLogger(__name__)
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PUBLISHED_CHECKPOINT = "checkpoint_final.pth"  # the published repositories' file names
+PUBLISHED_PLAN = "adaptation_plan.json"
 
 
 class TransferError(ValueError):
@@ -48,6 +69,9 @@ class Pretrained:
     weights: dict  # state dict of the pre-trained network (wrapper prefixes removed)
     plan: dict | None  # nnssl_adaptation_plan (None: nnssl Spark checkpoints)
     keys: dict = field(default_factory=dict)  # key_to_encoder, key_to_stem, keys_to_in_proj, key_to_lpe
+    architecture: nets.Architecture | None = None  # named by the caller, for checkpoints without a plan
+    plan_path: Path | None = None  # the adaptation_plan.json the plan came from, when not the checkpoint
+    trainer_name: str | None = None
 
     @property
     def patch_size(self) -> list[int] | None:
@@ -96,16 +120,68 @@ def _plan_keys(plan: dict | None) -> dict:
             "keys_to_in_proj": list(in_proj or []), "key_to_lpe": plan.get("key_to_lpe")}
 
 
-def read_pretrained(path: str | Path) -> Pretrained:
-    """Read our checkpoints and nnssl's (tensors only, `weights_only=True`)."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file of `path`: the file itself, or a published repository folder's
+    `checkpoint_final.pth` (our `checkpoint_final.pt` in a run folder)."""
     path = Path(path)
+    if path.is_dir():
+        for name in (PUBLISHED_CHECKPOINT, checkpoint.FINAL):
+            if (path / name).is_file():
+                return path / name
+        raise TransferError(f"{path} is a folder without {PUBLISHED_CHECKPOINT} or {checkpoint.FINAL}")
     if not path.is_file():
         raise TransferError(f"pre-training checkpoint {path} does not exist")
-    state = checkpoint.load(path)
+    return path
+
+
+def load_weights_only(path: Path):
+    """torch.load with weights_only=True; the error says whether the file is no torch file or a
+    pickle that would need (and run) code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if refused:  # a class or function the pickle would import and call
+            raise TransferError(
+                f"checkpoint {path} pickles objects other than tensors and plain containers: "
+                f"torch.load(weights_only=True) refuses it ({refused[0][:200]}), and loading it otherwise would run "
+                f"code from the file; re-save its network_weights and plan with code you trust") from e
+        raise TransferError(f"checkpoint {path} is not a readable torch file: {str(e).strip()[-300:]}") from e
+    except Exception as e:  # a torn or foreign file
+        raise TransferError(f"checkpoint {path} is not a readable torch file: {e}") from e
+
+
+def read_pretrained(path: str | Path, architecture: "str | nets.Architecture | None" = None) -> Pretrained:
+    """Read our checkpoints, nnssl's and the published repositories' (a folder, or its
+    `checkpoint_final.pth` with `adaptation_plan.json` beside it); tensors only.
+
+    `architecture` (a preset name) is for checkpoints with no plan anywhere (nnssl Spark)."""
+    path = checkpoint_file(path)
+    state = load_weights_only(path)
     if not isinstance(state, dict) or not isinstance(state.get("network_weights"), dict):
         raise TransferError(f"checkpoint {path} has no network_weights (not an nnssl/openmind_bench checkpoint)")
     plan = state.get("nnssl_adaptation_plan") or None
-    return Pretrained(path, _strip_wrappers(state["network_weights"]), plan, _plan_keys(plan))
+    plan_path = None
+    beside = path.with_name(PUBLISHED_PLAN)
+    if not plan and beside.is_file():
+        try:
+            plan = json.loads(beside.read_text())
+        except (OSError, ValueError) as e:
+            raise TransferError(f"{beside} (the adaptation plan of {path}) is not readable JSON: {e}") from e
+        if not isinstance(plan, dict) or "architecture_plans" not in plan:
+            raise TransferError(f"{beside} (the adaptation plan of {path}) has no architecture_plans")
+        plan = {k: v for k, v in plan.items() if k != "trainer_name"}  # nnssl adds it to the JSON only
+        plan_path = beside
+    if isinstance(architecture, str):
+        try:
+            architecture = nets.resolve(architecture)
+        except ValueError as e:
+            raise TransferError(f"checkpoint {path}: {e}") from e
+    trainer = state.get("trainer_name")
+    return Pretrained(path, _strip_wrappers(state["network_weights"]), plan, _plan_keys(plan), architecture,
+                      plan_path, trainer if isinstance(trainer, str) else None)
 
 
 def build_network(pretrained: Pretrained | None, architecture: nets.Architecture | None, patch_size: Sequence[int],
@@ -113,8 +189,14 @@ def build_network(pretrained: Pretrained | None, architecture: nets.Architecture
     """A fresh network of the checkpoint's architecture (or `architecture`, for scratch and plan-less
     checkpoints) for this patch and these channels."""
     if pretrained is not None and pretrained.plan:
-        return nets.build_from_adaptation_plan(pretrained.plan, patch_size=patch_size, input_channels=input_channels,
-                                               output_channels=output_channels)
+        try:
+            return nets.build_from_adaptation_plan(pretrained.plan, patch_size=patch_size,
+                                                   input_channels=input_channels, output_channels=output_channels)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferError(f"checkpoint {pretrained.path}: its adaptation plan cannot be built: "
+                                f"{e if not isinstance(e, KeyError) else f'no {e} entry'}") from e
+    if architecture is None and pretrained is not None:
+        architecture = pretrained.architecture
     if architecture is None:
         where = f"checkpoint {pretrained.path} has no adaptation plan" if pretrained else "a from-scratch run"
         raise TransferError(f"{where}: name the architecture")
@@ -167,7 +249,7 @@ def interpolate_position_embedding(embedding: torch.Tensor, old_grid: Sequence[i
     return torch.cat([head, resized], dim=1)
 
 
-def _token_size(net: nn.Module) -> list[int] | None:
+def patch_embed_size(net: nn.Module) -> list[int] | None:
     proj = getattr(getattr(net, "down_projection", None), "proj", None)
     return [int(k) for k in proj.kernel_size] if proj is not None else None
 
@@ -195,7 +277,7 @@ def transfer(pretrained: Pretrained, net: nn.Module, patch_size: Sequence[int]) 
         if key in in_proj_weights:
             value = repeat_input_channels(value, target[key].shape[1], key)
         elif key == keys.get("key_to_lpe") and value.shape != target[key].shape:
-            token = _token_size(net)
+            token = patch_embed_size(net)
             old_patch = pretrained.patch_size
             if token is None or old_patch is None:
                 raise TransferError(f"checkpoint {pretrained.path}: {key} has shape {tuple(value.shape)}, the network "
