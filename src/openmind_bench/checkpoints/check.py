@@ -8,13 +8,13 @@ for each input channel count and verify what moved. A checkpoint that cannot be 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Sequence
 
 from openmind_bench import atomic, nets
+from openmind_bench.digests import file_digest
 from openmind_bench.downstream import transfer
 from openmind_bench.downstream.transfer import TransferError
 
@@ -31,11 +31,7 @@ class CheckpointError(ValueError):
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def plan_architecture(plan: dict, path: Path) -> dict:

@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 from openmind_bench import __version__, atomic
+from openmind_bench.digests import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,8 @@ def parse_source(
 # --- files ------------------------------------------------------------------------------------------------
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_of(path: str | os.PathLike) -> str:
+    return file_digest(path)
 
 
 def _visible_files(root: Path) -> list[str]:

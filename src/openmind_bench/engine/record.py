@@ -24,19 +24,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from openmind_bench import atomic
+from openmind_bench.digests import file_digest
 
 log = logging.getLogger(__name__)
 
 RECORD = "run_record.json"
-_CHUNK = 1 << 22
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _canonical(value) -> str:
@@ -62,7 +54,7 @@ class RunRecord:
                 continue
             if not Path(path).is_file():
                 raise FileNotFoundError(f"input {name} of the run does not exist: {path}")
-            inputs[name] = {"path": str(path), "sha256": file_sha256(path)}
+            inputs[name] = {"path": str(path), "sha256": file_digest(path)}
         return cls(kept, inputs)
 
     @property

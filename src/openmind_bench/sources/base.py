@@ -4,7 +4,6 @@ check (the manifest itself lives in `openmind_bench.download_manifest`, which th
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import re
 from pathlib import Path
 
 from openmind_bench import atomic
+from openmind_bench.digests import file_digest
 from openmind_bench.download_manifest import Manifest, snapshot_from_description
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,8 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
-def md5_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def md5_of(path: str | os.PathLike) -> str:
+    return file_digest(path, "md5")
 
 
 BIDSIGNORE = ".bidsignore"
