@@ -51,6 +51,7 @@ def get_final_output():
         *quality_targets(),
         *selection_targets(),
         *pretrain_targets(),
+        *checkpoint_targets(),
         *finetune_targets(),
         *benchmark_targets(),
     ]

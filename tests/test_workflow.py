@@ -370,3 +370,41 @@ def test_deleted_per_image_files_are_remade_alone_by_all_or_by_name(tmp_path, re
     assert proc.returncode != 0
     assert (f"{dwi.image_id}: results/preprocessed/{dwi.dataset}/shard-" in out and "does not list this image" in out
             and "--forcerun preprocess_shard" in out), out[-3000:]
+
+
+def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp_path, repo):
+    """Config `checkpoints`: one fetch and one CPU check job per checkpoint; a broken one fails its own
+    check naming the file, and the other goes on (keep-going); bad entries are config errors."""
+    from test_transfer import pretrained_checkpoint
+
+    pretrained_checkpoint(tmp_path / "mine.pt", "ResEncTiny")
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    entries = [{"name": "mine", "source": str(tmp_path / "mine.pt")},
+               {"name": "broken", "source": str(tmp_path / "broken.pt")}]
+    work = _workdir(tmp_path, repo, {"checkpoints": entries})
+    configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
+    counts = _job_counts(run_snakemake(work, *configs, "-n", "all"))
+    assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2
+    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**DEMO_JOBS, "all": 1}
+
+    targets = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
+    proc = run_snakemake(work, *configs, "-c2", "--keep-going", *targets)
+    assert proc.returncode != 0
+    report = json.loads((work / targets[0]).read_text())
+    assert report["architecture"]["class"] == "ResidualEncoderUNet" and report["architecture"]["family"] == "cnn"
+    assert [t["input_channels"] for t in report["transfers"]] == [1, 2]  # the demo registry's channel counts
+    record = json.loads((work / "results/checkpoints/mine/source.json").read_text())
+    assert record["kind"] == "local" and len(record["sha256"]) == 64
+    assert not (work / targets[1]).exists()
+    log = (work / "logs/checkpoints/broken/check.log").read_text()
+    assert "broken" in log and "not a readable torch file" in log, log[-2000:]
+
+    for overrides, key in (
+        ({"checkpoints": [entries[0], {"name": "mine", "source": str(tmp_path / "broken.pt")}]},
+         "config key 'checkpoints[1].name': 'mine' is also the name of checkpoints[0]"),
+        ({"checkpoints": [{"name": "web", "source": "https://example.org/ckpt.pth"}]},
+         "config key 'checkpoints[0].source'"),
+    ):
+        (work / "bad.yaml").write_text(yaml.safe_dump(overrides))
+        proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "bad.yaml"), "-n", "all")
+        assert proc.returncode != 0 and key in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

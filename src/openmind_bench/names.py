@@ -57,6 +57,7 @@ WILDCARDS = {
     "target_dataset": NAME_PATTERN,
     "finetune_run": FINETUNE_RUN_PATTERN,
     "fold": r"test|\d+",
+    "checkpoint": NAME_PATTERN,  # external checkpoints (config `checkpoints`)
     # per-image files of the shard stages (rules preprocess_image, masks_image, dwi_file): an image id is
     # `{dataset}__{BIDS stem}`, never ending in the store's `__anat`/`__anon` mask suffixes
     "image_id": r"ds\d{6}__(?:(?!__an(?:at|on)\.b2nd$)[^/])+",
