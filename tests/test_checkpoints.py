@@ -14,6 +14,7 @@ import torch
 from openmind_bench import cli, nets
 from openmind_bench.checkpoints import check, export
 from openmind_bench.checkpoints.check import CheckpointError, check_checkpoint
+from openmind_bench.digests import file_digest
 from openmind_bench.downstream import transfer
 from openmind_bench.engine import checkpoint
 from openmind_bench.pretrain import settings as run_settings, trainer
@@ -88,7 +89,7 @@ def test_published_folder_and_its_checkpoint_file(tmp_path, arch_name):
     assert report["pretrain_patch_size"] == PATCH and report["pretrain_spacing"] == [1.0, 1.0, 1.0]
     files = {Path(f).name: h for f, h in report["sha256"].items()}
     assert set(files) == {"checkpoint_final.pth", "adaptation_plan.json"}
-    assert files["checkpoint_final.pth"] == check.sha256(tmp_path / "repo" / "checkpoint_final.pth")
+    assert files["checkpoint_final.pth"] == file_digest(tmp_path / "repo" / "checkpoint_final.pth")
 
 
 def test_spark_checkpoint_without_plan_needs_the_architecture(tmp_path):

@@ -18,20 +18,24 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n} bytes"
 
 
+def needed_bytes(header) -> int:
+    """Bytes a single-file NIfTI with `header` holds: vox_offset + prod(shape) * bytes per voxel."""
+    shape = tuple(int(s) for s in header.get_data_shape())
+    return int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+
+
 def data_size_problem(path: str | os.PathLike, img) -> str | None:
     """Why the voxel data the header of `img` (a nibabel image loaded from `path`) claims cannot be
     in the file, or None. Header and file size only: cheap, and it runs before the data are read."""
     path = Path(path)
     header = img.header
-    try:
-        shape = tuple(int(s) for s in header.get_data_shape())
-        itemsize = header.get_data_dtype().itemsize
-        offset = int(header.get_data_offset()) if path.name.endswith((".nii", ".nii.gz")) else 0
-    except Exception:  # odd header types: leave the decision to the reader
-        return None
     if not path.name.endswith((".nii", ".nii.gz")):
         return None  # .hdr/.img pairs: the data are in another file
-    n_bytes = offset + math.prod(shape) * itemsize
+    try:
+        n_bytes = needed_bytes(header)
+        shape = tuple(int(s) for s in header.get_data_shape())
+    except Exception:  # odd header types: leave the decision to the reader
+        return None
     size = path.stat().st_size
     claim = (f"header claims {'x'.join(map(str, shape))} voxels of {header.get_data_dtype()} "
              f"({_gib(n_bytes)})")
@@ -124,12 +128,9 @@ def _nifti_needs(path: Path, head: bytes) -> int:
             header = header_class.from_fileobj(io.BytesIO(head[:size]), check=False)
             if int(header["sizeof_hdr"]) != size:
                 continue
-            shape = tuple(int(s) for s in header.get_data_shape())
-            itemsize = header.get_data_dtype().itemsize
-            offset = int(header.get_data_offset())
+            return needed_bytes(header)
         except Exception:  # noqa: BLE001 - nibabel raises many kinds for a header that is not this one
             continue
-        return offset + math.prod(shape) * itemsize
     raise ImageFileError(f"{path}: not a NIfTI-1/2 file (no valid header in its first {len(head)} bytes)")
 
 

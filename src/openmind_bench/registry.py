@@ -34,7 +34,9 @@ registry at all raises.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +325,22 @@ def downstream_test_subjects(registry_path) -> set[tuple[str, str]]:
         subjects = link.get("subjects") or ["*"]
         out |= {(str(link["dataset"]), str(s).removeprefix("sub-")) for s in subjects}
     return out
+
+
+def cached_registry(path: str | Path, root: str | Path | None = None) -> Registry:
+    """`load_registry`, read once per file version: the workflow asks for it for every job when it
+    builds the DAG; an edited file (mtime, size) is read anew."""
+    try:
+        stat = os.stat(path)
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None
+    return _cached_registry(str(path), None if root is None else str(root), version)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_registry(path: str, root: str | None, version) -> Registry:
+    return load_registry(path, root)
 
 
 def usable_datasets(path: str | Path | None) -> dict[str, DatasetSpec]:

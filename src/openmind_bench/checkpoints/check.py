@@ -30,10 +30,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used for fine-tuning; the message names the file and the problem."""
 
 
-def sha256(path: Path) -> str:
-    return file_digest(path)
-
-
 def plan_architecture(plan: dict, path: Path) -> dict:
     """The architecture class and family a plan declares (its `architecture_plans`, never a file or run
     name); unknown classes are an error naming the checkpoint."""
@@ -166,7 +162,7 @@ def check_checkpoint(source_path: str | Path, *, architecture: str | None = None
         "recommended_downstream_patch_size": pretrained.recommended_patch_size,
         "finetune_patch_size": patch,
         "transfers": transfers,
-        "sha256": {str(f): sha256(f) for f in files},
+        "sha256": {str(f): file_digest(f) for f in files},
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info("checkpoint %s: %s (%s), %d tensors move for %s channel(s), %.1f s", path, arch["class"],
@@ -179,4 +175,4 @@ def write_report(report: dict, out: str | Path) -> Path:
     return Path(out)
 
 
-__all__ = ["CheckpointError", "check_checkpoint", "plan_architecture", "write_report", "sha256", "non_finite"]
+__all__ = ["CheckpointError", "check_checkpoint", "plan_architecture", "write_report", "non_finite"]

@@ -164,10 +164,6 @@ def parse_source(
 # --- files ------------------------------------------------------------------------------------------------
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    return file_digest(path)
-
-
 def _visible_files(root: Path) -> list[str]:
     """POSIX paths of the files below `root`, hidden ones (`.gitattributes`, `.cache/`) left out."""
     found = []
@@ -189,7 +185,7 @@ def _place(src: Path, target: Path, hardlink: bool) -> dict:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
         else:
-            return {"size": target.stat().st_size, "sha256": sha256_of(target)}
+            return {"size": target.stat().st_size, "sha256": file_digest(target)}
     h = hashlib.sha256()
     with open(src, "rb") as fin, open(target, "wb") as fout:
         while block := fin.read(1 << 20):
@@ -345,7 +341,7 @@ def _fetch_https(name: str, source: CheckpointSource, build: Path, dest_dir: Pat
     filename = _url_filename(name, source.url)
     partial = partial_download_path(dest_dir, source.sha256)
     _download(name, source.url, partial)
-    got = sha256_of(partial)
+    got = file_digest(partial)
     if got != source.sha256:
         partial.unlink()  # wrong bytes: never resumed from, never kept
         raise CheckpointSourceError(

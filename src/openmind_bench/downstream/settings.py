@@ -6,7 +6,6 @@ config/schema.yaml alone.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -137,22 +136,9 @@ def dataset_entries(config: dict, dataset: str) -> dict:
 
 def cached_registry(config: dict):
     """The registry of `config`, read once per file version (the workflow resolves every job's settings)."""
-    import os
+    from openmind_bench.registry import cached_registry as read
 
-    path = registry_path(config)
-    try:
-        stat = os.stat(path)
-        version = (stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        version = None
-    return _registry(str(path), config["downstream"]["root"], version)
-
-
-@functools.lru_cache(maxsize=8)
-def _registry(path: str, root: str | None, version):
-    from openmind_bench.registry import load_registry
-
-    return load_registry(path, root)
+    return read(registry_path(config), config["downstream"]["root"])
 
 
 def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_dir: str | None = None,
@@ -216,6 +202,7 @@ def check_schedules(config: dict, pretrain_runs: list[str]) -> None:
 
     downstream = config["downstream"]
     custom = downstream["custom_schedules"] or {}
+    table = {k: downstream[k] for k in _SCHEDULE_KEYS}
     presets = config["pretrain"]["architecture_presets"]
     families = sorted({schedules.family_of(run.split(names.SEP)[1], presets) for run in pretrain_runs})
     for i, schedule in enumerate(downstream["schedules"]):
@@ -227,8 +214,7 @@ def check_schedules(config: dict, pretrain_runs: list[str]) -> None:
         for family in families:
             for epochs in downstream["epochs"]:
                 try:
-                    schedules.configured_schedule(schedule, family, int(epochs), 1.0, 1,
-                                                  {k: downstream[k] for k in _SCHEDULE_KEYS})
+                    schedules.configured_schedule(schedule, family, int(epochs), 1.0, 1, table)
                 except ValueError as e:
                     raise ConfigError(f"config key '{key}': {schedule!r} at {epochs} epochs ({family}): {e}") from None
 

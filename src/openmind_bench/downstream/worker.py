@@ -43,8 +43,7 @@ def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> i
 
         if int(nproc) > 1:
             log.warning("nnU-Net fine-tuning runs on one GPU (as the papers'); %d requested", nproc)
-        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)),
-                              record=run_record(settings))
+        finetune_segmentation(settings, threads=max(1, int(threads or settings.threads or 1)))
         return 0
     return engine_launch.launch(settings, worker=WORKER, done=METRICS_FILE, preempted=PREEMPTED,
                                 record=run_record(settings), state=STATE, nproc=nproc, threads=threads,

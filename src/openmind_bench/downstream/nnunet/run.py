@@ -132,15 +132,14 @@ def score(spec, cases: list, predictions: dict, identity) -> dict:
     return segmentation_document(identity, scored, float(spec.nsd_tolerance_mm))
 
 
-def finetune_segmentation(settings, threads: int = 1, record=None) -> str:
+def finetune_segmentation(settings, threads: int = 1) -> str:
     """Train, predict, score into `settings.out_dir` (module doc); returns "finished".
 
     The nnU-Net model folder an earlier job left is used only when that job's record
     (`engine.record`: training settings, sha256 of the pre-trained checkpoint, split and low-data
     subset) equals this one's: then a finished model is predicted and scored again with this job's
     evaluation settings, and an unfinished one continues from its checkpoint_latest.pth
-    (preemption). Otherwise it is removed and the run trains anew. `record`: the run's record
-    (`downstream.settings.run_record`, computed when not given)."""
+    (preemption). Otherwise it is removed and the run trains anew."""
     from openmind_bench.downstream import inference
     from openmind_bench.downstream.readers import read_dataset, restricted_to
     from openmind_bench.downstream.settings import run_record
@@ -156,7 +155,7 @@ def finetune_segmentation(settings, threads: int = 1, record=None) -> str:
         return zero_shot(settings, registry, threads)
     if name.pretrained and not settings.checkpoint:
         raise ValueError(f"run {name} is pre-trained but no checkpoint was given")
-    record = record or run_record(settings)
+    record = run_record(settings)
     prepare_run_dir(out, record, SEGMENTATION_STATE, label=f"fine-tuning {out}")
     split = splits.read_split(settings.split)
     # nnU-Net sees the split's cases only: a case the split rule rejected (say, an undeclared label

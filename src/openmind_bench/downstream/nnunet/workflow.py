@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
-
-@functools.lru_cache(maxsize=8)
-def _registry(path: str, root: str | None):
-    from openmind_bench.registry import load_registry
-
-    return load_registry(path, root)
+from openmind_bench.registry import cached_registry
 
 
 def zero_shot_source_metrics(registry: str, root: str | None, dataset: str, run: str) -> list[str]:
     """`[results/downstream/{source}/{run}/fold_test/metrics.json]` when `dataset` is scored zero-shot
     from `source`, else `[]`."""
-    registry_doc = _registry(str(registry), None if root is None else str(root))
+    registry_doc = cached_registry(registry, root)
     if dataset not in registry_doc.datasets:
         return []
     source = registry_doc.get(dataset).zero_shot_from
