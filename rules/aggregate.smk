@@ -68,7 +68,7 @@ rule benchmark_table:
 
 use rule benchmark_table as benchmark_table_of_config with:
     input:
-        metrics=finetune_targets(),
+        metrics=metrics_of_config,
         registry=registry_if_present,
     log:
         "logs/aggregate/benchmark_table_of_config.log",

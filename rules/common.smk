@@ -41,15 +41,17 @@ wildcard_constraints:
     **omb_names.WILDCARDS,
 
 
+OPENMIND_DATA = config["stages"]["openmind_data"]
+
+
 def get_final_output():
     """What `all` builds: every stage's outputs for the runs the config asks for, ending in the
-    benchmark tables (each stage's helpers file defines its target list)."""
+    benchmark tables (each stage's helpers file defines its target list). `stages` turns the OpenMind
+    data stages and pre-training off (config/evaluate.yaml)."""
+    data = ["results/index/images.parquet", "results/index/shards.tsv", *quality_targets(), *selection_targets()]
     return [
-        "results/index/images.parquet",
-        "results/index/shards.tsv",
+        *(data if OPENMIND_DATA else []),
         "results/qc/rejected.tsv",
-        *quality_targets(),
-        *selection_targets(),
         *pretrain_targets(),
         *checkpoint_targets(),
         *finetune_targets(),
@@ -70,4 +72,6 @@ def missing_per_image_files(wildcards):
     `all` asks for them, so exactly those are re-made (rules dwi_file, masks_image, preprocess_image) and
     nothing that read them runs again. Read only once every shard job of a stage has run (a checkpoint
     each)."""
+    if not OPENMIND_DATA:
+        return []
     return [*missing_dwi_files(wildcards), *missing_mask_files(wildcards), *missing_store_files(wildcards)]

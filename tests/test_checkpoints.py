@@ -258,8 +258,12 @@ def test_check_checkpoint_cli_writes_the_report(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
-def _full_size_checkpoint(path: Path, arch_name: str) -> None:
-    """A full-size backbone at the papers' 160^3, distinct values per tensor, saved like ours."""
+def full_size_checkpoint(path: Path, arch_name: str, *, plan: bool = True, plan_beside: bool = False,
+                         nnssl_plan: bool = False) -> None:
+    """A full-size backbone at the papers' 160^3, distinct values per tensor, saved like ours; or as
+    nnssl writes it (`nnssl_plan`: no openmind_bench entry in the plan, as the published models and
+    SSL3D submissions), with the plan in adaptation_plan.json beside it (`plan_beside`, the published
+    layout), or with no plan at all (`plan=False`, nnssl's Spark)."""
     s = run_settings.resolve({}, "mae", arch_name, out_dir=str(path.parent))
     arch = s.arch()
     with torch.device("meta"):  # skip the slow random initialisation of 100+ M parameters
@@ -268,15 +272,21 @@ def _full_size_checkpoint(path: Path, arch_name: str) -> None:
     with torch.no_grad():
         for i, tensor in enumerate(net.state_dict().values()):
             tensor.fill_((i % 97 + 1) * 1e-3)
-    plan = checkpoint.adaptation_plan(arch, net, s)
-    torch.save({"network_weights": net.state_dict(), "nnssl_adaptation_plan": plan,
-                "trainer_name": "openmind_bench:mae"}, path)
+    adaptation = checkpoint.adaptation_plan(arch, net, s)
+    if nnssl_plan or plan_beside:
+        del adaptation["architecture_plans"]["openmind_bench"]
+    state = {"network_weights": net.state_dict(), "trainer_name": "openmind_bench:mae"}
+    if plan and not plan_beside:
+        state["nnssl_adaptation_plan"] = adaptation
+    torch.save(state, path)
+    if plan_beside:
+        path.with_name("adaptation_plan.json").write_text(json.dumps(adaptation))
 
 
 @pytest.mark.parametrize("arch_name, parameters", [("ResEncL", 102_000_000), ("PrimusM", 100_000_000)])
 def test_full_size_checkpoints_check_on_cpu(tmp_path, arch_name, parameters, capsys):
     path = tmp_path / f"{arch_name}.pth"
-    _full_size_checkpoint(path, arch_name)
+    full_size_checkpoint(path, arch_name)
     started = time.perf_counter()
     report = check_checkpoint(path, channel_counts=(1, 4))
     elapsed = time.perf_counter() - started

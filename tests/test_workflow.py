@@ -14,8 +14,10 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
+    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 15,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
+    # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
+    "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, "checkpoint_scores": 1,
 }
 # A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
 # (spark3d has no Primus implementation), two schedules, two datasets of the full table.
@@ -321,7 +323,9 @@ def test_deleted_per_image_files_are_remade_alone_by_all_or_by_name(tmp_path, re
     re-makes it (no pre-training or fine-tuning), the file comes back byte-identical, naming it as a
     target works, and a file no job makes fails with the shard command named (issue: 'a deleted
     intermediate is not re-made')."""
-    work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False}})
+    # no external checkpoint: the faked (empty) check.json would be read for the scratch baselines
+    work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False},
+                                     "checkpoints": []})
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     # the real run up to the pre-training data (every shard stage), the rest marked done
     proc = run_snakemake(work, *configs, "-c2", "results/selections/demo/pretrain_data__preprocessed_train.json",
@@ -384,8 +388,10 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
     work = _workdir(tmp_path, repo, {"checkpoints": entries})
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     counts = _job_counts(run_snakemake(work, *configs, "-n", "all"))
-    assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2
-    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**DEMO_JOBS, "all": 1}
+    assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2 and counts["checkpoint_scores"] == 2
+    # each checkpoint x 2 schedules x 3 dataset-folds (the demo's own external entry is replaced: no hub)
+    demo = {k: v for k, v in DEMO_JOBS.items() if "checkpoint" not in k and k != "demo_hub"}
+    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 9 + 2 * 2 * 3}
 
     targets = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
     proc = run_snakemake(work, *configs, "-c2", "--keep-going", *targets)
@@ -404,7 +410,65 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
          "config key 'checkpoints[1].name': 'mine' is also the name of checkpoints[0]"),
         ({"checkpoints": [{"name": "web", "source": "https://example.org/ckpt.pth"}]},
          "config key 'checkpoints[0].source'"),
+        # its rows would carry the label of the config's own SimCLR runs
+        ({"checkpoints": [{"name": "simclr", "source": str(tmp_path / "mine.pt")}]},
+         "config key 'checkpoints[0].name': 'simclr' is also a pre-training method of this config"),
+        ({"stages": {"openmind_data": False}}, "config key 'stages.pretrain'"),
     ):
         (work / "bad.yaml").write_text(yaml.safe_dump(overrides))
         proc = run_snakemake(work, "--configfile", str(repo / "config/demo.yaml"), str(work / "bad.yaml"), "-n", "all")
         assert proc.returncode != 0 and key in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_evaluate_overlay_scores_external_checkpoints_with_one_scratch_baseline_per_architecture(tmp_path, repo):
+    """config/evaluate.yaml over the full registry, with a published-layout ResEnc-L, an nnssl-layout
+    Primus-M and a plan-less nnssl Spark (ResEnc-L) checkpoint, all full size: no OpenMind data or
+    pre-training job; every schedule, epoch and low-data setting applies to each checkpoint; after the
+    checks (run for real on CPU) the scratch baselines are those of the two architectures, once each."""
+    from openmind_bench import config as omb_config
+    from openmind_bench.downstream.settings import dataset_folds
+    from test_checkpoints import full_size_checkpoint
+
+    work = _workdir(tmp_path, repo)
+    published = tmp_path / "published"
+    published.mkdir()
+    full_size_checkpoint(published / "checkpoint_final.pth", "ResEncL", plan_beside=True)
+    full_size_checkpoint(tmp_path / "primus.pth", "PrimusM", nnssl_plan=True)
+    full_size_checkpoint(tmp_path / "spark.pth", "ResEncL", plan=False)
+    entries = [{"name": "mae-published", "source": str(published)},
+               {"name": "primus-submission", "source": str(tmp_path / "primus.pth")},
+               {"name": "spark", "source": str(tmp_path / "spark.pth"), "architecture": "ResEncL"}]
+    overlay = {"checkpoints": entries, "downstream": {"low_data_n": [10]}}
+    (work / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    configs = ["--configfile", str(repo / "config/evaluate.yaml"), str(work / "overlay.yaml")]
+
+    config = yaml.safe_load((repo / "config/config.yaml").read_text())
+    for layer in (yaml.safe_load((repo / "config/evaluate.yaml").read_text()), overlay):
+        omb_config.deep_update(config, layer)
+    config = omb_config.validate(config, repo / "config/schema.yaml")
+    config["downstream"]["root"] = str(work / "data" / "downstream")
+    pairs = sum(len(f) for f in dataset_folds(config).values())  # (dataset, fold) jobs per run
+    schedules, epochs = len(config["downstream"]["schedules"]), len(config["downstream"]["epochs"])
+    per_checkpoint = schedules * epochs * 2  # x (all cases, n=10)
+    fixed = {"all": 1, "fetch_checkpoint": 3, "check_checkpoint": 3, "checkpoint_scores": 3,
+             "downstream_split": len(dataset_folds(config)), "qc_rejected": 1, "benchmark_table_of_config": 1}
+
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _job_counts(proc) == {**fixed, "finetune": 3 * per_checkpoint * pairs}  # scratch: after the checks
+
+    checks = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
+    proc = run_snakemake(work, *configs, "-c2", *checks, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    scratch = {json.loads((work / c).read_text())["architecture"]["scratch_architecture"] for c in checks}
+    assert scratch == {"ResEncL", "PrimusM"}
+    proc = run_snakemake(work, *configs, "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scratch_runs = 2 * epochs * 2  # two architectures, once each, x (all cases, n=10)
+    assert _job_counts(proc) == {**{k: v for k, v in fixed.items() if "checkpoint" not in k or "scores" in k},
+                                 "finetune": (3 * per_checkpoint + scratch_runs) * pairs}
+    out = proc.stdout + proc.stderr
+    assert "results/downstream/ATL/scratch__PrimusM__150__n10/fold_test/metrics.json" in out
+    assert "results/downstream/ATL/spark__sawtooth__150/fold_test/metrics.json" in out
+    for rule in ("fetch_dataset", "index_dataset", "preprocess_shard", "pretrain", "select_pretrain_data"):
+        assert f"rule {rule}:" not in out

@@ -16,6 +16,11 @@ def benchmark_targets():
     return [v for k, v in BENCHMARK_OUTPUTS.items() if k != "plots"]
 
 
+def metrics_of_config(wildcards):
+    """Every run the config asks for, the scratch baselines of external checkpoints included."""
+    return [*finetune_targets(), *external_scratch_targets(wildcards)]
+
+
 def metrics_on_disk(wildcards):
     """The metrics.json files that exist when the DAG is built: the table reports whatever is there."""
     return [str(p) for p in find_metrics_files(omb_names.DOWNSTREAM_ROOT)]

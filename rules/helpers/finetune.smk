@@ -7,12 +7,40 @@ DOWNSTREAM = config["downstream"]
 # The demo builds its downstream sets where the registry is told to read them.
 DOWNSTREAM_DEMO_ROOT = DOWNSTREAM["root"] or "data/demo_downstream"
 DOWNSTREAM_DATASET_FOLDS = omb_finetune.dataset_folds(config)
-FINETUNE_TARGETS = omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS)
+FINETUNE_RUNS = omb_finetune.run_names(config, PRETRAIN_RUNS, CHECKPOINTS)
+FINETUNE_TARGETS = omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS, runs=FINETUNE_RUNS)
 
 
 def finetune_targets():
-    """results/downstream/{dataset}/{run}/fold_{k}/metrics.json of every run the config asks for."""
+    """results/downstream/{dataset}/{run}/fold_{k}/metrics.json of every run the config names (the
+    scratch baselines of external checkpoints' architectures come after their checks:
+    `external_scratch_targets`)."""
     return FINETUNE_TARGETS
+
+
+def scratch_targets_of(checkpoint_names):
+    """metrics.json of the scratch baselines of these checkpoints' architectures that the config does
+    not already run (once per architecture); each checkpoint's check must have run (checked_report)."""
+    reports = [checked_report(name) for name in checkpoint_names]
+    architectures = omb_checkpoints.scratch_architectures(reports)
+    extra = [a for a in architectures if a not in FINETUNE["scratch_architectures"]]
+    return omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS,
+                                runs=omb_finetune.scratch_runs(config, extra))
+
+
+def external_scratch_targets(wildcards):
+    return scratch_targets_of(list(CHECKPOINTS))
+
+
+def checkpoint_scorecard_metrics(wildcards):
+    """A checkpoint's own metrics.json and those of the scratch baseline of its architecture."""
+    name = wildcards.checkpoint
+    own = [t for t in FINETUNE_TARGETS if omb_names.parse_run(t.split("/")[-3]).checkpoint == name]
+    check = checked_report(name)
+    architecture = omb_checkpoints.scratch_architectures([check])
+    scratch = omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS,
+                                   runs=omb_finetune.scratch_runs(config, architecture))
+    return own + scratch
 
 
 def downstream_data(wildcards):
@@ -28,23 +56,39 @@ def downstream_data_fingerprint(wildcards):
 
 
 def finetune_checkpoint(wildcards):
+    """The pre-training checkpoint of the run; an external checkpoint's check.json (after its check)."""
     name = omb_names.parse_run(wildcards.finetune_run)
+    if name.external:
+        return [checked_report(name.checkpoint)]
     return [omb_names.pretrain_checkpoint(name.pretrain_run)] if name.pretrained else []
 
 
+def external_checkpoint_of(name, dataset):
+    """(checkpoint file, provenance) of an external run, read from its fetch and check records."""
+    folder = Path(checked_report(name.checkpoint)).parent
+    channels = omb_finetune.cached_registry(config).get(dataset).channels
+    return str(omb_checkpoints.fetched_path(folder)), omb_checkpoints.provenance(folder, channels)
+
+
 def finetune_settings(wildcards):
-    """The run's resolved settings, from config and wildcards alone: a plain param, so a change of
-    any setting re-runs this run (Snakemake's params trigger) and no other."""
+    """The run's resolved settings, from config and wildcards alone (and, for an external checkpoint,
+    its fetch and check records): a plain param, so a change of any setting, or another checkpoint
+    behind the same name, re-runs this run (Snakemake's params trigger) and no other."""
     name = omb_names.parse_run(wildcards.finetune_run)
+    pretrained = omb_names.pretrain_checkpoint(name.pretrain_run) if name.pretrain_run else None
+    external = None
+    if name.external:
+        pretrained, external = external_checkpoint_of(name, wildcards.target_dataset)
     return omb_finetune.resolve(
         config,
         wildcards.target_dataset,
         wildcards.finetune_run,
         wildcards.fold,
         split=omb_finetune.split_path(config, wildcards.target_dataset),
-        pretrained_checkpoint=omb_names.pretrain_checkpoint(name.pretrain_run) if name.pretrained else None,
+        pretrained_checkpoint=pretrained,
         low_data_subset=(omb_finetune.split_path(config, wildcards.target_dataset, name.low_data_n)
                          if name.low_data_n else None),
+        external_checkpoint=external,
     ).to_dict()
 
 

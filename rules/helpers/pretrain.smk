@@ -3,7 +3,8 @@
 from openmind_bench.pretrain import settings as omb_pretrain  # noqa: E402  (torch-free)
 
 PRETRAIN = config["pretrain"]
-PRETRAIN_RUNS = omb_pretrain.run_names(PRETRAIN, list(SELECTIONS))
+# stages.pretrain off (config/evaluate.yaml): nothing is pre-trained, nor fine-tuned from this config's runs
+PRETRAIN_RUNS = omb_pretrain.run_names(PRETRAIN, list(SELECTIONS)) if config["stages"]["pretrain"] else []
 
 
 def pretrain_targets():

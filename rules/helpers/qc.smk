@@ -2,11 +2,11 @@
 
 def rejection_parts():
     """Every per-job rejection record of the stages in this run (known from config alone)."""
-    return [
+    data = [
         *fetch_rejection_parts(),
         *index_rejection_parts(),
         *preprocess_rejection_parts(),
         *DWI_REJECTION_PARTS,
         *masks_rejection_parts(),
-        *downstream_rejection_parts(),
     ]
+    return [*(data if OPENMIND_DATA else []), *downstream_rejection_parts()]

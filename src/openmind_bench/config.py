@@ -79,6 +79,10 @@ def validate(config: dict, schema_path: str | Path) -> dict:
             else:
                 lines.append(f"config key '{key}': value {e.instance!r} is invalid: {e.message}")
         raise ConfigError("invalid config (" + str(schema_path) + "):\n  " + "\n  ".join(lines))
+    stages = config.get("stages") or {}
+    if stages.get("pretrain") and stages.get("openmind_data") is False:
+        raise ConfigError("config key 'stages.pretrain': pre-training reads the OpenMind selections, which "
+                          "stages.openmind_data turns off; turn both off to evaluate external checkpoints only")
     return config
 
 

@@ -6,8 +6,10 @@ metrics stages agree on one spelling of each term. See docs/architecture.md for 
 
 Run names
 - pre-training: `{method}__{arch}__{selection}`;
-- fine-tuning: `{method}__{arch}__{selection}__{schedule}__{epochs}` (from a pre-training run) or
-  `scratch__{arch}__{epochs}`; `__n{N}` appended marks a low-data run on N training cases.
+- fine-tuning: `{method}__{arch}__{selection}__{schedule}__{epochs}` (from a pre-training run of the
+  config), `{checkpoint}__{schedule}__{epochs}` (from an external checkpoint, config `checkpoints`:
+  its architecture comes from its adaptation plan, never from a name) or `scratch__{arch}__{epochs}`;
+  `__n{N}` appended marks a low-data run on N training cases.
 Each part is a *name*: letters and digits, single `.`, `-` or `_` between them (`t1.v2`,
 `t1-only`, `openmind_t1`); never `__`, which separates parts, so every run name parses one way.
 """
@@ -45,8 +47,9 @@ FINETUNE_METRICS = "results/downstream/{target_dataset}/{finetune_run}/fold_{fol
 BENCHMARK_DIR = "results/benchmark"
 
 # ---- wildcard constraints of the rules (`wildcard_constraints: **names.WILDCARDS`)
+# (the second form is an external checkpoint's run: `scratch` is no checkpoint name, so the third is apart)
 FINETUNE_RUN_PATTERN = (rf"(?:{METHOD_PATTERN}__{ARCH_PATTERN}__{NAME_PATTERN}__{NAME_PATTERN}"
-                        rf"|{SCRATCH}__{ARCH_PATTERN})__\d+(?:__n\d+)?")
+                        rf"|{NAME_PATTERN}__{NAME_PATTERN}|{SCRATCH}__{ARCH_PATTERN})__\d+(?:__n\d+)?")
 WILDCARDS = {
     "dataset": r"ds\d{6}",
     "source": r"[a-z_]+",
@@ -99,26 +102,40 @@ def finetune_metrics(target_dataset: str, finetune_run: str, fold) -> str:
 
 @dataclass(frozen=True)
 class RunName:
-    """A fine-tuning run's parts; `str()` gives the name back."""
+    """A fine-tuning run's parts; `str()` gives the name back. An external checkpoint's run has
+    `checkpoint` (also its `method`, the label of its rows) and no architecture or selection: its
+    architecture is its plan's (the check's report)."""
 
-    architecture: str
+    architecture: str | None
     epochs: int
     method: str = SCRATCH
     selection: str | None = None
     schedule: str | None = None
     low_data_n: int | None = None
+    checkpoint: str | None = None
 
     @property
     def pretrained(self) -> bool:
         return self.method != SCRATCH
 
     @property
+    def external(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
     def pretrain_run(self) -> str | None:
-        return pretrain_run(self.method, self.architecture, self.selection) if self.pretrained else None
+        """The config's pre-training run this run fine-tunes (None for scratch and external runs)."""
+        if not self.pretrained or self.external:
+            return None
+        return pretrain_run(self.method, self.architecture, self.selection)
 
     def __str__(self) -> str:
-        base = (SEP.join((self.pretrain_run, self.schedule, str(self.epochs))) if self.pretrained
-                else SEP.join((SCRATCH, self.architecture, str(self.epochs))))
+        if self.external:
+            base = SEP.join((self.checkpoint, self.schedule, str(self.epochs)))
+        elif self.pretrained:
+            base = SEP.join((self.pretrain_run, self.schedule, str(self.epochs)))
+        else:
+            base = SEP.join((SCRATCH, self.architecture, str(self.epochs)))
         return base + (f"{SEP}n{self.low_data_n}" if self.low_data_n else "")
 
 
@@ -128,13 +145,17 @@ _FINETUNE_RUN = re.compile(rf"^{FINETUNE_RUN_PATTERN}$")
 def parse_run(run: str) -> RunName:
     """The parts of a fine-tuning run name (see the module doc)."""
     if not _FINETUNE_RUN.match(run):
-        raise InvalidName(f"run {run!r} is neither {{method}}__{{arch}}__{{selection}}__{{schedule}}__{{epochs}} "
-                         "nor scratch__{arch}__{epochs} (optionally + __n{N}), with parts that are valid names")
+        raise InvalidName(f"run {run!r} is neither {{method}}__{{arch}}__{{selection}}__{{schedule}}__{{epochs}}, "
+                         "{checkpoint}__{schedule}__{epochs} nor scratch__{arch}__{epochs} (optionally + __n{N}), "
+                         "with parts that are valid names")
     parts = run.split(SEP)
     low = None
     if re.fullmatch(r"n\d+", parts[-1]):
         low, parts = int(parts[-1][1:]), parts[:-1]
     if parts[0] == SCRATCH and len(parts) == 3:
         return RunName(parts[1], int(parts[2]), low_data_n=low)
+    if len(parts) == 3:
+        checkpoint, schedule, epochs = parts
+        return RunName(None, int(epochs), checkpoint, schedule=schedule, low_data_n=low, checkpoint=checkpoint)
     method, arch, selection, schedule, epochs = parts
     return RunName(arch, int(epochs), method, selection, schedule, low)

@@ -52,6 +52,36 @@ def plan_architecture(plan: dict, path: Path) -> dict:
             "preset": ours.get("name") if ours else None}
 
 
+def _shapes(net) -> dict:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def scratch_architecture(pretrained: transfer.Pretrained, family: str, patch: list[int],
+                         presets: dict | None = None) -> str | None:
+    """The architecture preset whose network is the checkpoint's, tensor for tensor (same keys and
+    shapes at the fine-tuning patch): the from-scratch baseline its rows are compared with. None when
+    no preset of its family matches (a plan's own variant): its rows then have no scratch baseline."""
+    import torch
+
+    torch.manual_seed(0)
+    target = _shapes(transfer.build_network(pretrained, None, patch, 1, OUTPUT_CHANNELS))
+    table = {**nets.PRESETS, **(presets or {})}
+    for name in table:
+        try:
+            arch = nets.resolve(name, presets)
+        except ValueError:
+            continue
+        if arch.family != family:
+            continue
+        try:
+            candidate = arch.build(patch, 1, OUTPUT_CHANNELS)
+        except (RuntimeError, ValueError):  # a preset that does not fit this patch is not this network
+            continue
+        if _shapes(candidate) == target:
+            return name
+    return None
+
+
 def non_finite(weights: dict) -> list[str]:
     """Keys of floating-point tensors holding NaN or Inf."""
     import torch
@@ -113,8 +143,11 @@ def _transfer_into(pretrained: transfer.Pretrained, patch: list[int], channels: 
 
 
 def check_checkpoint(source_path: str | Path, *, architecture: str | None = None,
-                     channel_counts: Sequence[int] = (1,), patch_size: Sequence[int] | None = None) -> dict:
+                     channel_counts: Sequence[int] = (1,), patch_size: Sequence[int] | None = None,
+                     presets: dict | None = None) -> dict:
     """Check that `source_path` (a checkpoint file or a published repository folder) can be fine-tuned.
+    `presets` are the config's architecture presets (`pretrain.architecture_presets`), among which the
+    checkpoint's scratch baseline architecture is looked up.
 
     Raises CheckpointError naming the file and the problem; returns the report (see module doc)."""
     source = Path(source_path)
@@ -148,10 +181,13 @@ def check_checkpoint(source_path: str | Path, *, architecture: str | None = None
         except (RuntimeError, ValueError) as e:  # a plan whose kwargs do not build, a patch that does not fit
             raise CheckpointError(f"checkpoint {path}: fine-tuning network with {channels} input channel(s), "
                                   f"patch {patch}: {e}") from e
+    arch["scratch_architecture"] = (arch["preset"] if not pretrained.plan else
+                                    scratch_architecture(pretrained, arch["family"], patch, presets))
     files = [path] + ([pretrained.plan_path] if pretrained.plan_path else [])
     report = {
         "source": str(source),
         "format": _source_format(pretrained),
+        "adaptation_plan": bool(pretrained.plan),
         "trainer_name": pretrained.trainer_name,
         "architecture": arch,
         "parameters": transfers[0]["parameters"] if transfers else None,
@@ -175,4 +211,5 @@ def write_report(report: dict, out: str | Path) -> Path:
     return Path(out)
 
 
-__all__ = ["CheckpointError", "check_checkpoint", "plan_architecture", "write_report", "non_finite"]
+__all__ = ["CheckpointError", "check_checkpoint", "plan_architecture", "scratch_architecture", "write_report",
+           "non_finite"]

@@ -244,13 +244,15 @@ def _commit_of_snapshot(path: Path) -> str:
     raise CheckpointSourceError(f"{path} is not inside a Hugging Face cache snapshot folder")
 
 
-def _fetch_hf(name: str, source: CheckpointSource, build: Path, cache_dir) -> dict:
+def _hf_snapshot(name: str, source: CheckpointSource, cache_dir, offline: bool) -> tuple[Path, list[str]]:
+    """The cache snapshot folder of the source's revision (downloaded first unless offline) and the
+    files it holds of the request (the one file, or the whole repository's)."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub import errors as hub_errors
 
     # IncompleteSnapshotError (a cached snapshot the hub knows to be partial) is newer than our lower bound
     incomplete_snapshot = getattr(hub_errors, "IncompleteSnapshotError", hub_errors.LocalEntryNotFoundError)
-    offline = _hf_offline()
+    offline = offline or _hf_offline()
     cache = _hf_cache_dir(cache_dir)
     revision_text = source.revision or "the default branch"
     what = f"{source.repo_id}" + (f" file {source.filename}" if source.filename else "")
@@ -264,7 +266,7 @@ def _fetch_hf(name: str, source: CheckpointSource, build: Path, cache_dir) -> di
                                           local_files_only=offline))
             names = _visible_files(root)
     except (hub_errors.LocalEntryNotFoundError, incomplete_snapshot) as e:
-        reason = ("HF_HUB_OFFLINE is set, so only the cache is read" if offline
+        reason = ("the fetch is offline (HF_HUB_OFFLINE or the entry's `offline`), so only the cache is read" if offline
                   else "the Hub could not be reached and the cache does not hold it")
         raise CheckpointSourceError(
             f"checkpoint {name!r}: revision {revision_text!r} of {what} is not in the Hugging Face cache "
@@ -278,6 +280,12 @@ def _fetch_hf(name: str, source: CheckpointSource, build: Path, cache_dir) -> di
         raise CheckpointSourceError(f"checkpoint {name!r}: repository {source.repo_id} not found (or gated)") from e
     except hub_errors.HfHubHTTPError as e:  # the Hub down, a token refused, ...
         raise CheckpointSourceError(f"checkpoint {name!r}: fetching {what} at {revision_text!r} failed: {e}") from e
+    return root, names
+
+
+def _fetch_hf(name: str, source: CheckpointSource, build: Path, cache_dir, offline: bool = False) -> dict:
+    root, names = _hf_snapshot(name, source, cache_dir, offline)
+    revision_text = source.revision or "the default branch"
     if not source.filename:
         _require_published_layout(name, f"repository {source.repo_id} at {revision_text!r}", names)
     # Hard links are safe here: the cache's blobs are content-addressed and never rewritten in place.
@@ -387,6 +395,18 @@ def _up_to_date(record: dict | None, source: CheckpointSource, dest_dir: Path) -
     return True
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _hf_moved(name: str, source: CheckpointSource, record: dict, cache_dir, offline: bool) -> bool:
+    """Whether a branch or tag (or the default branch) now points at another commit than the one
+    fetched: the same request is then a new checkpoint. A pinned commit never moves."""
+    if source.kind != "hf" or (source.revision and _COMMIT.match(source.revision)):
+        return False
+    root, names = _hf_snapshot(name, source, cache_dir, offline or _hf_offline())
+    return _commit_of_snapshot(root / names[0]) != record.get("commit")
+
+
 def checkpoint_file_of(files: dict) -> str:
     """The checkpoint among fetched files: checkpoint_final.pth in the published layout, else the one file."""
     if CHECKPOINT_FILE in files:
@@ -415,12 +435,14 @@ def fetch_checkpoint(
     revision: str | None = None,
     sha256: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    offline: bool = False,
     allow_insecure_loopback: bool = False,
 ) -> dict:
     """Bring checkpoint `name` into `dest_dir` (`results/checkpoints/{name}/`); returns its `source.json`.
 
     `revision` and `sha256` are the config entry's own keys (a sha256, optional except for https, is checked
-    against the checkpoint file); `cache_dir` is the Hugging Face cache to use instead of the standard one.
+    against the checkpoint file); `cache_dir` is the Hugging Face cache to use instead of the standard one;
+    `offline` reads only that cache, as HF_HUB_OFFLINE=1 does.
     """
     if isinstance(source, str):
         source = parse_source(source, name=name, revision=revision, sha256=sha256,
@@ -431,7 +453,7 @@ def fetch_checkpoint(
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(dest_dir)
     previous = _read_record(dest_dir)
-    if _up_to_date(previous, source, dest_dir):
+    if _up_to_date(previous, source, dest_dir) and not _hf_moved(name, source, previous, cache_dir, offline):
         log.info("%s: %s already holds %s (source.json matches); nothing to fetch", name, dest_dir, source.text)
         return previous
     if previous is not None or dest_dir.exists():
@@ -441,7 +463,7 @@ def fetch_checkpoint(
         if source.kind == "local":
             fetched = _fetch_local(name, source, build)
         elif source.kind == "hf":
-            fetched = _fetch_hf(name, source, build, cache_dir)
+            fetched = _fetch_hf(name, source, build, cache_dir, offline)
         else:
             fetched = _fetch_https(name, source, build, dest_dir)
         files = fetched["files"]

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, nets
 from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
-from openmind_bench.downstream.settings import FinetuneSettings
+from openmind_bench.downstream.settings import FinetuneSettings, checkpoint_architecture
 from openmind_bench.downstream.readers import read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.checkpoint import PREEMPTED
@@ -104,10 +104,11 @@ def check_task(spec) -> None:
 def build_model(settings: FinetuneSettings, spec, name: RunName):
     """(classifier, schedule groups' keys, patch size, transferred keys)."""
     check_task(spec)
-    pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
+    planless = checkpoint_architecture(settings)
+    pretrained = transfer.read_pretrained(settings.checkpoint, planless) if name.pretrained else None
     architecture = None
     if pretrained is None or not pretrained.plan:
-        architecture = nets.resolve(name.architecture, settings.architecture_presets)
+        architecture = nets.resolve(name.architecture or planless, settings.architecture_presets)
     patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
     backbone = transfer.build_network(pretrained, architecture, patch, spec.channels, 1)
     keys = dict(pretrained.keys) if pretrained is not None and pretrained.keys else nets.adaptation_keys(backbone)
@@ -363,7 +364,8 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
 
 def _evaluate(net, spec, eval_cases, name, settings: FinetuneSettings, patch, ctx, training: dict) -> None:
     record = RunRecord.read(settings.out_dir)  # written by the launcher
-    doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold),
+    doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold,
+                                                                          settings.external_checkpoint),
                              patch, settings.spacing, ctx.device)
     doc.update(training=training, run_record=record.summary() if record else None)
     inference.write(doc, settings.out_dir)

@@ -19,11 +19,18 @@ from openmind_bench.names import METRICS_FILE
 log = logging.getLogger(__name__)
 
 
-def identity(dataset: str, name, fold) -> RunIdentity:
-    return RunIdentity(dataset=dataset, method=name.method, architecture=name.architecture,
+def identity(dataset: str, name, fold, external_checkpoint: dict | None = None) -> RunIdentity:
+    """Who made the predictions. An external checkpoint's run is labelled with the checkpoint's name and
+    the architecture of its scratch baseline (its plan's class when no preset matches), and carries its
+    provenance (settings.external_checkpoint) into metrics.json."""
+    architecture = name.architecture
+    if name.external:
+        arch = external_checkpoint["architecture"]
+        architecture = arch.get("scratch_architecture") or arch.get("preset") or arch["class"]
+    return RunIdentity(dataset=dataset, method=name.method, architecture=architecture,
                        fold=int(fold) if str(fold).isdigit() else str(fold), run=str(name),
                        schedule=name.schedule if name.pretrained else None, selection=name.selection,
-                       epochs=name.epochs)
+                       epochs=name.epochs, low_data_n=name.low_data_n, external_checkpoint=external_checkpoint)
 
 
 @torch.no_grad()

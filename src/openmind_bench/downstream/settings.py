@@ -52,6 +52,9 @@ class FinetuneSettings(JsonSettings):
     nnunet: dict | None  # config downstream.nnunet (segmentation runs in nnU-Net; None for classification)
     classification: dict | None  # config downstream.classification (the classification protocol; None for seg)
     registry_entries: dict  # the registry values the job reads (registry.entry_values)
+    # an external checkpoint's provenance and check summary (checkpoints.settings.provenance): the
+    # source, sha256 and architecture this run fine-tunes, recorded in its metrics.json; None otherwise
+    external_checkpoint: dict | None = None
     threads: int = 0  # set by the launcher
 
 
@@ -141,13 +144,30 @@ def cached_registry(config: dict):
     return read(registry_path(config), config["downstream"]["root"])
 
 
+def checkpoint_architecture(settings: FinetuneSettings) -> str | None:
+    """The architecture preset that reads the run's checkpoint when it has no adaptation plan: the
+    external entry's `architecture` (the check's preset); None otherwise (the plan says)."""
+    external = settings.external_checkpoint
+    if not external or external["adaptation_plan"]:
+        return None
+    return external["architecture"]["preset"]
+
+
 def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_dir: str | None = None,
-            pretrained_checkpoint: str | None = None, low_data_subset: str | None = None) -> FinetuneSettings:
+            pretrained_checkpoint: str | None = None, low_data_subset: str | None = None,
+            external_checkpoint: dict | None = None) -> FinetuneSettings:
     """One run's settings from the validated workflow config (`finetune`, `downstream`, `pretrain`):
     what this run reads and nothing else (the other task's fields are None; the schedule table holds
-    this run's custom schedule only; the architecture presets this run's architecture only)."""
+    this run's custom schedule only; the architecture presets this run's architecture only).
+    An external checkpoint's run takes `external_checkpoint` (its provenance, read after its check)."""
     section, downstream, pretrain = config["finetune"], config["downstream"], config["pretrain"]
     name = parse_run(run)
+    if name.external and external_checkpoint is None:
+        raise ValueError(f"run {run} fine-tunes external checkpoint {name.checkpoint}: its provenance is needed")
+    # the architecture whose config preset the run may build: its own, or a plan-less checkpoint's
+    architecture = name.architecture
+    if external_checkpoint and not external_checkpoint["adaptation_plan"]:
+        architecture = external_checkpoint["architecture"]["preset"]
     if name.epochs not in [int(e) for e in downstream["epochs"]]:
         log.warning("run %s: %d epochs is not among downstream.epochs %s", run, name.epochs, downstream["epochs"])
     out_dir = out_dir or names.finetune_metrics(dataset, run, fold).rsplit("/", 1)[0]
@@ -161,7 +181,8 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         steps_per_epoch=int(downstream["steps_per_epoch"]), batch_size=int(downstream["batch_size"]),
         split=split, checkpoint=pretrained_checkpoint, epochs=name.epochs,
         schedule_config=schedule_config,
-        architecture_presets={k: v for k, v in pretrain["architecture_presets"].items() if k == name.architecture},
+        architecture_presets={k: v for k, v in pretrain["architecture_presets"].items() if k == architecture},
+        external_checkpoint=external_checkpoint,
         low_data_subset=low_data_subset, split_settings=split_settings(config),
         nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
         **{k: section[k] for k in _SETTING_KEYS},
@@ -171,40 +192,62 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
     return FinetuneSettings(**values)
 
 
-def run_names(config: dict, pretrain_runs: list[str]) -> list[str]:
-    """Every fine-tuning run the config asks for: each selected pre-training run x schedule x epochs,
-    the from-scratch baselines x epochs, and their low-data variants."""
+def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dict] | None = None) -> list[str]:
+    """Every fine-tuning run the config asks for: each selected pre-training run and each external
+    checkpoint (`checkpoints`: name -> config entry) x schedule x epochs, the from-scratch baselines
+    x epochs, and their low-data variants. The scratch baselines of the external checkpoints'
+    architectures are known after their checks (`scratch_runs`)."""
     section, downstream = config["finetune"], config["downstream"]
+    checkpoints = checkpoints or {}
     chosen = pretrain_runs if section["pretrained_runs"] is None else list(section["pretrained_runs"])
     unknown = sorted(set(chosen) - set(pretrain_runs))
     if unknown:
+        off = "" if config["stages"]["pretrain"] else " (stages.pretrain is off: this config pre-trains nothing)"
         raise ConfigError(f"config key 'finetune.pretrained_runs': {unknown} are not pre-training runs of this "
-                         f"config ({pretrain_runs})")
-    check_schedules(config, chosen)
+                         f"config ({pretrain_runs}){off}")
+    methods = {run.split(names.SEP)[0] for run in chosen}
+    for i, name in enumerate(checkpoints):
+        if name in methods:  # its rows would carry the label of the config's own runs
+            raise ConfigError(f"config key 'checkpoints[{i}].name': {name!r} is also a pre-training method of this "
+                              "config; name the checkpoint apart")
+    check_schedules(config, chosen, checkpoints)
     for i, arch in enumerate(section["scratch_architectures"]):
         try:
             nets.resolve(arch, config["pretrain"]["architecture_presets"])
         except ValueError as e:
             raise ConfigError(f"config key 'finetune.scratch_architectures[{i}]': {e}") from None
     epochs = [int(e) for e in downstream["epochs"]]
-    runs = [f"{p}__{s}__{e}" for p in chosen for s in downstream["schedules"] for e in epochs]
-    runs += [f"{SCRATCH}__{a}__{e}" for a in section["scratch_architectures"] for e in epochs]
-    runs += [f"{r}__n{int(n)}" for r in list(runs) for n in downstream["low_data_n"]]
+    runs = [f"{p}__{s}__{e}" for p in [*chosen, *checkpoints] for s in downstream["schedules"] for e in epochs]
+    runs = _with_low_data(config, runs) + scratch_runs(config, section["scratch_architectures"])
     for r in runs:
         parse_run(r)  # fails early on a name the rules could not take apart
     return runs
 
 
-def check_schedules(config: dict, pretrain_runs: list[str]) -> None:
+def _with_low_data(config: dict, runs: list[str]) -> list[str]:
+    return runs + [f"{r}__n{int(n)}" for r in runs for n in config["downstream"]["low_data_n"]]
+
+
+def scratch_runs(config: dict, architectures) -> list[str]:
+    """The from-scratch baselines of `architectures` x epochs, with their low-data variants."""
+    epochs = [int(e) for e in config["downstream"]["epochs"]]
+    return _with_low_data(config, [f"{SCRATCH}__{a}__{e}" for a in architectures for e in epochs])
+
+
+def check_schedules(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dict] | None = None) -> None:
     """Every schedule of `downstream.schedules` is a built-in or custom one and can be built at every
-    epoch count for the families of the runs: an error naming the key, before any job runs."""
+    epoch count for the families of the runs: an error naming the key, before any job runs. An
+    external checkpoint's family is known here only when its entry names an `architecture`; the
+    others' schedules are built by their jobs."""
     from openmind_bench.downstream import schedules
 
     downstream = config["downstream"]
     custom = downstream["custom_schedules"] or {}
     table = {k: downstream[k] for k in _SCHEDULE_KEYS}
     presets = config["pretrain"]["architecture_presets"]
-    families = sorted({schedules.family_of(run.split(names.SEP)[1], presets) for run in pretrain_runs})
+    architectures = [run.split(names.SEP)[1] for run in pretrain_runs]
+    architectures += [e["architecture"] for e in (checkpoints or {}).values() if e.get("architecture")]
+    families = sorted({schedules.family_of(arch, presets) for arch in architectures})
     for i, schedule in enumerate(downstream["schedules"]):
         key = f"downstream.schedules[{i}]"
         names.check_name(schedule, key)
@@ -240,8 +283,10 @@ def dataset_folds(config: dict) -> dict[str, list[str]]:
     return out
 
 
-def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] | None = None) -> list[str]:
-    """Every metrics.json the config asks for; `folds` as `dataset_folds(config)` (read when not given)."""
-    runs = run_names(config, pretrain_runs)
+def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] | None = None,
+            checkpoints: dict[str, dict] | None = None, runs: list[str] | None = None) -> list[str]:
+    """Every metrics.json the config asks for (or of `runs`); `folds` as `dataset_folds(config)` (read
+    when not given)."""
+    runs = run_names(config, pretrain_runs, checkpoints) if runs is None else runs
     folds = dataset_folds(config) if folds is None else folds
     return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs]

@@ -62,11 +62,13 @@ def run_schedule(name, family: str, epochs: int, iterations: int, schedule_confi
 
 def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_ids: list) -> dict:
     from openmind_bench.downstream import transfer
+    from openmind_bench.downstream.settings import checkpoint_architecture
 
     options = dict(settings.nnunet or {})
-    pretrained = transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
+    pretrained = _pretrained_or_none(settings, name)
     patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
-    entry, family = nnplans.architecture(pretrained.plan if pretrained else None, name.architecture,
+    entry, family = nnplans.architecture(pretrained.plan if pretrained else None,
+                                         name.architecture or checkpoint_architecture(settings),
                                          settings.architecture_presets, patch)
     schedule = run_schedule(name, family, name.epochs, settings.steps_per_epoch, settings.schedule_config)
     run = {
@@ -193,7 +195,8 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
             del trainer
         predictions = predict(folder, fold, eval_cases, out / "predictions", device,
                               1.0 - float(settings.sliding_window_overlap))
-    doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold))
+    doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold,
+                                                                            settings.external_checkpoint))
     doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused)
     inference.write(doc, out)
     return "finished"
@@ -241,7 +244,8 @@ def zero_shot(settings, registry, threads: int = 1) -> str:
     with nndata.environment(None, None, source_dir / "nnunet", threads):
         predictions = predict(model, fold, cases, out / "predictions", device_for(threads),
                               1.0 - float(settings.sliding_window_overlap), inputs=inputs)
-    doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold))
+    doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold,
+                                                                     settings.external_checkpoint))
     doc.update(engine="nnunetv2", zero_shot_from=source.name, zero_shot_channels=list(spec.zero_shot_inputs))
     inference.write(doc, out)
     return "finished"
@@ -249,8 +253,9 @@ def zero_shot(settings, registry, threads: int = 1) -> str:
 
 def _pretrained_or_none(settings, name):
     from openmind_bench.downstream import transfer
+    from openmind_bench.downstream.settings import checkpoint_architecture
 
-    return transfer.read_pretrained(settings.checkpoint) if name.pretrained else None
+    return transfer.read_pretrained(settings.checkpoint, checkpoint_architecture(settings)) if name.pretrained else None
 
 
 def _json(path: Path) -> dict:
