@@ -508,6 +508,13 @@ def test_collect_rejects_malformed_external_checkpoint(tmp_path, provenance, mes
         collect([path])
 
 
+def test_collect_rejects_an_external_checkpoint_named_scratch(tmp_path):
+    path = _metrics_json(tmp_path, "seg_a", "r", 0, method="scratch", architecture="ResEncL",
+                         external_checkpoint={**PROVENANCE, "name": "scratch"}, cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match=re.escape(str(path)) + ".*cannot be named 'scratch'"):
+        collect([path])
+
+
 def _external_table(tmp_path):
     root = tmp_path / "d"
     _metrics_json(root, "seg_a", "scratch__ResEncL__150", 0, method="scratch", architecture="ResEncL", epochs=150,

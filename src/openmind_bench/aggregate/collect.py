@@ -152,6 +152,9 @@ def _external_checkpoint(value, method: str, where: str) -> dict | None:
     for key in ("architecture", "check"):
         if value.get(key) is not None and not isinstance(value[key], dict):
             raise CollectError(f"{where}: '{key}' must be an object or null, got {value[key]!r}")
+    if method == SCRATCH:
+        raise CollectError(f"{where}: a from-scratch run ({SCRATCH!r}) has no checkpoint; an external checkpoint "
+                           f"cannot be named {SCRATCH!r}")
     if value["name"].strip() != method:
         raise CollectError(f"{where}: name {value['name']!r} is not the method {method!r} "
                            "(an external run's method is its checkpoint's name)")
