@@ -18,13 +18,16 @@ from openmind_bench.aggregate.cli import register
 from openmind_bench.aggregate.collect import (
     CollectError,
     collect,
+    external_checkpoints,
     find_metrics_files,
+    gather,
+    read_external_checkpoints,
     write_results,
 )
 from openmind_bench.aggregate.ranking import average_rank, leaderboard_position
 from openmind_bench.registry import RegistryError, load_registry, usable_datasets
 from openmind_bench.aggregate.results import dataset_values, read_results
-from openmind_bench.aggregate.table import build_table, render_latex, render_markdown
+from openmind_bench.aggregate.table import build_table, dataset_columns, render_latex, render_markdown
 
 HEADER = "method,architecture,schedule,dataset,metric,value,fold,case\n"
 
@@ -132,7 +135,7 @@ def test_id_ood_means_from_registry(tmp_path, caplog):
     table = build_table(results, usable_datasets(reg))
     a = row(table, "A")
     assert (a.mean_id, a.mean_ood) == (pytest.approx(0.8), pytest.approx(0.5))
-    assert list(table.columns[4:6]) == ["d_2", "d_1"]  # registry order
+    assert dataset_columns(table) == ["d_2", "d_1"]  # registry order
     # One dataset without a domain (an unusable entry): both empty, with a warning naming it.
     reg = registry_file(tmp_path, {"d_1": {"domain": "id"}, "d_2": {"domain": None}})
     with caplog.at_level(logging.WARNING):
@@ -289,7 +292,10 @@ def test_cli_writes_every_output_and_readable_figures(tmp_path):
         width, height = _png_size(path)
         assert width >= 400 and height >= 300 and path.stat().st_size > 15_000, name
     table = pd.read_csv(out / "benchmark_table.csv")
-    assert list(table.columns[:4]) == ["method", "architecture", "schedule", "metric"]
+    assert list(table.columns[:5]) == ["method", "architecture", "schedule", "external", "metric"]
+    assert not table.external.any()  # no external checkpoint: the column is there, all false
+    assert "External checkpoints" not in (out / "benchmark_table.md").read_text()
+    assert r"\dagger" not in (out / "benchmark_table.tex").read_text()
     assert list(table.columns[-5:]) == ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch"]
 
 
@@ -395,6 +401,187 @@ def test_collect_errors_name_the_file(tmp_path):
         collect([one, two])
     with pytest.raises(CollectError, match="no metrics.json"):
         collect([])
+
+
+SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+PROVENANCE = {"name": "mine", "source": "hf://AnonRes/ResEncL-OpenMind-MAE", "kind": "hf", "revision": "v1",
+              "commit": "0123456789abcdef0123456789abcdef01234567", "sha256": SHA, "format": "published repository",
+              "architecture": {"class": "ResidualEncoderUNet", "family": "cnn", "preset": "ResEncL"},
+              "check": {"moved": 310, "left_new": 48, "unexpected": 0, "finetune_patch_size": [160, 160, 160],
+                        "position_embedding": None}}
+
+
+def _external_run(root, dataset, fold, value, provenance=PROVENANCE, suffix="", **fields):
+    name = provenance["name"] if isinstance(provenance, dict) and "name" in provenance else "mine"
+    doc = dict(method=name, architecture="ResEncL", schedule="ft", epochs=150, external_checkpoint=provenance)
+    return _metrics_json(root, dataset, f"{name}__ResEncL__external__ft__150{suffix}", fold,
+                         **{**doc, **fields}, cases=[{"case": "x", "DSC": value}])
+
+
+def test_collect_keeps_low_data_runs_apart_and_compares_them_at_equal_n(tmp_path):
+    root = tmp_path / "d"
+    for n, shift in ((None, 0.0), (20, -0.3)):
+        suffix, extra = (f"__n{n}", {"low_data_n": n}) if n else ("", {})
+        _metrics_json(root, "seg_a", f"scratch__cnn__150{suffix}", 0, method="scratch", architecture="cnn",
+                      epochs=150, **extra, cases=[{"case": "x", "DSC": 0.6 + shift}])
+        _metrics_json(root, "seg_a", f"mae__cnn__om__ft__150{suffix}", 0, method="mae", architecture="cnn",
+                      schedule="ft", selection="om", epochs=150, **extra, cases=[{"case": "x", "DSC": 0.7 + shift}])
+    # A low-data file written before `low_data_n` existed: N from the run name.
+    _metrics_json(root, "seg_b", "mae__cnn__om__ft__150__n20", 0, method="mae", architecture="cnn",
+                  schedule="ft", selection="om", epochs=150, cases=[{"case": "x", "DSC": 0.6}])
+    collected = gather(find_metrics_files(root))
+    runs = set(zip(collected.long.method, collected.long.architecture, collected.long.schedule))
+    assert runs == {("scratch", "cnn", "none"), ("mae", "cnn", "ft"),
+                    ("scratch", "cnn (n=20)", "none"), ("mae", "cnn (n=20)", "ft")}
+    assert set(collected.long[collected.long.dataset == "seg_b"].architecture) == {"cnn (n=20)"}
+    low = collected.runs[collected.runs.architecture == "cnn (n=20)"]
+    assert set(low.low_data_n) == {20} and set(low.base_architecture) == {"cnn"}
+    table = build_table(collected.long, {})
+    assert row(table, "mae", architecture="cnn").delta_scratch == pytest.approx(0.1)
+    # (0.4 + 0.6) / 2 against scratch at n=20 (0.3), not the full scratch run (0.6)
+    assert row(table, "mae", architecture="cnn (n=20)").delta_scratch == pytest.approx(0.2)
+    # With several epoch counts the budget reads "(epochs, n)".
+    _metrics_json(root, "seg_a", "scratch__cnn__1000__n20", 0, method="scratch", architecture="cnn", epochs=1000,
+                  low_data_n=20, cases=[{"case": "x", "DSC": 0.5}])
+    assert "cnn (1000 ep, n=20)" in set(collect(find_metrics_files(root)).architecture)
+
+
+@pytest.mark.parametrize("value, run, message", [
+    ("20", None, "'low_data_n' must be a positive integer, got '20'"),
+    (0, None, "'low_data_n' must be a positive integer, got 0"),
+    (True, None, "'low_data_n' must be a positive integer, got True"),
+    (10, "scratch__cnn__150__n20", "'low_data_n' is 10 but the run name 'scratch__cnn__150__n20' says n=20"),
+])
+def test_collect_rejects_bad_low_data_n(tmp_path, value, run, message):
+    path = _metrics_json(tmp_path, "seg_a", run or "r", 0, method="scratch", architecture="cnn", low_data_n=value,
+                         cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match=re.escape(str(path)) + ".*" + re.escape(message)):
+        collect([path])
+
+
+def test_collect_exposes_external_checkpoints_untagged(tmp_path):
+    root = tmp_path / "d"
+    for selection in ("all", "t1"):  # several selections: our runs are tagged, the external one is not
+        _metrics_json(root, "seg_a", f"mae__ResEncL__{selection}__ft__150", 0, method="mae", architecture="ResEncL",
+                      schedule="ft", selection=selection, epochs=150, cases=[{"case": "x", "DSC": 0.6}])
+    for fold in (0, 1):
+        _external_run(root, "seg_a", fold, 0.7)
+    paths = find_metrics_files(root)
+    collected = gather(paths)
+    assert set(collected.long.method) == {"mae [all]", "mae [t1]", "mine"}
+    assert external_checkpoints(paths) == collected.external == {
+        "mine": {k: PROVENANCE[k] for k in ("name", "source", "kind", "revision", "commit", "sha256", "format",
+                                            "architecture")}}
+    assert collected.runs.set_index("method").external.to_dict() == {"mae [all]": False, "mae [t1]": False,
+                                                                     "mine": True}
+
+
+def test_collect_refuses_two_checkpoints_under_one_name(tmp_path):
+    root = tmp_path / "d"
+    first = _external_run(root, "seg_a", 0, 0.7)
+    second = _external_run(root, "seg_b", 0, 0.7, provenance={**PROVENANCE, "sha256": "0" * 64})
+    with pytest.raises(CollectError, match=re.escape(f"{first} and {second}") + ".*differ in sha256"):
+        collect([first, second])
+    own = _metrics_json(root, "seg_c", "mine__ResEncL__om__ft__150", 0, method="mine", architecture="ResEncL",
+                        schedule="ft", selection="om", epochs=150, cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match=re.escape(f"{first} holds a run of external checkpoint 'mine' but {own}")):
+        collect([first, own])
+
+
+@pytest.mark.parametrize("provenance, message", [
+    ("hf://AnonRes/ResEncL-OpenMind-MAE", "must be an object with at least 'name' and 'source'"),
+    ({"name": "mine"}, "'source' is missing or not a non-empty string"),
+    ({"name": "mine", "source": "  "}, "'source' is missing or not a non-empty string"),
+    ({"source": "/ckpt.pth"}, "'name' is missing or not a non-empty string"),
+    ({"name": "other", "source": "/ckpt.pth"}, "name 'other' is not the method 'mine'"),
+    ({**PROVENANCE, "sha256": "ABC"}, "'sha256' 'ABC' is not 64 lower-case hexadecimal digits"),
+    ({**PROVENANCE, "kind": "s3"}, "'kind' is 's3', expected one of"),
+    ({**PROVENANCE, "revision": 3}, "'revision' must be a string or null, got 3"),
+    ({**PROVENANCE, "architecture": "ResEncL"}, "'architecture' must be an object or null"),
+    ({**PROVENANCE, "check": [1, 2]}, "'check' must be an object or null"),
+])
+def test_collect_rejects_malformed_external_checkpoint(tmp_path, provenance, message):
+    path = _metrics_json(tmp_path, "seg_a", "r", 0, method="mine", architecture="ResEncL", schedule="ft",
+                         external_checkpoint=provenance, cases=[{"case": "x", "DSC": 0.5}])
+    where = re.escape(f"{path}: field 'external_checkpoint'")
+    with pytest.raises(CollectError, match=where + ".*" + re.escape(message)):
+        collect([path])
+
+
+def test_collect_rejects_an_external_checkpoint_named_scratch(tmp_path):
+    path = _metrics_json(tmp_path, "seg_a", "r", 0, method="scratch", architecture="ResEncL",
+                         external_checkpoint={**PROVENANCE, "name": "scratch"}, cases=[{"case": "x", "DSC": 0.5}])
+    with pytest.raises(CollectError, match=re.escape(str(path)) + ".*cannot be named 'scratch'"):
+        collect([path])
+
+
+def _external_table(tmp_path):
+    root = tmp_path / "d"
+    _metrics_json(root, "seg_a", "scratch__ResEncL__150", 0, method="scratch", architecture="ResEncL", epochs=150,
+                  cases=[{"case": "x", "DSC": 0.6}])
+    _metrics_json(root, "seg_a", "mae__ResEncL__om__ft__150", 0, method="mae", architecture="ResEncL",
+                  schedule="ft", selection="om", epochs=150, cases=[{"case": "x", "DSC": 0.65}])
+    _external_run(root, "seg_a", 0, 0.7, provenance={**PROVENANCE, "source": "/data/ssl/a_b|c.pth"})
+    return root
+
+
+def test_tables_mark_external_rows_and_list_their_sources(tmp_path):
+    collected = gather(find_metrics_files(_external_table(tmp_path)))
+    table = build_table(collected.long, {}, collected.external)
+    assert table.set_index("method").external.to_dict() == {"mae": False, "mine": True, "scratch": False}
+    md = render_markdown(table, collected.external)
+    rows = {r[0]: r for r in _md_block(md, "Dice")[1:]}
+    assert set(rows) == {"scratch", "mae", "mine†"}
+    note = md.split("## External checkpoints")[1]
+    assert ("- mine: source `/data/ssl/a_b|c.pth`; revision `v1`; commit `0123456789abcdef0123456789abcdef01234567`;"
+            " sha256 `9f86d081884c`; format: published repository") in note
+    tex = render_latex(table, collected.external)
+    assert _unescaped(tex, "{") == _unescaped(tex, "}")
+    assert r"mine$^\dagger$ &" in tex and r"mae &" in tex
+    assert r"\textbf{mine}: source \texttt{/data/ssl/a\_b|c.pth}, revision \texttt{v1}" in tex
+    assert r"sha256 \texttt{9f86d081884c}, format published repository}" in tex
+    assert tex.index(r"\end{tabular}") < tex.index(r"\textbf{mine}") < tex.index(r"\end{table}")
+    # Without external checkpoints nothing is marked and there is no note.
+    plain = render_markdown(build_table(collected.long, {}), {})
+    assert "†" not in plain and "External checkpoints" not in plain
+
+
+def test_cli_keeps_the_external_marks_through_the_long_csv(tmp_path):
+    root = _external_table(tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    out = tmp_path / "bench"
+    args = parser.parse_args(["benchmark-table", "--root", str(root), "--out", str(out), "--bootstrap", "5",
+                              "--registry", str(tmp_path / "absent.yaml")])
+    assert args.func(args) == 0
+    assert "- mine: source `/data/ssl/a_b|c.pth`" in (out / "benchmark_table.md").read_text()
+    assert pd.read_csv(out / "benchmark_table.csv").set_index("method").external.to_dict()["mine"]
+    # The same through collect-results + aggregate, provenance carried by --external-out.
+    args = parser.parse_args(["collect-results", "--root", str(root), "--out", str(tmp_path / "long.csv"),
+                              "--external-out", str(tmp_path / "external.json")])
+    assert args.func(args) == 0
+    args = parser.parse_args(["aggregate", "--results", str(tmp_path / "long.csv"), "--out", str(tmp_path / "agg"),
+                              "--bootstrap", "5", "--external-checkpoints", str(tmp_path / "external.json"),
+                              "--registry", str(tmp_path / "absent.yaml")])
+    assert args.func(args) == 0
+    assert (tmp_path / "agg" / "benchmark_table.md").read_text() == (out / "benchmark_table.md").read_text()
+
+
+def test_external_checkpoints_file_is_checked(tmp_path, capsys):
+    bad = tmp_path / "external.json"
+    bad.write_text(json.dumps({"mine": {"name": "mine", "source": "/x.pth", "sha256": "nope"}}))
+    with pytest.raises(CollectError, match=re.escape(f"{bad}: entry 'mine'") + ".*'sha256' 'nope'"):
+        read_external_checkpoints(bad)
+    bad.write_text("[1]")
+    with pytest.raises(CollectError, match="top level must be an object"):
+        read_external_checkpoints(bad)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    results = write(tmp_path, TIES)
+    args = parser.parse_args(["aggregate", "--results", str(results), "--out", str(tmp_path / "o"),
+                              "--external-checkpoints", str(tmp_path / "absent.json")])
+    assert args.func(args) == 2
+    assert "absent.json: cannot read the external checkpoints file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ figures

@@ -191,3 +191,38 @@ def test_classification_metrics_json_and_run_identity(tmp_path):
     write_metrics(bad, tmp_path / "bad.json")
     with pytest.raises(CollectError, match=r"bad\.json: .*DSC.* = 1\.5 is outside \[0, 1\]"):
         read_metrics_json(tmp_path / "bad.json")
+
+
+def test_low_data_and_external_checkpoint_identity_round_trip(tmp_path):
+    provenance = {"name": "mine", "source": "hf://AnonRes/ResEncL-OpenMind-MAE", "kind": "hf", "revision": None,
+                  "commit": "0123456789abcdef0123456789abcdef01234567", "sha256": "ab" * 32,
+                  "format": "published repository",
+                  "architecture": {"class": "ResidualEncoderUNet", "family": "cnn", "constructor": "resenc_l",
+                                   "preset": "ResEncL"},
+                  "check": {"moved": 310, "left_new": 48, "unexpected": 0, "finetune_patch_size": [160, 160, 160],
+                            "position_embedding": None}}
+    run = RunIdentity(dataset="ABI", method="mine", architecture="ResEncL", fold=0, schedule="sawtooth", epochs=150,
+                      run="mine__ResEncL__external__sawtooth__150__n20", low_data_n=20, external_checkpoint=provenance)
+    doc = classification_document(run, ["s1", "s2"], [0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    write_metrics(doc, tmp_path / "metrics.json")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["low_data_n"] == 20 and written["external_checkpoint"] == provenance  # null revision kept
+    assert "selection" not in written
+    parsed = read_metrics_json(tmp_path / "metrics.json")["run"]
+    assert parsed["low_data_n"] == 20 and parsed["external_checkpoint"]["sha256"] == "ab" * 32
+    # Our own full-data runs write neither field, so earlier readers see what they always saw.
+    plain = classification_document(RunIdentity(dataset="ABI", method="scratch", architecture="ResEncL", fold=0),
+                                    ["s1"], [0], np.array([[0.9, 0.1]]), ["a", "b"])
+    assert "low_data_n" not in plain and "external_checkpoint" not in plain
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"low_data_n": 0}, "low_data_n must be a positive integer"),
+    ({"low_data_n": "20"}, "low_data_n must be a positive integer"),
+    ({"external_checkpoint": "hf://x/y"}, "must be an object with a source"),
+    ({"external_checkpoint": {"name": "mine"}}, "must be an object with a source"),
+    ({"external_checkpoint": {"name": "other", "source": "/c.pth"}}, "name 'other' is not the method 'mine'"),
+])
+def test_run_identity_rejects_bad_low_data_and_external_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RunIdentity(dataset="D", method="mine", architecture="ResEncL", fold=0, schedule="ft", **fields)

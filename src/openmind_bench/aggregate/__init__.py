@@ -2,7 +2,8 @@
 
 `run` is the whole stage (what `openmind-bench aggregate` calls). It writes into `out`:
 
-- `benchmark_table.csv` (unrounded), `benchmark_table.md`, `benchmark_table.tex`
+- `benchmark_table.csv` (unrounded; `external` marks external checkpoints' rows),
+  `benchmark_table.md`, `benchmark_table.tex` (external rows with a dagger, their sources below)
 - `ranks_bootstrap.csv`: per run and metric, how many datasets were resampled or held fixed, the
   observed leaderboard position, its bootstrap mean, std and 95% interval, and the share of
   samples at each position (`share_rank_k`)
@@ -63,13 +64,15 @@ def run(
     registry: str | Path | None,
     bootstrap_samples: int,
     seed: int,
+    external: dict[str, dict] | None = None,
 ) -> Outputs:
-    """Read RESULTS.csv and write every aggregation output into `out`."""
+    """Read RESULTS.csv and write every aggregation output into `out`; `external`: {method label:
+    provenance} of the external checkpoints among the runs (`collect.Collected.external`)."""
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
     from openmind_bench.aggregate.results import read_results
-    from openmind_bench.aggregate.table import STAT_COLUMNS, build_table, render_latex, render_markdown
+    from openmind_bench.aggregate.table import build_table, dataset_columns, render_latex, render_markdown
     from openmind_bench.registry import usable_datasets
 
     out = Path(out)
@@ -84,12 +87,12 @@ def run(
         sorted(frame.metric.unique(), key=METRICS.index),
     )
 
-    table = build_table(frame, datasets_registry)
+    table = build_table(frame, datasets_registry, external)
     _write_csv(paths.table_csv, table)
-    _write_utf8(paths.table_md, render_markdown(table))
-    _write_utf8(paths.table_tex, render_latex(table))
+    _write_utf8(paths.table_md, render_markdown(table, external))
+    _write_utf8(paths.table_tex, render_latex(table, external))
 
-    dataset_order = [c for c in table.columns[4:] if c not in STAT_COLUMNS]
+    dataset_order = dataset_columns(table)
     log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
     boot = bootstrap(frame, bootstrap_samples, seed, dataset_order=dataset_order)
     _write_csv(paths.ranks, boot.ranks)
@@ -113,5 +116,6 @@ def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bo
 
     out = Path(out)
     results_csv = Path(results_csv) if results_csv else out / "results_long.csv"
-    write_results(list(metrics), results_csv)
-    return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed)
+    collected = write_results(list(metrics), results_csv)
+    return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed,
+               external=collected.external)

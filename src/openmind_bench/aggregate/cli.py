@@ -1,4 +1,4 @@
-"""`openmind-bench aggregate` and `openmind-bench collect-results`."""
+"""`openmind-bench aggregate`, `collect-results`, `benchmark-table` and `scorecard`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def register(subparsers) -> None:
         "if absent, the ID/OOD means stay empty",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--external-checkpoints", type=Path,
+                   help="the external checkpoints' provenance that `collect-results --external-out` wrote: "
+                   "their rows are marked and their sources listed below the tables")
     p.add_argument("--bootstrap", type=_positive, default=section["bootstrap_samples"],
                    help=f"bootstrap samples (default: {section['bootstrap_samples']})")
     p.add_argument("--seed", type=_non_negative, default=section["seed"], help=f"bootstrap seed (default: {section['seed']})")
@@ -62,6 +65,9 @@ def register(subparsers) -> None:
         help="also take every {dataset}/{run}/fold_{k}/metrics.json below this folder (e.g. results/downstream)",
     )
     c.add_argument("--out", required=True, type=Path, help="results CSV to write")
+    c.add_argument("--external-out", type=Path,
+                   help="also write the external checkpoints' provenance ({method label: provenance}, JSON) here, "
+                   "for `aggregate --external-checkpoints`")
     c.set_defaults(func=collect_command)
 
     b = subparsers.add_parser(
@@ -75,14 +81,31 @@ def register(subparsers) -> None:
     b.add_argument("--seed", type=_non_negative, default=section["seed"])
     b.set_defaults(func=benchmark_table_command)
 
+    s = subparsers.add_parser(
+        "scorecard",
+        help="one external checkpoint against the scratch baselines of its architecture (CSV + Markdown)",
+        description="Write OUT_DIR/scorecard_{NAME}.csv and .md from the checkpoint's metrics.json files and "
+        "those of the scratch runs of its architecture (other runs among METRICS are left out).",
+    )
+    s.add_argument("metrics", nargs="*", type=Path, help="metrics.json files")
+    s.add_argument("--root", type=Path, help="also take every {dataset}/{run}/fold_{k}/metrics.json below this folder")
+    s.add_argument("--checkpoint", required=True, help="the external checkpoint's name (config `checkpoints`)")
+    s.add_argument("--out-dir", required=True, type=Path, help="output directory")
+    s.add_argument("--registry", type=Path, default=Path(registry),
+                   help=f"dataset registry giving ID/OOD domains (default: {registry}; if absent, no ID/OOD means)")
+    s.set_defaults(func=scorecard_command)
+
 
 def aggregate_command(args: argparse.Namespace) -> int:
     from openmind_bench.aggregate import ResultsFormatError, run
+    from openmind_bench.aggregate.collect import CollectError, read_external_checkpoints
     from openmind_bench.registry import RegistryError
 
     try:
-        run(args.results, args.out, registry=args.registry, bootstrap_samples=args.bootstrap, seed=args.seed)
-    except (ResultsFormatError, RegistryError) as e:
+        external = read_external_checkpoints(args.external_checkpoints) if args.external_checkpoints else None
+        run(args.results, args.out, registry=args.registry, bootstrap_samples=args.bootstrap, seed=args.seed,
+            external=external)
+    except (CollectError, ResultsFormatError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -99,7 +122,7 @@ def collect_command(args: argparse.Namespace) -> int:
     if args.root is not None:
         paths += find_metrics_files(args.root)
     try:
-        write_results(sorted(set(paths)), args.out)
+        write_results(sorted(set(paths)), args.out, external_out=args.external_out)
     except CollectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -115,6 +138,24 @@ def benchmark_table_command(args: argparse.Namespace) -> int:
         benchmark_table(find_metrics_files(args.root), args.out, registry=args.registry,
                         bootstrap_samples=args.bootstrap, seed=args.seed)
     except (CollectError, ResultsFormatError, RegistryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def scorecard_command(args: argparse.Namespace) -> int:
+    from openmind_bench.aggregate.collect import CollectError, find_metrics_files
+    from openmind_bench.aggregate.scorecard import ScorecardError, scorecard_paths, write_scorecard
+    from openmind_bench.registry import RegistryError
+
+    paths = list(args.metrics)
+    if args.root is not None:
+        paths += find_metrics_files(args.root)
+    out_csv, out_md = scorecard_paths(args.out_dir, args.checkpoint)
+    try:
+        write_scorecard(sorted(set(paths)), args.checkpoint, out_csv, out_md,
+                        registry=args.registry)
+    except (CollectError, ScorecardError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

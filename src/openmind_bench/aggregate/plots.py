@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 
 from openmind_bench.aggregate.ranking import dataset_ranks
 from openmind_bench.aggregate.results import RUN_KEY, run_label
-from openmind_bench.aggregate.table import METRIC_TITLES, STAT_COLUMNS
+from openmind_bench.aggregate.table import METRIC_TITLES, dataset_columns
 from openmind_bench.names import SCRATCH
 
 DPI = 120
@@ -57,7 +57,7 @@ def _save(fig: Figure, path: Path) -> Figure:
 def heatmap(table: pd.DataFrame, metric: str, path: Path) -> Figure:
     """Runs x datasets; cell text = value (%), colour = rank among runs in that column."""
     rows = table[table.metric == metric].reset_index(drop=True)
-    datasets = [c for c in table.columns if c not in {*RUN_KEY, "metric", *STAT_COLUMNS} and rows[c].notna().any()]
+    datasets = [c for c in dataset_columns(table) if rows[c].notna().any()]
     columns = [*datasets, "mean"]
     values = rows[columns].to_numpy(dtype=float) * 100
     ranks = dataset_ranks(values)

@@ -3,12 +3,18 @@
 `build_table` returns one row per (method, architecture, schedule, metric), unrounded and in the
 input's scale (fractions); `render_markdown` and `render_latex` show percentages with two decimals
 and the best value of every column in bold, one table per metric, as the papers do.
+
+External checkpoints (`collect.Collected.external`, {method label: provenance}) are passed to each
+of them: the table's `external` column says which rows are theirs, the renderings put a dagger after
+their method and list their sources (name, source, revision and commit, sha256 prefix, format)
+below the tables.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -21,6 +27,9 @@ from openmind_bench.registry import DatasetSpec, ordered_datasets
 log = logging.getLogger(__name__)
 
 STAT_COLUMNS = ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch"]
+# The columns before the datasets: the run, whether it is an external checkpoint's, the metric.
+ROW_COLUMNS = [*RUN_KEY, "external", "metric"]
+SHA256_SHOWN = 12  # hex digits of a checkpoint's sha256 shown below the tables
 METRIC_TITLES = {
     "DSC": "Dice similarity coefficient (DSC, %)",
     "NSD": "Normalised surface distance (NSD, %)",
@@ -41,11 +50,18 @@ def metric_matrix(values: pd.Series, metric: str, datasets: list[str]) -> pd.Dat
     return wide.loc[run_order(wide.index)]
 
 
-def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec]) -> pd.DataFrame:
-    """The benchmark table from a validated results frame (see `results.validate`)."""
+def dataset_columns(table: pd.DataFrame) -> list[str]:
+    """The dataset columns of a benchmark table, in table order."""
+    return [c for c in table.columns if c not in {*ROW_COLUMNS, *STAT_COLUMNS}]
+
+
+def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec],
+                external: Mapping[str, dict] | None = None) -> pd.DataFrame:
+    """The benchmark table from a validated results frame (see `results.validate`); `external`: the
+    external checkpoints' method labels (their rows get `external` True)."""
     values = dataset_values(frame)
     datasets = ordered_datasets(frame.dataset.unique(), registry)
-    clash = sorted(set(datasets) & {*RUN_KEY, "metric", *STAT_COLUMNS})
+    clash = sorted(set(datasets) & {*ROW_COLUMNS, *STAT_COLUMNS})
     if clash:
         raise ResultsFormatError(f"dataset name(s) {clash} clash with benchmark table column names")
 
@@ -64,7 +80,8 @@ def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec]) -> pd.Dat
         block.insert(0, "metric", metric)
         blocks.append(block.reset_index())
     table = pd.concat(blocks, ignore_index=True)
-    return table.reindex(columns=[*RUN_KEY, "metric", *datasets, *STAT_COLUMNS])
+    table["external"] = table.method.isin(list(external or {}))
+    return table.reindex(columns=[*ROW_COLUMNS, *datasets, *STAT_COLUMNS])
 
 
 def _warn_missing(metric: str, wide: pd.DataFrame) -> None:
@@ -98,21 +115,26 @@ def _domain_columns(metric: str, datasets: list[str], registry: dict[str, Datase
     return {dom: [d for d in datasets if registry[d].domain == dom] for dom in ("id", "ood")}
 
 
-def _delta_scratch(metric: str, means: pd.Series) -> pd.Series:
-    """mean minus the mean of the from-scratch row of the same architecture (and metric).
+def scratch_references(run: tuple, runs) -> list[tuple]:
+    """The from-scratch runs `run` (method, architecture, schedule) may be compared with: those of the
+    same architecture label (which holds the epochs and low-data N, see `collect`), narrowed to the
+    same schedule label when there are several. Exactly one is the reference; none or several: no
+    comparison. Scratch runs are the references themselves (none)."""
+    if run[0] == SCRATCH:
+        return []
+    refs = [r for r in runs if r[0] == SCRATCH and r[1] == run[1]]
+    if len(refs) > 1:
+        refs = [r for r in refs if r[2] == run[2]] or refs
+    return refs
 
-    With several scratch rows for one architecture, the one with the same schedule label is used;
-    without such a row the delta stays empty. Scratch rows are the reference and stay empty.
-    """
+
+def _delta_scratch(metric: str, means: pd.Series) -> pd.Series:
+    """mean minus the mean of the from-scratch row of the same architecture (and metric); see
+    `scratch_reference`. Without a single reference the delta stays empty."""
     delta = pd.Series(np.nan, index=means.index)
-    scratch = [r for r in means.index if r[0] == SCRATCH]
     ambiguous = set()
     for run in means.index:
-        if run[0] == SCRATCH:
-            continue
-        refs = [r for r in scratch if r[1] == run[1]]
-        if len(refs) > 1:
-            refs = [r for r in refs if r[2] == run[2]] or refs
+        refs = scratch_references(run, means.index)
         if len(refs) == 1:
             delta[run] = means[run] - means[refs[0]]
         elif len(refs) > 1:
@@ -145,9 +167,10 @@ class _Block:
     rows: pd.DataFrame
     cells: list[list[str]]  # formatted text, one list per row
     bold: list[list[bool]]
+    external: list[bool]  # per row: an external checkpoint's (marked with a dagger)
 
 
-def _format(value, kind: str) -> str:
+def format_value(value, kind: str) -> str:
     if kind == "text":
         return str(value)
     if pd.isna(value):
@@ -159,9 +182,9 @@ def _format(value, kind: str) -> str:
     return f"{100 * value:.2f}"
 
 
-def _blocks(table: pd.DataFrame) -> list[_Block]:
+def _blocks(table: pd.DataFrame, external: Mapping[str, dict]) -> list[_Block]:
     blocks = []
-    dataset_cols = [c for c in table.columns if c not in {*RUN_KEY, "metric", *STAT_COLUMNS}]
+    dataset_cols = dataset_columns(table)
     for metric in [m for m in METRIC_TITLES if (table.metric == m).any()]:
         rows = table[table.metric == metric].reset_index(drop=True)
         columns = [_Column("method", "Method", "text"), _Column("architecture", "Architecture", "text"),
@@ -174,26 +197,55 @@ def _blocks(table: pd.DataFrame) -> list[_Block]:
         if rows["delta_scratch"].notna().any():
             columns.append(_Column("delta_scratch", "Δ scratch", "delta"))
 
-        cells = [[_format(row[c.key], c.kind) for c in columns] for _, row in rows.iterrows()]
+        cells = [[format_value(row[c.key], c.kind) for c in columns] for _, row in rows.iterrows()]
         bold = [[False] * len(columns) for _ in range(len(rows))]
         for j, col in enumerate(columns):
             if col.kind == "text" or rows[col.key].isna().all():
                 continue
             best = rows[col.key].min() if col.kind == "rank" else rows[col.key].max()
             # Bold every cell that reads the same as the best at two decimals.
-            shown_best = _format(best, col.kind)
+            shown_best = format_value(best, col.kind)
             for i in range(len(rows)):
                 bold[i][j] = cells[i][j] == shown_best
-        blocks.append(_Block(metric, columns, rows, cells, bold))
+        blocks.append(_Block(metric, columns, rows, cells, bold, rows.method.isin(list(external)).tolist()))
     return blocks
 
 
-def _md_escape(text: str) -> str:
+def provenance_items(provenance: Mapping) -> list[tuple[str, str]]:
+    """(what, value) pairs naming an external checkpoint below a table: source, revision, commit,
+    sha256 (its first SHA256_SHOWN digits) and format, those that are known."""
+    items = [("source", provenance.get("source")), ("revision", provenance.get("revision")),
+             ("commit", provenance.get("commit")),
+             ("sha256", provenance["sha256"][:SHA256_SHOWN] if provenance.get("sha256") else None),
+             ("format", provenance.get("format"))]
+    return [(what, str(value)) for what, value in items if value]
+
+
+def _present_external(block_or_table, external: Mapping[str, dict]) -> list[str]:
+    return [name for name in sorted(external) if (block_or_table.method == name).any()]
+
+
+def _md_code(text: str) -> str:
+    # A code span shows a path or URL as written; a longer fence when the text holds backticks.
+    fence = "``" if "`" in text else "`"
+    return f"{fence}{text}{fence}" if fence == "`" else f"{fence} {text} {fence}"
+
+
+def markdown_provenance(name: str, provenance: Mapping) -> str:
+    """One external checkpoint as a Markdown list item: its name, then `provenance_items`."""
+    parts = [f"{what} {_md_code(value)}" if what != "format" else f"format: {md_escape(value)}"
+             for what, value in provenance_items(provenance)]
+    return f"- {md_escape(name)}: " + "; ".join(parts)
+
+
+def md_escape(text: str) -> str:
     # Intra-word underscores are literal in CommonMark, so names like resenc_l stay readable.
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
 
 
-def render_markdown(table: pd.DataFrame) -> str:
+def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = None) -> str:
+    """The tables in Markdown; `external`: {method label: provenance} of external checkpoints."""
+    external = external or {}
     out = [
         "# Benchmark table",
         "",
@@ -202,16 +254,23 @@ def render_markdown(table: pd.DataFrame) -> str:
         "dataset (1 = best, ties share the mean rank; lower is better). Δ scratch: Mean minus the "
         "from-scratch Mean of the same architecture, in percentage points. –: missing.",
     ]
-    for block in _blocks(table):
+    for block in _blocks(table, external):
         out += ["", f"## {METRIC_TITLES[block.metric]}", ""]
-        out.append("| " + " | ".join(_md_escape(c.header) for c in block.columns) + " |")
+        out.append("| " + " | ".join(md_escape(c.header) for c in block.columns) + " |")
         out.append("|" + "|".join(":---" if c.kind == "text" else "---:" for c in block.columns) + "|")
-        for cells, bold in zip(block.cells, block.bold):
+        for cells, bold, is_external in zip(block.cells, block.bold, block.external):
             shown = []
-            for text, b in zip(cells, bold):
-                text = _md_escape(text) if text else "–"
-                shown.append(f"**{text}**" if b else text)
+            for text, b, column in zip(cells, bold, block.columns):
+                text = md_escape(text) if text else "–"
+                text = f"**{text}**" if b else text
+                shown.append(f"{text}†" if is_external and column.key == "method" else text)
             out.append("| " + " | ".join(shown) + " |")
+    present = _present_external(table, external)
+    if present:
+        out += ["", "## External checkpoints", "",
+                "† Rows of checkpoints this workflow did not pre-train (config `checkpoints`), fine-tuned "
+                "like its own; sha256: the first 12 hexadecimal digits of the checkpoint file's.", ""]
+        out += [markdown_provenance(name, external[name]) for name in present]
     return "\n".join(out) + "\n"
 
 
@@ -235,10 +294,18 @@ def _tex_cell(text: str, kind: str, bold: bool) -> str:
     return rf"\textbf{{{text}}}" if bold else text
 
 
-def render_latex(table: pd.DataFrame) -> str:
-    """One booktabs `table` per metric; needs \\usepackage{booktabs} in the preamble."""
+def _tex_provenance(name: str, provenance: Mapping) -> str:
+    parts = [f"{what} " + (tex_escape(value) if what == "format" else rf"\texttt{{{tex_escape(value)}}}")
+             for what, value in provenance_items(provenance)]
+    return rf"\textbf{{{tex_escape(name)}}}: " + ", ".join(parts)
+
+
+def render_latex(table: pd.DataFrame, external: Mapping[str, dict] | None = None) -> str:
+    """One booktabs `table` per metric; needs \\usepackage{booktabs} in the preamble. `external`:
+    {method label: provenance}; their rows get a dagger and their sources a note below the tabular."""
+    external = external or {}
     out = ["% Benchmark table, generated by `openmind-bench aggregate`. Needs \\usepackage{booktabs}."]
-    for block in _blocks(table):
+    for block in _blocks(table, external):
         spec = "".join("l" if c.kind == "text" else "r" for c in block.columns)
         headers = [r"$\Delta$ scratch" if c.kind == "delta" else tex_escape(c.header) for c in block.columns]
         title = tex_escape(METRIC_TITLES[block.metric])
@@ -263,6 +330,16 @@ def render_latex(table: pd.DataFrame) -> str:
                 out.append(r"\midrule")
             previous_arch = arch
             row = [_tex_cell(t, c.kind, b) for t, c, b in zip(cells, block.columns, bold)]
+            if block.external[i]:
+                row[0] += r"$^\dagger$"
             out.append(" & ".join(row) + r" \\")
-        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        out += [r"\bottomrule", r"\end{tabular}"]
+        present = _present_external(block.rows, external)
+        if present:
+            # Inside the float, so the sources stay below their table wherever LaTeX places it.
+            out += [r"\par\smallskip", r"\parbox{\linewidth}{\raggedright $^\dagger$External checkpoints "
+                    r"(sha256: first 12 hexadecimal digits).\\"]
+            out += [_tex_provenance(name, external[name]) + (r"\\" if k < len(present) - 1 else "}")
+                    for k, name in enumerate(present)]
+        out.append(r"\end{table}")
     return "\n".join(out) + "\n"

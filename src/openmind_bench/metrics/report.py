@@ -6,6 +6,11 @@ The shape is the one `openmind_bench.aggregate.collect` documents: run identity 
 as JSON null and left out of every mean. Per-class values ride along under `per_class`; the
 aggregation ignores them. Classification runs carry balanced accuracy and AUROC in `summary` only
 (they are not per-case quantities); their cases hold label, prediction and probabilities.
+
+Two identity fields are written only when set, so files of earlier versions stay valid:
+`low_data_n` (a low-data run, name ending `__n{N}`, trained on N cases) and `external_checkpoint`
+(the provenance of an external checkpoint's run; its `method` is the checkpoint's name, its
+`architecture` the one its scratch baseline uses, its `selection` null).
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from openmind_bench.metrics.classification import classification_metrics
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """Who produced the predictions; `schedule` may only be missing for from-scratch runs."""
+    """Who produced the predictions; `schedule` may only be missing for from-scratch runs.
+
+    `external_checkpoint`: {"name", "source", "kind", "revision", "commit", "sha256", "format",
+    "architecture": {...}, "check": {...}} as `openmind_bench.aggregate.collect` documents it.
+    """
 
     dataset: str
     method: str
@@ -37,6 +46,8 @@ class RunIdentity:
     schedule: str | None = None
     selection: str | None = None
     epochs: int | None = None
+    low_data_n: int | None = None
+    external_checkpoint: dict | None = None
 
     def __post_init__(self):
         for key in ("dataset", "method", "architecture"):
@@ -46,6 +57,21 @@ class RunIdentity:
             raise ValueError("run identity: fold is empty")
         if self.schedule is None and self.method != SCRATCH:
             raise ValueError(f"run identity: method {self.method!r} needs a schedule (only {SCRATCH!r} runs may omit it)")
+        if self.low_data_n is not None and (isinstance(self.low_data_n, bool) or not isinstance(self.low_data_n, int)
+                                            or self.low_data_n < 1):
+            raise ValueError(f"run identity: low_data_n must be a positive integer, got {self.low_data_n!r}")
+        if self.external_checkpoint is not None:
+            self._check_external_checkpoint()
+
+    def _check_external_checkpoint(self) -> None:
+        # The full shape is checked where the file is read (aggregate.collect); here only what would
+        # make the run unattributable: no source, or a method that is not the checkpoint's name.
+        ckpt = self.external_checkpoint
+        if not isinstance(ckpt, dict) or not str(ckpt.get("source") or "").strip():
+            raise ValueError(f"run identity: external_checkpoint must be an object with a source, got {ckpt!r}")
+        if ckpt.get("name") != self.method:
+            raise ValueError(f"run identity: external_checkpoint name {ckpt.get('name')!r} is not the method "
+                             f"{self.method!r} (an external run's method is its checkpoint's name)")
 
 
 def _clean(value):
