@@ -156,11 +156,21 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
     stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
     assert set(dwi_maps.image_id) <= set(stored.image_id)
-    # scratch + simclr x {default, frozen} on the three demo downstream sets, per-case metrics each
-    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
-    # `all` ends in the benchmark tables
+    # scratch + simclr and the hub-served MAE x {default, frozen} on the three demo downstream sets
+    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 15
+    # `all` ends in the benchmark tables, the external checkpoint's rows marked, its source listed
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
-    assert {"scratch", "simclr"} <= set(table.method) and len(list((work / "results/benchmark/plots").glob("*.png")))
+    assert {"scratch", "simclr", "demo-hub-mae"} <= set(table.method)
+    assert set(table[table.external].method) == {"demo-hub-mae"} and len(list((work / "results/benchmark/plots").glob("*.png")))
+    # ... read back through huggingface_hub from the demo's hub cache, at the commit placed there
+    commit = (work / "results/demo_hub/models--openmind-demo--ResEncTiny-demo-MAE/refs/main").read_text()
+    assert f"commit `{commit}`" in (work / "results/benchmark/benchmark_table.md").read_text()
+    external = json.loads((work / "results/downstream/DemoLesionT1/demo-hub-mae__frozen__2/fold_test/metrics.json")
+                          .read_text())["external_checkpoint"]
+    record = json.loads((work / "results/checkpoints/demo-hub-mae/source.json").read_text())
+    assert (external["kind"], external["commit"], external["sha256"]) == ("hf", commit, record["sha256"])
+    assert external["architecture"]["scratch_architecture"] == "ResEncTiny" and external["check"]["moved"] > 0
+    assert "Δ scratch" in (work / "results/checkpoints/demo-hub-mae/scores.md").read_text()
     # masks and quality ran: every 3D image has masks and a score, and preprocessing used the masks
     n_3d = sum(1 for t in demo_truth["images"].values() if t["modality"] != "DWI")
     iqs = pd.read_parquet(work / "results/quality/iqs.parquet")
@@ -194,17 +204,17 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _job_counts(proc)
 
-    # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo
-    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 5, "finetune": 6,
-                                                      "benchmark_table_of_config": 1}
+    # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo,
+    # and the MAE run's way through the hub: export, fetch, check, its six fine-tuning runs, its scores
+    scores = {"checkpoint_scores": 1, "benchmark_table_of_config": 1}
+    assert jobs_after({"pretrain": {"epochs": 3}}) == {
+        "all": 1, "pretrain": 5, "finetune": 12, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
     # the sliding-window overlap: every segmentation run (classification has no sliding window)
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 6,
-                                                                        "benchmark_table_of_config": 1}
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 10, **scores}
 
     # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
-    # (6 of 9), not classification; a manual quality score the gather, not the shards
-    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 6,
-                                                                 "benchmark_table_of_config": 1}
+    # (10 of 15), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 10, **scores}
     manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
     assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
     # a registry edit re-runs the jobs that read the edited values: test subjects on OpenNeuro leave
@@ -220,7 +230,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
     registry.write_text(yaml.safe_dump(edited))
     counts = jobs_after({})
-    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 3 and "pretrain" not in counts, counts
+    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 5 and "pretrain" not in counts, counts
     registry.write_text(original)
 
     # the report holds the benchmark tables and plots

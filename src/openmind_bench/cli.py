@@ -30,6 +30,7 @@ STAGES = [
     "openmind_bench.qc_cli",
     "openmind_bench.aggregate.cli",
     "openmind_bench.checkpoints.cli",
+    "openmind_bench.checkpoints.evaluate",
     "openmind_bench.profiles",
 ]
 
