@@ -98,7 +98,7 @@ def test_spark_checkpoint_without_plan_needs_the_architecture(tmp_path):
     report = check_checkpoint(tmp_path / "spark.pt", architecture="ResEncTiny", patch_size=PATCH)
     assert report["format"] == "nnssl, no adaptation plan"
     assert report["architecture"] == {"class": "ResEncTiny", "family": "cnn", "constructor": "residual_encoder_unet",
-                                      "preset": "ResEncTiny"}
+                                      "preset": "ResEncTiny", "scratch_architecture": "ResEncTiny"}
     assert report["pretrain_patch_size"] is None
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'spark.pt'}.*no adaptation plan.*architecture"):
         check_checkpoint(tmp_path / "spark.pt")
@@ -109,7 +109,7 @@ def test_report_names_architecture_from_the_plan_and_the_position_embedding_inte
     report = check_checkpoint(tmp_path / "primus-named-like-a-resenc.pt", channel_counts=(1, 4),
                               patch_size=[64, 32, 32])
     assert report["architecture"] == {"class": "Primus", "family": "transformer", "constructor": "primus",
-                                      "preset": "PrimusTiny"}
+                                      "preset": "PrimusTiny", "scratch_architecture": "PrimusTiny"}
     lpe = report["transfers"][0]["position_embedding"]
     assert lpe == {"key": "eva.pos_embed", "pretrain_grid": [4, 4, 4], "finetune_grid": [8, 4, 4],
                    "interpolated": True, "how": "trilinear over the token grid, prefix tokens kept"}

@@ -54,7 +54,7 @@ class FinetuneSettings(JsonSettings):
     registry_entries: dict  # the registry values the job reads (registry.entry_values)
     # an external checkpoint's provenance and check summary (checkpoints.settings.provenance): the
     # source, sha256 and architecture this run fine-tunes, recorded in its metrics.json; None otherwise
-    external_checkpoint: dict | None = None
+    external_checkpoint: dict | None
     threads: int = 0  # set by the launcher
 
 
