@@ -78,6 +78,32 @@ def test_nnssl_layout_with_wrapper_prefixes(tmp_path, arch_name, prefix):
     assert report["transfers"][1]["in_proj_repeated"] and not report["transfers"][0]["in_proj_repeated"]
 
 
+def _wrapped_primus_plan(plan: dict) -> dict:
+    """nnssl's SimCLR / VoCo Primus plans (`SimCLREvaTrainer`): the backbone sits under `encoder.` of
+    a wrapper, the plan names it so, and spells `key_to_in_proj`."""
+    plan["architecture_plans"] = {"arch_class_name": "PrimusM", "arch_kwargs": None,
+                                  "arch_kwargs_requiring_import": None}
+    for key in ("key_to_encoder", "key_to_stem", "key_to_lpe"):
+        plan[key] = f"encoder.{plan[key]}"
+    plan["key_to_in_proj"] = [f"encoder.{k}" for k in plan.pop("keys_to_in_proj")]
+    return plan
+
+
+def test_nnssl_primus_checkpoint_whose_backbone_is_wrapped_transfers_exactly(tmp_path):
+    """The plan's key prefixes are renamed to the network's, as the fine-tuning branch loads them."""
+    weights = pretrained_checkpoint(tmp_path / "plain.pth", "PrimusTiny")
+    state = torch.load(tmp_path / "plain.pth", weights_only=True)
+    state["network_weights"] = {f"encoder.{k}": v for k, v in state["network_weights"].items()}
+    state["nnssl_adaptation_plan"] = _wrapped_primus_plan(state["nnssl_adaptation_plan"])
+    # the plan names nnssl's PrimusM; the tiny tensors are rebuilt from our preset to keep the test small
+    state["nnssl_adaptation_plan"]["architecture_plans"]["openmind_bench"] = nets.resolve("PrimusTiny").as_dict()
+    torch.save(state, tmp_path / "wrapped.pth")
+    moved = assert_exact_transfer(tmp_path / "wrapped.pth", "PrimusTiny", weights)
+    report = check_checkpoint(tmp_path / "wrapped.pth", channel_counts=(1, 2))
+    assert [t["moved"] for t in report["transfers"]] == [len(moved)] * 2
+    assert report["transfers"][0]["unexpected"] == 0 and report["transfers"][1]["in_proj_repeated"]
+
+
 @pytest.mark.parametrize("arch_name", ["ResEncTiny", "PrimusTiny"])
 def test_published_folder_and_its_checkpoint_file(tmp_path, arch_name):
     weights = published_folder(tmp_path / "repo", arch_name)

@@ -112,22 +112,23 @@ def _transfer_into(pretrained: transfer.Pretrained, patch: list[int], channels: 
     net = transfer.build_network(pretrained, None, patch, channels, OUTPUT_CHANNELS)
     moved = transfer.transfer(pretrained, net, patch)
     state = net.state_dict()
-    keys = pretrained.keys or nets.adaptation_keys(net)
-    adapted = {f"{k}.weight" for k in (keys.get("keys_to_in_proj") or nets.adaptation_keys(net)["keys_to_in_proj"])}
+    keys = nets.adaptation_keys(net)
+    weights = transfer.network_named_weights(pretrained, net)  # the checkpoint's tensors, the network's names
+    adapted = {f"{k}.weight" for k in keys["keys_to_in_proj"]}
     lpe = keys.get("key_to_lpe")
-    changed = [k for k in moved if k not in adapted and k != lpe and not torch.equal(state[k], pretrained.weights[k])]
+    changed = [k for k in moved if k not in adapted and k != lpe and not torch.equal(state[k], weights[k])]
     if changed:  # transfer() copies these unchanged; anything else is a bug, not a checkpoint problem
         raise RuntimeError(f"transfer of {pretrained.path} altered {changed[:3]}")
     moved_storage = {state[k].data_ptr() for k in moved}
     # The ResEnc decoder holds a reference to the encoder: its aliases of moved tensors are not "new".
     left_new = [k for k in state if k not in moved and state[k].data_ptr() not in moved_storage]
     prefixes = [p for p in (keys.get("key_to_encoder"), keys.get("key_to_stem")) if p]
-    unexpected = [k for k in pretrained.weights
+    unexpected = [k for k in weights
                   if k not in state and any(k == p or k.startswith(p + ".") for p in prefixes)]
     moved_set = set(moved)
     result = {"input_channels": channels, "patch_size": list(patch), "parameters": _parameter_count(net),
               "moved": len(moved), "left_new": len(left_new),
-              "not_transferred": len([k for k in pretrained.weights if k not in moved_set]),
+              "not_transferred": len([k for k in weights if k not in moved_set]),
               "unexpected": len(unexpected), "unexpected_examples": unexpected[:5],
               "in_proj_repeated": channels != 1 and any(k in adapted for k in moved)}
     if lpe and lpe in moved:

@@ -111,7 +111,7 @@ def build_model(settings: FinetuneSettings, spec, name: RunName):
         architecture = nets.resolve(name.architecture or planless, settings.architecture_presets)
     patch = transfer.finetuning_patch(settings.patch_size, settings.scratch_patch_size, pretrained)
     backbone = transfer.build_network(pretrained, architecture, patch, spec.channels, 1)
-    keys = dict(pretrained.keys) if pretrained is not None and pretrained.keys else nets.adaptation_keys(backbone)
+    keys = nets.adaptation_keys(backbone)  # the transfer renames the checkpoint's tensors to these
     loaded = transfer.transfer(pretrained, backbone, patch) if pretrained is not None else []
     return (PooledEncoderClassifier(backbone, len(spec.labels), settings.head_dropout),
             _prefixed(keys, "backbone."), patch, loaded)

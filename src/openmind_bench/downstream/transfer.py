@@ -254,26 +254,55 @@ def patch_embed_size(net: nn.Module) -> list[int] | None:
     return [int(k) for k in proj.kernel_size] if proj is not None else None
 
 
+def network_named_weights(pretrained: Pretrained, net: nn.Module) -> dict:
+    """The checkpoint's tensors under the fine-tuning network's names: what lies under the plan's
+    `key_to_encoder`, `key_to_stem`, `key_to_lpe` and `keys_to_in_proj` is renamed to lie under the
+    network's own (as the fine-tuning branch loads them). nnssl's SimCLR and VoCo Primus checkpoints
+    wrap the backbone (`encoder.eva`, `encoder.down_projection`), the fine-tuning Primus has `eva`,
+    `down_projection`; most plans name the network's own keys, and nothing moves."""
+    plan = pretrained.keys
+    if not plan:
+        return pretrained.weights  # plan-less (nnssl Spark): the network's names
+    own = nets.adaptation_keys(net)
+    pairs = [(plan[k], own[k]) for k in ("key_to_encoder", "key_to_stem", "key_to_lpe") if plan.get(k) and own.get(k)]
+    pairs += list(zip(plan.get("keys_to_in_proj") or [], own["keys_to_in_proj"]))
+    pairs.sort(key=lambda pair: len(pair[0]), reverse=True)  # the most specific prefix names a key
+    renamed = {}
+    for key, value in pretrained.weights.items():
+        for old, new in pairs:
+            if _under(key, old):
+                key = new + key[len(old):]
+                break
+        if key in renamed:
+            raise TransferError(f"checkpoint {pretrained.path}: two tensors map onto the network's {key} "
+                                "(its adaptation plan's keys overlap)")
+        renamed[key] = value
+    return renamed
+
+
 def transfer(pretrained: Pretrained, net: nn.Module, patch_size: Sequence[int]) -> list[str]:
-    """Load the checkpoint's encoder and stem into `net` (in place); returns the keys loaded.
+    """Load the checkpoint's encoder and stem into `net` (in place); returns the keys loaded (the
+    network's names: `network_named_weights`).
 
     Raises TransferError when a transferred tensor is missing or has a shape that no rule adapts."""
-    keys = pretrained.keys or nets.adaptation_keys(net)  # plan-less nnssl checkpoints: the net's own keys
-    if pretrained.keys and not pretrained.keys.get("keys_to_in_proj"):
-        keys = {**keys, "keys_to_in_proj": nets.adaptation_keys(net)["keys_to_in_proj"]}
+    keys = nets.adaptation_keys(net)
+    weights = network_named_weights(pretrained, net)
     target = net.state_dict()
     wanted = transferred_keys(target, keys)
     if not wanted:
         raise TransferError(f"checkpoint {pretrained.path}: no key of the network lies under encoder "
                             f"{keys['key_to_encoder']!r} or stem {keys['key_to_stem']!r}")
-    missing = [k for k in wanted if k not in pretrained.weights]
+    missing = [k for k in wanted if k not in weights]
     if missing:
+        plan = pretrained.keys
+        named = (f" (its plan's encoder {plan.get('key_to_encoder')!r}, stem {plan.get('key_to_stem')!r})"
+                 if plan else "")
         raise TransferError(f"checkpoint {pretrained.path} lacks {len(missing)} encoder/stem tensor(s) of the "
-                            f"target network, e.g. {missing[:3]} (another architecture?)")
+                            f"target network, e.g. {missing[:3]}{named} (another architecture?)")
     in_proj_weights = {f"{k}.weight" for k in keys["keys_to_in_proj"]}
     new = {}
     for key in wanted:
-        value = pretrained.weights[key]
+        value = weights[key]
         if key in in_proj_weights:
             value = repeat_input_channels(value, target[key].shape[1], key)
         elif key == keys.get("key_to_lpe") and value.shape != target[key].shape:

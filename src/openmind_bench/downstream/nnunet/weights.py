@@ -21,11 +21,11 @@ def load_pretrained(network: nn.Module, checkpoint: str | Path, patch_size: Sequ
     """Load into `network` in place; returns (loaded state-dict keys, input channels were repeated)."""
     pretrained = transfer.read_pretrained(checkpoint)
     loaded = transfer.transfer(pretrained, network, [int(p) for p in patch_size])
-    in_proj = pretrained.keys.get("keys_to_in_proj") or list(getattr(network, "keys_to_in_proj", []))
+    weights = transfer.network_named_weights(pretrained, network)
     repeated = False
     state = network.state_dict()
-    for key in in_proj:
+    for key in getattr(network, "keys_to_in_proj", []):
         weight = f"{key}.weight"
-        if weight in pretrained.weights and weight in state:
-            repeated |= pretrained.weights[weight].shape[1] != state[weight].shape[1]
+        if weight in weights and weight in state:
+            repeated |= weights[weight].shape[1] != state[weight].shape[1]
     return loaded, repeated
