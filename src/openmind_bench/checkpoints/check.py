@@ -63,22 +63,22 @@ def scratch_architecture(pretrained: transfer.Pretrained, family: str, patch: li
     no preset of its family matches (a plan's own variant): its rows then have no scratch baseline."""
     import torch
 
-    torch.manual_seed(0)
-    target = _shapes(transfer.build_network(pretrained, None, patch, 1, OUTPUT_CHANNELS))
-    table = {**nets.PRESETS, **(presets or {})}
-    for name in table:
-        try:
-            arch = nets.resolve(name, presets)
-        except ValueError:
-            continue
-        if arch.family != family:
-            continue
-        try:
-            candidate = arch.build(patch, 1, OUTPUT_CHANNELS)
-        except (RuntimeError, ValueError):  # a preset that does not fit this patch is not this network
-            continue
-        if _shapes(candidate) == target:
-            return name
+    with torch.device("meta"):  # shapes only: no memory, no initialisation of 100+ M parameters
+        target = _shapes(transfer.build_network(pretrained, None, patch, 1, OUTPUT_CHANNELS))
+        table = {**nets.PRESETS, **(presets or {})}
+        for name in table:
+            try:
+                arch = nets.resolve(name, presets)
+            except ValueError:
+                continue
+            if arch.family != family:
+                continue
+            try:
+                candidate = arch.build(patch, 1, OUTPUT_CHANNELS)
+            except (RuntimeError, ValueError):  # a preset that does not fit this patch is not this network
+                continue
+            if _shapes(candidate) == target:
+                return name
     return None
 
 
@@ -108,8 +108,11 @@ def _transfer_into(pretrained: transfer.Pretrained, patch: list[int], channels: 
     """One fine-tuning network of `channels` input channels: transfer, then verify and count."""
     import torch
 
-    torch.manual_seed(0)
-    net = transfer.build_network(pretrained, None, patch, channels, OUTPUT_CHANNELS)
+    # built on the meta device and given empty memory: the check needs the network's structure and the
+    # moved tensors, not an initialisation of the rest (seconds for 100+ M parameters)
+    with torch.device("meta"):
+        net = transfer.build_network(pretrained, None, patch, channels, OUTPUT_CHANNELS)
+    net.to_empty(device="cpu")
     moved = transfer.transfer(pretrained, net, patch)
     state = net.state_dict()
     keys = nets.adaptation_keys(net)
