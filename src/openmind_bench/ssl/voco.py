@@ -20,7 +20,8 @@ an EMA copy of the encoder and projector, updated at the start of every training
 after the previous step), embeds every crop too, and the logits are the mean of the two original
 terms: student targets against teacher bases, and teacher targets against student bases (the
 second passes gradient to the student's bases). nnssl has no teacher, and its loss does not decrease
-(its open issue #22); `momentum: null` gives nnssl's variant (student targets against the student's
+(its open issue #22; on our CPU toy the teacher variants collapse and nnssl's learns, see
+docs/fidelity.md); `momentum: null` gives nnssl's variant (student targets against the student's
 bases, detached). No gradient clipping, as nnssl.
 
 The network sees 64^3 crops: the checkpoint's plan records 64^3 as the pre-training patch size.
