@@ -106,7 +106,8 @@ def method_views_per_cpu_second(selection, method, patch, batch, n_batches) -> d
     loader_patch, network_patch = ssl.patch_sizes(method, arch.family, [patch] * 3)
     augment = ssl.loader_augmentation(method, arch.family)
     loader = make_pretrain_loader(selection, tuple(loader_patch), batch, seed=0, num_workers=0, augment=augment,
-                                  anatomy_aware=False, steps=n_batches + 1, pin_memory=False)
+                                  anatomy_aware=False, centre_crop=ssl.loader_sampling(method, arch.family) == "centre",
+                                  steps=n_batches + 1, pin_memory=False)
     model = ssl.build(method, arch.build(network_patch), arch, [patch] * 3)
     on_device = bool(getattr(model, "views_on_device", False))
     it = iter(loader)

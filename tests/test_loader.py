@@ -308,3 +308,27 @@ def test_nnssl_mask_swap_is_kept_unless_undone(nnssl_folder):
     fixed = read_nnssl_preprocessed(json_path, data_dir=data_dir, undo_mask_swap=True)
     assert as_written[0].anat.name.endswith("__anat.b2nd") and fixed[0].anat.name.endswith("__anon.b2nd")
     assert as_written[1] == fixed[1]  # one mask only: nnssl stored it right
+
+
+def test_centre_crop_loader_reads_each_images_centre_as_nnssl(selection, images):
+    """nnssl's nnsslCenterCropDataLoader3D (VolumeFusion): the patch's lower corner is
+    trunc((shape - patch) / 2) on every axis, zero-padded where the image is smaller (the thin one)."""
+    from openmind_bench.pretrain import batches as batch_sources, settings as run_settings
+
+    sampler = PatchSampler(images, PATCH)
+    [batch] = list(make_pretrain_loader(selection, PATCH, 6, seed=1, steps=1, augment=False, centre_crop=True))
+    for image, image_id in zip(batch["image"], batch["image_id"]):
+        index = next(i for i, im in enumerate(images) if im.image_id == image_id)
+        lower = [int((s - p) / 2) for s, p in zip(sampler.shape(index), PATCH)]
+        assert torch.equal(image, torch.from_numpy(sampler.read(index, lower, PATCH)["image"]))
+    assert len(set(batch["image_id"])) > 1
+    # The method asks for it; the engine's loader source passes it on.
+    s = run_settings.resolve({"patch_size": list(PATCH)}, "volume_fusion", "ResEncTiny", out_dir="unused",
+                             train_data=str(selection))
+    assert s.loader_sampling == "centre" and not s.loader_augmentation
+    [batch_from_source] = list(batch_sources.LoaderBatches(s).train(epoch=0, first_step=0, steps=1, rank=0,
+                                                                    world_size=1, batch_size=2, seed=1))
+    for image, image_id in zip(batch_from_source["image"], batch_from_source["image_id"]):
+        index = next(i for i, im in enumerate(images) if im.image_id == image_id)
+        lower = [int((s_ - p) / 2) for s_, p in zip(sampler.shape(index), PATCH)]
+        assert torch.equal(image, torch.from_numpy(sampler.read(index, lower, PATCH)["image"]))

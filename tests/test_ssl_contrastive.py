@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from openmind_bench import nets, ssl
 from openmind_bench.downstream import transfer
-from openmind_bench.ssl import features, views, voco, volume_fusion
+from openmind_bench.ssl import features, swinunetr, views, voco, volume_fusion
 from openmind_bench import config as omb_config
 from openmind_bench.engine import checkpoint, distributed, optimisation, step as engine_step
 from openmind_bench.pretrain import batches, settings as run_settings, trainer
@@ -185,7 +185,7 @@ def _gather_worker(rank: int, world: int, init: str, out: str):
         z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
         half = slice(2 * rank, 2 * rank + 2)
         results = {}
-        for name, fn in (("nt_xent", lambda a, b: features.nt_xent(a, b, 0.5)),
+        for name, fn in (("nt_xent", lambda a, b: features.nt_xent(a, b, 0.5, gather_ranks=True)),
                          ("barlow", lambda a, b: features.barlow_twins(a, b, 5e-3)),
                          ("vicreg", lambda a, b: features.vicreg(a, b, 25, 25, 1))):
             a, b = z1[half].clone().requires_grad_(), z2[half].clone().requires_grad_()
@@ -193,6 +193,7 @@ def _gather_worker(rank: int, world: int, init: str, out: str):
             loss.backward()
             # DDP averages gradients over the ranks: the rank's share of the one-process gradient.
             results[name] = (loss.detach(), a.grad / world, b.grad / world)
+        results["nt_xent_per_rank"] = features.nt_xent(z1[half], z2[half], 0.5)  # the default: own batch only
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
@@ -200,9 +201,16 @@ def _gather_worker(rank: int, world: int, init: str, out: str):
 
 
 def test_negatives_gathered_over_two_gloo_ranks_equal_one_process(tmp_path):
+    """Barlow Twins, VICReg and NT-Xent with `gather_ranks` see the batch of all ranks; NT-Xent by
+    default (nnssl) takes its negatives from the rank's own batch: 2 x 2 - 2 = 2 per anchor here."""
     mp.spawn(_gather_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    for rank in range(2):
+        half = slice(2 * rank, 2 * rank + 2)
+        got = float(torch.load(tmp_path / f"rank{rank}.pt")["nt_xent_per_rank"])
+        assert got == pytest.approx(direct_nt_xent(z1[half], z2[half], 0.5), rel=1e-5)
+        assert got != pytest.approx(features.nt_xent(z1, z2, 0.5).item(), rel=1e-3)
     for name, fn in (("nt_xent", lambda a, b: features.nt_xent(a, b, 0.5)),
                      ("barlow", lambda a, b: features.barlow_twins(a, b, 5e-3)),
                      ("vicreg", lambda a, b: features.vicreg(a, b, 25, 25, 1))):
@@ -229,8 +237,10 @@ def test_voco_overlap_targets_are_exact_for_hand_made_boxes():
     assert o[0, 0] == 1 and o[0].sum() == 1
     assert o[1, [0, 1, 4, 5]].tolist() == [0.25] * 4 and o[1].sum() == 1
     assert o[2, 4] == 0.75 and o[2, 5] == 0.25 and o[2].sum() == 1
-    # The view's bases are the grid cells of the region, in base_boxes' order, with their targets.
+    # The validation view's bases are the plain grid cells of the region, in base_boxes' order, with
+    # their targets.
     model, region = build("voco", "ResEncTiny")
+    model.eval()
     image = torch.randn(1, 1, *region)
     view = model.make_view({"image": image}, [9])
     for i, (start, stop) in enumerate(voco.base_boxes(region, [2, 2, 1])):
@@ -241,12 +251,109 @@ def test_voco_overlap_targets_are_exact_for_hand_made_boxes():
     assert torch.allclose(view["overlap"][0], torch.as_tensor(voco.overlaps(boxes, model.bases), dtype=torch.float32))
 
 
+def test_voco_augments_every_base_and_target_crop_on_its_own():
+    """nnssl's VocoTransform runs the SimCLR pipeline over the batch of crops, one draw per crop. Here
+    the four base cells hold the same content: in training they come out different, each equal to the
+    pipeline applied with its own stream (sample seed, 22, crop index; targets after the bases)."""
+    model, region = build("voco", "ResEncTiny")
+    cell = torch.randn(1, 16, 16, 16)
+    image = cell.repeat(1, 2, 2, 1)[None]  # (1, 1, 32, 32, 16): the 2 x 2 x 1 bases are identical
+    view = model.make_view({"image": image}, [9])
+    raw_bases = [views.crop(image[0], a, b - a) for a, b in voco.base_boxes(region, [2, 2, 1])]
+    for j, raw in enumerate(raw_bases):
+        assert torch.allclose(view["bases"][j], views.augment_crop(raw, (9, 22, j)), atol=1e-6)
+    for k, (a, b) in enumerate(model.target_boxes(9)):
+        expected = views.augment_crop(views.crop(image[0], a, b - a), (9, 22, 4 + k))
+        assert torch.allclose(view["targets"][k], expected, atol=1e-6)
+    assert all(not torch.allclose(view["bases"][i], view["bases"][j]) for i in range(4) for j in range(i))
+
+
+def _voco_by_hand(s_base, s_target, t_base, t_target, overlap):
+    """The original's loss, element by element: logits = (relu cos(student target, teacher base) +
+    relu cos(teacher target, student base)) / 2; -log(1 - |o - l|) weighted by o on overlapping pairs,
+    l^2 on the others; + mean relu cos between different student bases."""
+    def cos(a, b):
+        return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+    total = 0.0
+    n_b, n_t, n_base = overlap.shape
+    for i in range(n_b):
+        pos = pos_w = neg = neg_n = 0.0
+        for k in range(n_t):
+            for j in range(n_base):
+                logit = 0.5 * (max(0.0, cos(s_target[i, k], t_base[i, j])) + max(0.0, cos(t_target[i, k], s_base[i, j])))
+                o = float(overlap[i, k, j])
+                if o > 0:
+                    pos += -math.log(1 - abs(o - logit) + 1e-6) * o
+                    pos_w += o
+                else:
+                    neg += logit**2
+                    neg_n += 1
+        reg = sum(max(0.0, cos(s_base[i, j], s_base[i, l])) for j in range(n_base) for l in range(j + 1, n_base))
+        total += pos / pos_w + neg / (neg_n + 1e-6) + reg * 2 / (n_base * (n_base - 1))
+    return total / n_b
+
+
+def test_voco_teacher_averages_the_two_terms_of_the_original():
+    model, region = build("voco", "ResEncTiny")
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a teacher that differs from the student
+    model.eval()  # no EMA step, plain crops: the embeddings below are the ones the loss sees
+    view = model.make_view({"image": torch.randn(2, 1, *region)}, [3, 4])
+    b, n_t, n_base = view["overlap"].shape
+    crops = torch.cat([view["bases"], view["targets"]])
+    with torch.no_grad():
+        s, t = model.embed(crops), model.embed(crops, teacher=True)
+        loss = float(model(view))
+    split = b * n_base
+    parts = [x[:split].reshape(b, n_base, -1) for x in (s, t)] + [x[split:].reshape(b, n_t, -1) for x in (s, t)]
+    s_base, t_base, s_target, t_target = parts
+    assert loss == pytest.approx(_voco_by_hand(s_base, s_target, t_base, t_target, view["overlap"]), rel=1e-4)
+    one_term = _voco_by_hand(s_base, s_target, t_base, s_target, view["overlap"])  # teacher bases only
+    assert abs(loss - one_term) > 1e-4
+    # The second term passes the prediction gradient to the student's bases; nnssl's variant
+    # (momentum null) detaches them, so with the regularisation off they get none.
+    for momentum, moves in ((0.9, True), (None, False)):
+        model, region = build("voco", "ResEncTiny", momentum=momentum, reg_weight=0.0)
+        model.eval()
+        view = model.make_view({"image": torch.randn(1, 1, *region)}, [5])
+        view["bases"].requires_grad_()
+        model(view).backward()
+        assert (view["bases"].grad.abs().sum() > 0) == moves, momentum
+
+
+def test_volume_fusion_reads_centre_crops_and_augments_each_image_before_the_mix():
+    """nnssl VolumeFusionTrainer: centre-crop loader; noise, blur, brightness, contrast, low resolution
+    (p 0.25), gamma and mirroring on each image, then the mix (validation: no augmentation)."""
+    from openmind_bench.data.sampler import PatchSampler
+
+    assert ssl.loader_sampling("volume_fusion", "cnn") == "centre"
+    assert ssl.loader_sampling("volume_fusion_anat", "transformer") == "random"  # anatomy centres asked for
+    assert ssl.loader_sampling("mae", "cnn") == ssl.loader_sampling("voco", "cnn") == "random"
+    sampler = PatchSampler([object()], (16, 16, 16), centre_crop=True)
+    sampler.shape = lambda index: (51, 16, 13)
+    # nnssl get_bbox: lower corner int((shape - patch) / 2) (truncated): 17, 0, -1 (padded); centre + 8
+    assert sampler.sample_centre(0, np.random.default_rng(0)).tolist() == [25, 8, 7]
+    a = volume_fusion.AUGMENTATION
+    assert (a["lowres_p"], a["rot90_p"], a["noise_p"], a["blur_p"], a["gamma_inverted_p"], a["mirror_p"]) == (
+        0.25, 0.0, 0.1, 0.2, 0.1, 0.5)
+    model, _ = build("volume_fusion", "ResEncTiny")
+    x = torch.randn(2, 1, *PATCH)
+    view = model.make_view({"image": x}, [3, 4])
+    augmented = torch.stack([views.augment_crop(x[i], (seed, 32), a) for i, seed in enumerate([3, 4])])
+    assert not torch.equal(augmented, x)
+    alpha = torch.tensor(model.levels)[view["labels"]][:, None]
+    assert torch.allclose(view["input"], alpha * augmented + (1 - alpha) * augmented.roll(-1, 0))
+
+
 def test_volume_fusion_labels_match_the_fusion_coefficients_voxel_for_voxel():
     boxes = [([0, 0, 0], [4, 4, 4], 2), ([2, 2, 2], [4, 4, 4], 4), ([10, 0, 0], [6, 16, 16], 1)]
     labels = volume_fusion.level_map(boxes, PATCH, "cpu")
     assert labels[0, 0, 0] == 2 and labels[3, 3, 3] == 4 and labels[5, 5, 5] == 4 and labels[12, 15, 15] == 1
     assert labels[8, 8, 8] == 0 and int((labels == 4).sum()) == 64
     model, _ = build("volume_fusion", "ResEncTiny")
+    model.eval()  # the plain mix (training augments each image first)
     a, b = torch.rand(1, 1, *PATCH) + 1, -torch.rand(1, 1, *PATCH) - 1  # a > 0 > b
     view = model.make_view({"image": torch.cat([a, b])}, [3, 4])
     drawn = volume_fusion.draw_boxes(3, PATCH, (4, 10), 2, 0.625, 5)
@@ -255,6 +362,72 @@ def test_volume_fusion_labels_match_the_fusion_coefficients_voxel_for_voxel():
     partners = torch.cat([b, a])
     assert torch.allclose(view["input"], alpha * torch.cat([a, b]) + (1 - alpha) * partners)
     assert set(view["labels"].unique().tolist()) > {0}
+
+
+def _swinunetr(patch, **settings):
+    arch = nets.resolve("ResEncTiny")
+    return ssl.build("swinunetr", arch.build(patch), arch, patch, {**SMALL["swinunetr"], **settings})
+
+
+def test_swinunetr_rotates_in_spatial_axes_1_and_2_as_nnssl():
+    """nnssl rot_rand: np.rot90(x, k, (2, 3)) on (C, X, Y, Z), k drawn in 0..3, per view."""
+    model = _swinunetr(PATCH, max_cutout_fraction=0.0)  # no cut-out: the input is the rotated patch
+    x = torch.randn(3, 1, *PATCH)
+    view = model.make_view({"image": x}, [0, 1, 2])
+    seen = set()
+    for v in range(2):
+        for i, seed in enumerate([0, 1, 2]):
+            k = int(views.rng(seed, 41 + v).integers(0, 4))
+            expected = torch.from_numpy(np.rot90(x[i].numpy(), k, (2, 3)).copy())
+            j = 3 * v + i
+            assert int(view["rotation"][j]) == k
+            assert torch.equal(view["target"][j], expected) and torch.equal(view["input"][j], expected)
+            seen.add(k)
+    assert seen & {1, 3}  # a quarter turn happened: X slices kept their voxels, Y and Z swapped roles
+    with pytest.raises(ValueError, match="square"):
+        _swinunetr([16, 16, 8])
+
+
+def test_swinunetr_cut_outs_are_unit_noise_boxes_of_5_to_25_percent_and_swap_with_a_partner():
+    patch = (40, 40, 40)
+    r = np.random.default_rng(0)
+    boxes = swinunetr.cutout_boxes(r, patch, 0.3, 0.25, 0.05)
+    # by hand, nnssl patch_rand_drop: budget U(0, 0.3) x 40^3; corners in [0, 38]; sides in [2, 10], clipped
+    r = np.random.default_rng(0)
+    budget, used = r.uniform(0, 0.3) * 40**3, 0
+    for start, stop in boxes:
+        assert used < budget
+        assert start == [int(r.integers(0, 39)) for _ in range(3)]
+        assert stop == [min(int(r.integers(2, 11)) + a, 40) for a in start]
+        used += np.prod([b - a for a, b in zip(start, stop)])
+    assert used >= budget and len(boxes) > 1
+    # Two constant samples, 5 and -5: cut-out voxels hold [0, 1] noise or, after a swap, the partner's -5.
+    model = _swinunetr([32, 32, 32])
+    x = torch.cat([torch.full((1, 1, 32, 32, 32), 5.0), torch.full((1, 1, 32, 32, 32), -5.0)])
+    swapped = 0
+    for seed in range(8):
+        inp = model.make_view({"image": x}, [seed, 100 + seed])["input"][0]
+        noise = (inp != 5) & (inp != -5)
+        assert noise.any() and bool(((inp[noise] >= 0) & (inp[noise] <= 1)).all())
+        swapped += bool((inp == -5).any())
+    assert 0 < swapped < 8  # the partner is drawn from the batch, itself included (then no swap)
+    alone = model.make_view({"image": x[:1]}, [3])["input"]
+    assert not (alone == -5).any()
+
+
+def test_swinunetr_heads_read_bottleneck_tokens_0_and_1():
+    """nnssl swinunetr_architecture: bottleneck flattened (b c x y z -> b (x y z) c); rotation head
+    on token 0, contrastive head on token 1; `head_tokens: null` pools."""
+    model = _swinunetr(PATCH)
+    bottleneck = torch.randn(2, 5, 2, 2, 2)
+    rotation_in, contrastive_in = model.head_inputs([bottleneck])
+    assert torch.equal(rotation_in, bottleneck[:, :, 0, 0, 0]) and torch.equal(contrastive_in, bottleneck[:, :, 0, 0, 1])
+    tokens = torch.randn(2, 8, 5)  # Primus: already (B, N, C) in (x y z) order
+    assert torch.equal(model.head_inputs([tokens])[1], tokens[:, 1])
+    pooled = _swinunetr(PATCH, head_tokens=None).head_inputs([bottleneck])
+    assert torch.allclose(pooled[0], bottleneck.mean((2, 3, 4))) and torch.equal(pooled[0], pooled[1])
+    with pytest.raises(ValueError, match="only 1 token"):
+        model.head_inputs([torch.randn(2, 5, 1, 1, 1)])
 
 
 RUNS = [(m, a) for m in NEW for a in ("ResEncTiny", "PrimusTiny")]
@@ -347,12 +520,13 @@ def test_checkpoint_fine_tunes(tmp_path, method, arch):
 
 def test_simclr_under_ddp_two_gloo_processes_equals_one_process(tmp_path):
     """The engine with 2 torchrun gloo processes (1 sample each; views built on the device, negatives
-    gathered across the ranks) ends with the weights of 1 process on the 2-sample batch."""
+    gathered across the ranks with `gather_negatives`) ends with the weights of 1 process on the
+    2-sample batch."""
     from openmind_bench.pretrain import worker as launch
 
     def settings(out):
         section = {"patch_size": PATCH, "epochs": 1, "steps_per_epoch": 2, "val_steps": 1, "total_batch_size": 2,
-                   "method_settings": {"simclr": SMALL["simclr"]}}
+                   "method_settings": {"simclr": {**SMALL["simclr"], "gather_negatives": True}}}
         s = run_settings.resolve(section, "simclr", "ResEncTiny", out_dir=str(out))
         s.batch_source, s.threads = "openmind_bench.pretrain.batches:template_batches", 1
         return s

@@ -45,6 +45,7 @@ class RandomPatchBatches(IterableDataset):
         steps: int | None = None,
         first_batch: int = 0,
         anatomy_aware: bool = False,
+        centre_crop: bool = False,
         augmentation: Augmentation | None = None,
     ):
         super().__init__()
@@ -52,7 +53,8 @@ class RandomPatchBatches(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.sampler = PatchSampler(images, patch_size, anatomy_aware=anatomy_aware, augmentation=augmentation)
+        self.sampler = PatchSampler(images, patch_size, anatomy_aware=anatomy_aware, centre_crop=centre_crop,
+                                    augmentation=augmentation)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -91,6 +93,7 @@ def make_pretrain_loader(
     world_size: int = 1,
     num_workers: int = 0,
     anatomy_aware: bool = False,
+    centre_crop: bool = False,
     augment: bool = True,
     steps: int | None = None,
     first_batch: int = 0,
@@ -107,6 +110,7 @@ def make_pretrain_loader(
     (or pass `augmentation` to change their distributions). Every rank sees the whole selection
     with its own stream (sampling is with replacement, as nnssl's). `steps=None` is endless;
     with `steps` every pass (epoch) continues the stream, from `first_batch` (to resume a run).
+    `centre_crop` reads each drawn image's centre crop instead of a random patch.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -114,7 +118,7 @@ def make_pretrain_loader(
     if augment and augmentation is None:
         augmentation = Augmentation()
     dataset = RandomPatchBatches(images, patch_size, batch_size, seed=seed, rank=rank, steps=steps,
-                                 first_batch=first_batch, anatomy_aware=anatomy_aware,
+                                 first_batch=first_batch, anatomy_aware=anatomy_aware, centre_crop=centre_crop,
                                  augmentation=augmentation if augment else None)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -11,7 +11,9 @@ Centres. Plain sampling follows nnssl: along each axis the patch lies anywhere i
 `anatomy_aware` the centre is a uniformly drawn anatomy voxel, so no patch is empty: voxels are
 drawn in the anatomy mask's bounding box (stored in the properties) and kept if they lie in the
 mask, which reads one small block per draw; an image without an anatomy mask counts as all
-anatomy (as our preprocessing writes it), and an empty mask falls back to plain sampling.
+anatomy (as our preprocessing writes it), and an empty mask falls back to plain sampling. With
+`centre_crop` every patch is the image's centre crop (nnssl's `nnsslCenterCropDataLoader3D`: lower
+corner trunc((shape - patch) / 2), zero padding where the image is smaller).
 
 Everything random comes from the numpy Generator passed in, so results depend on the seed only.
 """
@@ -43,6 +45,7 @@ class PatchSampler:
         patch_size: Sequence[int],
         *,
         anatomy_aware: bool = False,
+        centre_crop: bool = False,
         augmentation: Augmentation | None = None,
         max_open: int = 32,
     ):
@@ -53,6 +56,9 @@ class PatchSampler:
         self.images = list(images)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.anatomy_aware = anatomy_aware
+        if anatomy_aware and centre_crop:
+            raise ValueError("PatchSampler: anatomy_aware and centre_crop exclude each other")
+        self.centre_crop = centre_crop
         self.augmentation = augmentation
         self.max_open = max_open
         self._open: OrderedDict[int, tuple] = OrderedDict()
@@ -133,6 +139,8 @@ class PatchSampler:
             centre = self._anatomy_centre(index, rng)
             if centre is not None:
                 return centre
+        if self.centre_crop:
+            return np.trunc((shape - size) / 2).astype(int) + size // 2
         lower = np.where(shape >= size, [rng.integers(0, max(s - p, 0) + 1) for s, p in zip(shape, size)],
                          (shape - size) // 2)
         return lower + size // 2

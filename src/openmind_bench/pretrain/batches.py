@@ -43,7 +43,8 @@ class LoaderBatches:
         s = self.settings
         return make_pretrain_loader(path, tuple(s.loader_patch_size), batch_size, seed=seed, rank=rank,
                                     world_size=world_size, num_workers=s.num_workers,
-                                    anatomy_aware=s.anatomy_aware, augment=augment, steps=steps)
+                                    anatomy_aware=s.anatomy_aware, centre_crop=s.loader_sampling == "centre",
+                                    augment=augment, steps=steps)
 
     def train(self, *, epoch, first_step, steps, rank, world_size, batch_size, seed):
         if first_step:
@@ -81,7 +82,8 @@ class TemplateBatches:
 
     Each sample's crop depends only on (seed, step, its global index in the batch), so the batches of
     `world_size` processes are exactly the halves, quarters... of the one-process batch. There is one
-    subject: `val` draws other crops of it, mirrored left-right.
+    subject: `val` draws other crops of it, mirrored left-right. Crops are random for every method (a
+    method's centre-crop sampling would give one and the same crop of the one subject).
     """
 
     def __init__(self, settings):

@@ -74,6 +74,11 @@ class PretrainSettings(JsonSettings):
         return ssl.loader_augmentation(self.method, self.arch().family)
 
     @property
+    def loader_sampling(self) -> str:
+        """"random" or "centre" (see ssl.loader_sampling)."""
+        return ssl.loader_sampling(self.method, self.arch().family)
+
+    @property
     def anatomy_aware(self) -> bool:
         return ssl.parse(self.method).anatomy_aware
 

@@ -14,6 +14,8 @@ Optional, per implementation module or class:
   region and the network sees crops of it (SimCLR-like methods, VoCo); the checkpoint's plan
   records the network patch;
 - `LOADER_AUGMENTATION = False` (module): no nnssl MAE spatial augmentation in the loader;
+- `LOADER_SAMPLING = "centre"` (module): the loader reads each image's centre crop instead of a
+  random patch (nnssl's centre-crop loader; VolumeFusion); an `_anat` name still samples anatomy;
 - `grad_clip: {family: value}` in DEFAULTS: the method's own gradient clipping (0 = none).
 
 Method names: a base name of `METHODS` with optional suffixes `_anat` (patches sampled with their
@@ -127,6 +129,16 @@ def loader_augmentation(name: str, family: str) -> bool:
     return bool(getattr(_module(implementation(name, family)), "LOADER_AUGMENTATION", True))
 
 
+def loader_sampling(name: str, family: str) -> str:
+    """Where the loader places a method's patches: "random" (nnssl's default loader; anatomy voxels
+    for `_anat` names) or "centre" (the image's centre crop, a module's `LOADER_SAMPLING`)."""
+    parsed = parse(name)
+    sampling = getattr(_module(implementation(name, family)), "LOADER_SAMPLING", "random")
+    if sampling not in ("random", "centre"):
+        raise ValueError(f"method {name!r}: LOADER_SAMPLING must be 'random' or 'centre', got {sampling!r}")
+    return "random" if parsed.anatomy_aware else sampling
+
+
 def grad_clip(name: str, family: str, default: float, overrides: dict | None = None) -> float:
     """The gradient-norm clip of a run: the method's own for the family (`grad_clip: {family: value}`
     in its settings, 0 = none) or else the family's optimisation default."""
@@ -146,4 +158,4 @@ def build(name: str, backbone: "nn.Module", arch: "Architecture", patch_size: Se
 
 
 __all__ = ["METHODS", "ANON_AWARE", "MethodName", "parse", "implementation", "compatible", "settings_for",
-           "patch_sizes", "loader_augmentation", "grad_clip", "build"]
+           "patch_sizes", "loader_augmentation", "loader_sampling", "grad_clip", "build"]

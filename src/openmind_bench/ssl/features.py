@@ -1,6 +1,7 @@
 """Shared pieces of the contrastive and pseudo-segmentation methods: what each architecture family
 gives them (pooled encoder features, the bottleneck, a dense map with extra channels), the projector
-MLP, an autograd-aware all-gather over DDP ranks, and the losses (NT-Xent, Barlow Twins, VICReg).
+MLP, an autograd-aware all-gather over DDP ranks (optional for NT-Xent, always for Barlow Twins and
+VICReg, whose batch statistics want the whole batch), and the losses (NT-Xent, Barlow Twins, VICReg).
 
 Families: `cnn` (ResEnc: the encoder's stage outputs) and `transformer` (Primus: the EVA tokens).
 """
@@ -109,10 +110,14 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_ranks: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR): sample i's two views are positives, the other 2N - 2 views negatives; mean
-    over the 2N anchors. Views of all ranks take part (gathered with gradient)."""
-    z = F.normalize(torch.cat([gather(z1.float()), gather(z2.float())]), dim=1)
+    over the 2N anchors. By default N is this rank's batch, as nnssl's NTXentLoss and SwinUNETR
+    ContrastLoss compute it; `gather_ranks` takes the views of all DDP ranks (gathered with
+    gradient), which gives more negatives and makes a DDP run equal the one-process run."""
+    if gather_ranks:
+        z1, z2 = gather(z1), gather(z2)
+    z = F.normalize(torch.cat([z1.float(), z2.float()]), dim=1)
     n = z.shape[0] // 2
     logits = z @ z.t() / float(temperature)
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))

@@ -9,6 +9,11 @@ the Bezier curve clamps every value outside [0, 1] and the painted noise is U[0,
 produced the published numbers and is the default (`intensity_space: zscore`). `unit` rescales each
 patch to [0, 1] by its min/max for the corruption and maps the input back, as Models Genesis meant.
 
+Flips (up to 3, each while U < flip_rate): ours draw the axis among X, Y, Z. nnssl's
+`data_augmentation` (model_genesis_transform.py:102) draws among array axes 0-2 of (C, X, Y, Z), so
+one draw in three flips the single channel (nothing happens) and Z is never flipped; we keep the
+three spatial axes on purpose (docs/fidelity.md).
+
 The corruption runs in torch on the training device (the engine hands this method its batch there):
 the official local shuffle is a Python loop over 10000 windows (about 1.3 CPU-seconds per 160^3
 sample, more than the GPU step); here all windows are shuffled at once (one sort over every window's

@@ -134,6 +134,13 @@ def device_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
 
 
+def augment_crop(x: torch.Tensor, key: Sequence[int], p: dict = AUGMENTATION) -> torch.Tensor:
+    """`augment` with every parameter from the stream `key` (e.g. (sample seed, tag, crop index)): each
+    crop of a view draws its own, as batchgenerators draws per sample of the batch of crops."""
+    r = np.random.default_rng([int(k) for k in key])
+    return augment(x, r, device_generator(int(r.integers(2**62)), x.device), p)
+
+
 def two_views(image: torch.Tensor, seeds: Sequence[int], crop_size: Sequence[int], min_overlap: float,
               augmentation: bool = True, pairs_per_image: int = 1) -> torch.Tensor:
     """(2 B P, C, *crop) for P pairs per sample: the first crops of every pair (sample-major), then

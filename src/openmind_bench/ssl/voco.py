@@ -4,16 +4,25 @@ the network predicts each target's overlap with every base crop (volume fraction
 similarity of their projected embeddings. Projector as nnssl's (shared with its SimCLR): all encoder
 stages pooled and concatenated (Primus: the token mean), then an MLP 2048-2048-2048.
 
-Loss (nnssl's, after the original code): prediction = -log(1 - |overlap - relu(sim)|) weighted by the
-overlap on overlapping pairs + relu(sim)^2 on the others; regularisation = mean relu(cosine) between
-different base crops; weights 1/1. Both terms are normalised per sample, then averaged (nnssl
-normalises over the whole batch), so a batch split over DDP ranks gives the one-process loss.
+Views (nnssl `voco_transform.py`): in training every base and every target crop is augmented on its
+own with the SimCLR pipeline (`views.augment`: noise, blur, brightness, contrast, low resolution,
+gamma, mirror, rot90), each crop from its own random stream, so overlapping crops are no longer
+pixel-identical; validation views are the plain crops (nnssl's `aug="none"`).
 
-Momentum teacher (original VoCo, `voco_head.py`, momentum 0.9), on by default: base embeddings for
-the prediction come from an EMA copy of the encoder and projector, updated at the start of every
-training forward (the same as after the previous step); nnssl has none, and its loss does not
-decrease (its open issue #22). `momentum: null` gives nnssl's variant (student bases, detached).
-No gradient clipping, as nnssl.
+Loss (nnssl's, after the original code): prediction = -log(1 - |overlap - logit|) weighted by the
+overlap on overlapping pairs + logit^2 on the others, logit = relu(cosine); regularisation = mean
+relu(cosine) between different base crops of the student; weights 1/1. Both terms are normalised per
+sample, then averaged (nnssl normalises over the whole batch), so a batch split over DDP ranks gives
+the one-process loss.
+
+Momentum teacher (original VoCo, Luffy03/VoCo `models/voco_head.py`, momentum 0.9), on by default:
+an EMA copy of the encoder and projector, updated at the start of every training forward (the same as
+after the previous step), embeds every crop too, and the logits are the mean of the two original
+terms: student targets against teacher bases, and teacher targets against student bases (the
+second passes gradient to the student's bases). nnssl has no teacher, and its loss does not decrease
+(its open issue #22; on our CPU toy the teacher variants collapse and nnssl's learns, see
+docs/fidelity.md); `momentum: null` gives nnssl's variant (student targets against the student's
+bases, detached). No gradient clipping, as nnssl.
 
 The network sees 64^3 crops: the checkpoint's plan records 64^3 as the pre-training patch size.
 """
@@ -78,9 +87,18 @@ def overlaps(targets: np.ndarray, bases: np.ndarray) -> np.ndarray:
     return inter / (targets[:, 1] - targets[:, 0]).prod(-1)[:, None]
 
 
-def prediction_loss(base: torch.Tensor, target: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
-    """base (B, Nb, D) (no gradient), target (B, Nt, D), overlap (B, Nt, Nb)."""
-    logits = F.relu(F.cosine_similarity(base.detach()[:, None], target[:, :, None], dim=-1))
+# Stream tag of the crop augmentations (views.augment_crop keys: sample seed, tag, crop index).
+_TAG_CROPS = 22
+
+
+def assign(target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """(B, Nt, Nb) relu(cosine) of every target embedding (B, Nt, D) with every base embedding (B, Nb, D):
+    the original's `online_assign`."""
+    return F.relu(F.cosine_similarity(base[:, None], target[:, :, None], dim=-1))
+
+
+def prediction_loss(logits: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """logits and overlap (B, Nt, Nb)."""
     positive = (overlap > 0).to(logits.dtype)
     pos = (-torch.log(1 - (overlap - logits).abs() + 1e-6)) * overlap
     pos = pos.sum((1, 2)) / overlap.sum((1, 2)).clamp_min(1e-6)
@@ -132,6 +150,8 @@ class VoCo(nn.Module):
         return np.stack([starts, starts + np.array(self.crop_size)], 1)
 
     def make_view(self, batch: dict, seeds: Sequence[int]) -> dict:
+        """Base and target crops, each augmented on its own in training (keys (seed, 22, crop index):
+        the sample's bases in base_boxes' order, then its targets)."""
         image = batch["image"]
         if tuple(image.shape[2:]) != self.region_size:
             raise ValueError(f"voco expects regions of {list(self.region_size)}, got {list(image.shape[2:])}")
@@ -141,11 +161,18 @@ class VoCo(nn.Module):
         # (B, C, gx*cx, gy*cy, gz*cz) -> (B * n_base, C, cx, cy, cz), x slowest as base_boxes
         bases = image.reshape(b, -1, gx, cx, gy, cy, gz, cz).permute(0, 2, 4, 6, 1, 3, 5, 7)
         bases = bases.reshape(b * gx * gy * gz, -1, cx, cy, cz)
+        n_base = len(self.bases)
         targets, overlap = [], []
         for i, seed in enumerate(seeds):
             boxes = self.target_boxes(seed)
             targets += [views.crop(image[i], box[0], self.crop_size) for box in boxes]
             overlap.append(overlaps(boxes, self.bases))
+        if self.training:
+            bases = torch.stack([views.augment_crop(crop, (seeds[j // n_base], _TAG_CROPS, j % n_base))
+                                 for j, crop in enumerate(bases)])
+            targets = [views.augment_crop(crop, (seeds[j // self.n_targets], _TAG_CROPS,
+                                                 n_base + j % self.n_targets))
+                       for j, crop in enumerate(targets)]
         return {
             "bases": bases.contiguous(),
             "targets": torch.stack(targets),
@@ -166,18 +193,21 @@ class VoCo(nn.Module):
 
     def forward(self, view: dict) -> torch.Tensor:
         b, n_target, n_base = view["overlap"].shape
-        student = self.embed(torch.cat([view["bases"], view["targets"]]))
-        base, target = student[: b * n_base], student[b * n_base:]
-        base, target = base.reshape(b, n_base, -1), target.reshape(b, n_target, -1)
+        crops = torch.cat([view["bases"], view["targets"]])
+        student = self.embed(crops).float()
+        base = student[: b * n_base].reshape(b, n_base, -1)
+        target = student[b * n_base:].reshape(b, n_target, -1)
         if self.momentum is not None:
             if self.training:
                 self.update_teacher()
             with torch.no_grad():
-                teacher_base = self.embed(view["bases"], teacher=True).reshape(b, n_base, -1)
+                teacher = self.embed(crops, teacher=True).float()
+            teacher_base = teacher[: b * n_base].reshape(b, n_base, -1)
+            teacher_target = teacher[b * n_base:].reshape(b, n_target, -1)
+            logits = 0.5 * (assign(target, teacher_base) + assign(teacher_target, base))
         else:
-            teacher_base = base
-        return (self.weights[0] * prediction_loss(teacher_base.float(), target.float(), view["overlap"])
-                + self.weights[1] * regularization_loss(base.float()))
+            logits = assign(target, base.detach())
+        return self.weights[0] * prediction_loss(logits, view["overlap"]) + self.weights[1] * regularization_loss(base)
 
 
 def build(backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,

@@ -3,6 +3,12 @@
 U[8, 0.625 x patch side] per axis are painted with a random level each; fused = a * A + (1 - a) * B.
 The network segments the level map (5 classes) with Dice (background included, per sample) + CE.
 
+Views (nnssl `VolumeFusionTrainer.py`): the loader reads the centre crop of each image
+(`LOADER_SAMPLING = "centre"`, nnssl's `nnsslCenterCropDataLoader3D`), and in training every image is
+augmented on its own before the mix (noise p 0.1, blur 0.2, brightness 0.15, contrast 0.15, low
+resolution 0.25, inverted gamma 0.1 / gamma 0.3, mirror on each axis p 0.5; no rotation), with the
+SimCLR pipeline's implementation (`views.augment`); validation mixes the plain crops, as nnssl.
+
 Partners: nnssl's loader doubles the batch and mixes its halves; here sample i is mixed with sample
 i + 1 (cyclically) of the same local batch, so every sample is once foreground and once background
 and the batch keeps its size; with a local batch of one the partner is the sample mirrored on all
@@ -21,8 +27,14 @@ from torch import nn
 
 from openmind_bench.ssl import features, views
 
-# The method makes its own views: no spatial augmentation in the loader.
+# The method makes its own views: no spatial augmentation in the loader, which reads centre crops.
 LOADER_AUGMENTATION = False
+LOADER_SAMPLING = "centre"
+
+# nnssl VolumeFusionTrainer.get_training_transforms: the SimCLR pipeline's transforms and values,
+# except low resolution p 0.25 and no rot90.
+AUGMENTATION = {**views.AUGMENTATION, "lowres_p": 0.25, "rot90_p": 0.0}
+_TAG_AUGMENT = 32
 
 DEFAULTS = {
     "levels": [0.0, 0.25, 0.5, 0.75, 1.0],
@@ -86,6 +98,9 @@ class VolumeFusion(nn.Module):
 
     def make_view(self, batch: dict, seeds: Sequence[int]) -> dict:
         image = batch["image"]
+        if self.training:
+            image = torch.stack([views.augment_crop(x, (seed, _TAG_AUGMENT), AUGMENTATION)
+                                 for x, seed in zip(image, seeds)])
         b = image.shape[0]
         partner = torch.roll(image, shifts=-1, dims=0) if b > 1 else torch.flip(image, (2, 3, 4))
         levels = torch.tensor(self.levels, device=image.device, dtype=image.dtype)
