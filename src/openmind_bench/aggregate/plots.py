@@ -9,9 +9,11 @@ lines; tests/test_aggregate.py measures each text's extent).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -54,6 +56,18 @@ def _save(fig: Figure, path: Path) -> Figure:
     return fig
 
 
+def _default_style(plot):
+    """Draw in matplotlib's default style whatever the process set before: the layout is measured for
+    it, and nnU-Net's progress plot sets `seaborn.set(font_scale=2.5)` process-wide (a fine-tuning run
+    and the tables in one process used to push texts off the canvas)."""
+    @functools.wraps(plot)
+    def styled(*args, **kwargs):
+        with matplotlib.rc_context({k: v for k, v in matplotlib.rcParamsDefault.items() if k != "backend"}):
+            return plot(*args, **kwargs)
+    return styled
+
+
+@_default_style
 def heatmap(table: pd.DataFrame, metric: str, path: Path) -> Figure:
     """Runs x datasets; cell text = value (%), colour = rank among runs in that column."""
     rows = table[table.metric == metric].reset_index(drop=True)
@@ -102,6 +116,7 @@ def heatmap(table: pd.DataFrame, metric: str, path: Path) -> Figure:
     return _save(fig, path)
 
 
+@_default_style
 def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> Figure:
     """Bubble plot: share of bootstrap samples at each leaderboard position, per run."""
     rows = ranks[ranks.metric == metric].sort_values(["rank_observed", "rank_mean"], kind="stable")
@@ -165,6 +180,7 @@ def rank_stability(ranks: pd.DataFrame, metric: str, path: Path) -> Figure:
     return _save(fig, path)
 
 
+@_default_style
 def dataset_bars(intervals: pd.DataFrame, table: pd.DataFrame, metric: str, dataset: str, path: Path,
                  n_samples: int) -> Figure:
     """One bar per run with its 95% bootstrap interval, for one dataset and metric."""
