@@ -103,3 +103,24 @@ def test_peak_table_and_mfu():
     assert engine_ledger.peak_flops("NVIDIA GeForce RTX 4090", "bfloat16") is None
     assert engine_ledger.mfu(1e12, 100.0, 1e15) == pytest.approx(0.1)
     assert engine_ledger.mfu(None, 100.0, 1e15) is None
+
+
+def test_a_compiled_model_is_not_counted_and_a_rescored_run_keeps_its_ledger(tmp_path):
+    from openmind_bench.engine.distributed import Context
+
+    ctx = Context(0, 1, 0, torch.device("cpu"))
+    ledger = engine_ledger.ComputeLedger(tmp_path, ctx, stage="pretrain", run="r", precision="float32", compiled=True)
+    weight = torch.randn(64, 64, requires_grad=True)
+    for _ in ledger.timed([1, 2]):
+        with ledger.step():
+            (weight @ weight).sum().backward()
+    doc = ledger.finish("finished")
+    assert doc["steps"] == 2 and doc["flops_per_step"] is None and doc["flops_note"].startswith("not counted")
+    # a job that trains nothing (a finished model scored again) leaves the training's ledger
+    again = engine_ledger.ComputeLedger(tmp_path, ctx, stage="pretrain", run="r", precision="float32")
+    assert again.finish("finished") == doc and read_ledger(tmp_path) == doc
+    # a counted step: one 64^3 matmul forward and two backward (a gradient per operand), 2 FLOPs per multiply-add
+    counted = engine_ledger.ComputeLedger(tmp_path / "counted", ctx, stage="pretrain", run="r", precision="float32")
+    with counted.step():
+        (weight @ weight).sum().backward()
+    assert counted.finish("finished")["flops_per_step"] == 3 * 2 * 64**3

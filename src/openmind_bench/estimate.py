@@ -254,7 +254,12 @@ def _flops_hours(job: Job, presets: str, device: str, mfu: float, peak_flops):
     if flops is None:
         return None, UNKNOWN, why
     return (job.steps * flops / (mfu * peak) / 3600, FLOPS,
-            f"{arch} {'x'.join(map(str, patch))}: {flops / 1e12:.2g} TFLOP/step")
+            f"{arch} {'x'.join(map(str, patch))}: {_tflop(flops)} TFLOP/step")
+
+
+def _tflop(flops: float) -> str:
+    tflop = flops / 1e12
+    return f"{tflop:.0f}" if tflop >= 10 else f"{tflop:.2g}"
 
 
 def render(lines: list[Line], config: dict, config_name: str) -> str:

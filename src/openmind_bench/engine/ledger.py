@@ -97,7 +97,7 @@ class ComputeLedger:
     architecture, patch, batch...), recorded for `openmind-bench estimate` to match runs by."""
 
     def __init__(self, out_dir: str | Path, ctx: distributed.Context, *, stage: str, run: str, precision: str,
-                 workload: dict | None = None):
+                 workload: dict | None = None, compiled: bool = False):
         self.started = time.perf_counter()
         self.path = Path(out_dir) / LEDGER_FILE
         self.ctx = ctx
@@ -109,9 +109,15 @@ class ComputeLedger:
         self.flops_per_device: int | None = None
         self.flops_note: str | None = "no step ran"
         self._counted = False
+        if compiled:
+            self.skip_flop_count("the model is torch.compile'd (a run with compile off counts it)")
         self._mark: float | None = None
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
+
+    def skip_flop_count(self, why: str) -> None:
+        """No FLOP count (a dispatch mode around a torch.compile'd model is not tried on a real run)."""
+        self._counted, self.flops_note = True, f"not counted: {why}"
 
     def with_workload(self, **fields) -> "ComputeLedger":
         self.workload.update(fields)

@@ -99,7 +99,8 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
     ledger = ComputeLedger(out, ctx, stage="pretrain", run=out.name,
                            precision=precision_of(settings.amp, settings.amp_dtype, ctx.device),
                            workload={"method": settings.method, "architecture": settings.architecture,
-                                     "patch_size": list(settings.patch_size), "batch_size": settings.total_batch_size})
+                                     "patch_size": list(settings.patch_size), "batch_size": settings.total_batch_size},
+                           compiled=settings.compile)
     epochs, steps = settings.epochs, settings.steps_per_epoch
 
     arch = settings.arch()

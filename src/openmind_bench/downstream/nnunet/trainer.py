@@ -122,6 +122,8 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         # nnU-Net builds the network, then calls configure_optimizers, which loads the checkpoint first
         self._pending_checkpoint = self.run_settings.get("checkpoint")
         super().initialize()
+        if self.compute_ledger is not None and self._do_i_compile():
+            self.compute_ledger.skip_flop_count("nnU-Net torch.compile's the network (nnUNet_compile=f counts it)")
 
     def configure_optimizers(self):
         if not self.run_settings:
