@@ -21,7 +21,7 @@ _WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
 # Settings that do not shape the trained weights: a run differing only in these continues from its state.
 _NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code")
 # What a run leaves in its folder besides the final checkpoint (removed when the record differs).
-STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json")
+STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json", "compute.json")
 
 
 def merged(config_section: dict | None) -> dict:
