@@ -14,7 +14,7 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
+    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 18,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
 }
 # A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
@@ -138,7 +138,8 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     registry = tmp_path / "downstream_registry.yaml"  # a copy, edited below
     registry.write_text((repo / "config/downstream_demo.yaml").read_text())
     work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False},
-                                     "downstream": {"epochs": [2], "steps_per_epoch": 10},
+                                     "downstream": {"epochs": [2], "steps_per_epoch": 10,
+                                                    "classification": {"epochs": 2, "warmup_epochs": 1}},
                                      "downstream_registry": str(registry)})
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     proc = run_snakemake(work, *configs, "-c2", "all", timeout=1500)
@@ -154,11 +155,13 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
     stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
     assert set(dwi_maps.image_id) <= set(stored.image_id)
-    # scratch + simclr x {default, frozen} on the three demo downstream sets, per-case metrics each
-    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 9
+    # scratch (ResEnc, Primus) + simclr on ResEnc and mae on Primus x {default, frozen} on the three demo
+    # downstream sets, per-case metrics each
+    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 18
     # `all` ends in the benchmark tables
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
-    assert {"scratch", "simclr"} <= set(table.method) and len(list((work / "results/benchmark/plots").glob("*.png")))
+    assert {"scratch", "simclr", "mae"} <= set(table.method) and {"ResEncTiny", "PrimusTiny"} <= set(table.architecture)
+    assert len(list((work / "results/benchmark/plots").glob("*.png")))
     # masks and quality ran: every 3D image has masks and a score, and preprocessing used the masks
     n_3d = sum(1 for t in demo_truth["images"].values() if t["modality"] != "DWI")
     iqs = pd.read_parquet(work / "results/quality/iqs.parquet")
@@ -192,16 +195,16 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _job_counts(proc)
 
-    # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo
-    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 5, "finetune": 6,
+    # pre-training epochs: the five pre-training runs, the twelve fine-tuning runs from the two checkpoints
+    assert jobs_after({"pretrain": {"epochs": 3}}) == {"all": 1, "pretrain": 5, "finetune": 12,
                                                       "benchmark_table_of_config": 1}
     # the sliding-window overlap: every segmentation run (classification has no sliding window)
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 6,
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 12,
                                                                         "benchmark_table_of_config": 1}
 
     # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
-    # (6 of 9), not classification; a manual quality score the gather, not the shards
-    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 6,
+    # (12 of 18), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 12,
                                                                  "benchmark_table_of_config": 1}
     manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
     assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
@@ -218,7 +221,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
     registry.write_text(yaml.safe_dump(edited))
     counts = jobs_after({})
-    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 3 and "pretrain" not in counts, counts
+    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 6 and "pretrain" not in counts, counts
     registry.write_text(original)
 
     # the report holds the benchmark tables and plots
