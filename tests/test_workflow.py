@@ -132,7 +132,8 @@ def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the whole demo (18 fine-tuning jobs) and a dozen Snakemake runs: ~1000 s on 2 loaded cores
+# the whole demo (18 fine-tuning jobs) and a dozen Snakemake runs: ~1000 s on 2 cores under load
+@pytest.mark.timeout(1800)
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
     # workflow (README's demo command runs the full demo; benchmarks/nnunet_finetune.py its learning)

@@ -45,8 +45,9 @@ trains exactly that (the head; SSL3D_classification's double warm-start also sta
 alone). nnU-Net's trainer widens it where the public trainer does (`downstream.nnunet.decoder_stage:
 published`, the default): Sawtooth's decoder stage (and Valley's) optimises
 `network.decoder.parameters()`, which for ResEnc holds the encoder, so stem and encoder train in it
-too; for Primus the stem joins when extra input channels were made by repeating it. `decoder_only` keeps stem and encoder frozen, as the
-papers' text says; `frozen` keeps them frozen always (`downstream.nnunet.trainer.trainable_groups`).
+too; for Primus the stem joins when extra input channels were made by repeating it. `decoder_only`
+keeps stem and encoder frozen, as the papers' text says; `frozen` keeps them frozen always
+(`downstream.nnunet.trainer.trainable_groups`).
 
 A phase change keeps the optimiser (momentum / Adam moments carry on) except where the public
 trainer builds a new one, marked `fresh_optimizer`: Sawtooth's and Valley's whole-net warm-up and
