@@ -14,12 +14,13 @@ grad scaler on GPUs; the centre crop at test time.
 
 The loop runs on the shared engine (`engine.step.train_step` with micro-batches: one collective for
 the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under torchrun;
-`engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Schedules
-other than the default (`frozen`, `warmup`, ...) come from `downstream.schedules`: per-epoch lr of the
-`stem` / `encoder` / `decoder` (= head) groups and which of them train; frozen groups get
-`requires_grad=False`, so they stay bit-identical; the optimiser is kept across a phase change
-(groups that start training added) unless the phase starts a new one (`fresh_optimizer`), as in the
-segmentation trainer (the classification protocol itself has one phase).
+`engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Every
+schedule comes from `downstream.schedules` (the protocol's is `cosine`; `frozen`, `warmup`, ... as
+named): per-epoch lr of the `stem` / `encoder` / `decoder` (= head) groups and which of them train;
+frozen groups get `requires_grad=False`, so they stay bit-identical; the optimiser is kept across a
+phase change (groups that start training added) unless the phase starts a new one
+(`fresh_optimizer`), as in the segmentation trainer (the protocol's warm-start and cosine share one
+optimiser, as its single AdamW under a Lightning scheduler).
 
 Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
 the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
