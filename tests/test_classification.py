@@ -31,8 +31,9 @@ def _settings(root, tmp_path, dataset, run, checkpoint=None, classification_over
     config = omb_config.validate(
         {"downstream_registry": REGISTRY,
          "downstream": {"root": str(root), **overrides,
-                        "classification": {"epochs": None, "batch_size": 2, "accumulation_steps": 2,
-                                           "steps_per_epoch": 1, **(classification_overrides or {})}},
+                        "classification": {"epochs": None, "warmup_epochs": 1, "batch_size": 2,
+                                           "accumulation_steps": 2, "steps_per_epoch": 1,
+                                           **(classification_overrides or {})}},
          "finetune": {"scratch_patch_size": [32, 32, 32], "spacing": [3.5, 3.5, 3.5]}}, omb_config.SCHEMA_PATH)
     out = tmp_path / "results" / "downstream" / dataset / run / "fold_test"
     s = run_settings.resolve(config, dataset, run, "test", out_dir=str(out), split=str(split),
@@ -105,6 +106,64 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient():
     bad = [{"image": images[:2], "target": targets[:2]}, {"image": images[2:] * float("nan"), "target": targets[2:]}]
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         one_step(bad)
+
+
+def test_default_runs_train_the_protocols_warm_start_and_cosine(downstream_root, tmp_path):
+    # the schema's protocol (200 epochs, 20 of them warm-start): lr at epochs 0, 19, 20 and the last
+    # by hand, lr * (e + 1) / 21 then lr * (1 + cos(pi * k / 180)) / 2 (test_schedules has the source)
+    s = _settings(downstream_root, tmp_path, CLS, "scratch__ResEncTiny__150",
+                  classification_overrides={"epochs": 200, "warmup_epochs": 20})
+    defaults = omb_config.section("downstream")["classification"]
+    assert (defaults["epochs"], defaults["warmup_epochs"], defaults["batch_size"], defaults["accumulation_steps"],
+            defaults["grad_clip"]) == (200, 20, 2, 48, None)
+    assert omb_config.section("finetune")["amp_dtype"] == "float16"  # precision '16-mixed': fp16 + grad scaler
+    for run in ("scratch__ResEncTiny__150", "mae__ResEncTiny__demo__default__150"):
+        schedule = classification.build_schedule(s, names.parse_run(run), "cnn", 200, 2)
+        lrs = {e: schedule.lrs(e * 2 + 1) for e in (0, 19, 20, 199)}
+        assert all(len(set(v.values())) == 1 for v in lrs.values())  # one rate for the whole net
+        got = {e: v["encoder"] for e, v in lrs.items()}
+        assert got == pytest.approx({0: 4.761904761904762e-06, 19: 9.523809523809524e-05, 20: 1e-4,
+                                     199: 7.615242180436521e-09}, rel=1e-9)
+    frozen = classification.build_schedule(s, names.parse_run("mae__ResEncTiny__demo__frozen__150"), "cnn", 150, 2)
+    assert frozen.name == "frozen"  # a named schedule keeps its own warm-ups
+    s.classification["warmup_epochs"] = 250
+    with pytest.raises(schedules.ScheduleError, match="downstream.classification.warmup_epochs"):
+        classification.build_schedule(s, names.parse_run("scratch__ResEncTiny__150"), "cnn", 200, 2)
+
+
+def test_training_samples_are_the_references_augmentation_of_a_centre_crop():
+    import numpy as np
+
+    from openmind_bench.downstream import volumes
+
+    augment = volumes.classification_augmentation([16, 16, 16])
+    kinds = [(type(t.transform).__name__, t.apply_probability) if hasattr(t, "transform") else (type(t).__name__, 1)
+             for t in augment.transforms]
+    assert kinds == [("SpatialTransform", 1), ("GaussianNoiseTransform", 0.1), ("GaussianBlurTransform", 0.2),
+                     ("MultiplicativeBrightnessTransform", 0.15), ("ContrastTransform", 0.15),
+                     ("SimulateLowResolutionTransform", 0.25), ("GammaTransform", 0.1), ("GammaTransform", 0.3),
+                     ("MirrorTransform", 1)]
+    spatial = augment.transforms[0]
+    assert (spatial.random_crop, spatial.p_rotation, spatial.rotation, spatial.p_scaling, spatial.scaling,
+            spatial.p_elastic_deform) == (False, 0.2, 0.523599, 0.2, (0.7, 1.4), 0)
+    assert [t.transform.p_invert_image for t in augment.transforms[6:8]] == [1, 0]
+
+    image = np.random.default_rng(0).standard_normal((1, 24, 28, 20)).astype(np.float32)
+    volume = volumes.Volume("c", image.copy(), 1, image.shape[1:], (1.0, 1.0, 1.0))
+    centre = torch.as_tensor(image[:, 4:20, 6:22, 2:18])
+    flips = [centre.flip([a + 1 for a in axes]) for axes in
+             ([], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2])]
+    before = (np.random.get_state()[1][:4].copy(), torch.random.get_rng_state())
+    samples = [volumes.augmented_sample(augment, volume, seed)["image"] for seed in range(60)]
+    assert np.array_equal(volume.image, image)  # the case in memory stays as loaded
+    assert all(s.shape == (1, 16, 16, 16) for s in samples)
+    assert torch.equal(samples[7], volumes.augmented_sample(augment, volume, 7)["image"])  # a function of the seed
+    plain = [any(torch.equal(s, f) for f in flips) for s in samples]
+    # the centre crop, mirrored, when no other transform fires (p ~0.14); augmented otherwise
+    assert 0 < sum(plain) < len(plain)
+    assert len({tuple(torch.nonzero(torch.stack([s != f for f in flips]).flatten(1).any(1) == 0).flatten().tolist())
+                for s, ok in zip(samples, plain) if ok}) > 1  # several mirrorings
+    assert (np.random.get_state()[1][:4] == before[0]).all() and torch.equal(torch.random.get_rng_state(), before[1])
 
 
 def test_schedules_on_the_optimiser_give_the_closed_form_lr():
@@ -210,6 +269,7 @@ def test_scratch_classification_trains_the_protocol_length(downstream_root, tmp_
     assert all(set(c["probabilities"]) == {"control", "patient"} for c in doc["cases"])
     schedule = json.loads((out / "schedule.json").read_text())
     assert schedule["name"] == "cosine" and schedule["epochs"] == 3 and schedule["peak_lr"] == 1e-4
+    assert [(p["curve"], p["epochs"]) for p in schedule["phases"]] == [("warmstart", 1), ("cosine", 2)]
     assert [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
 
 
@@ -253,7 +313,8 @@ def test_finetune_command_makes_the_split_and_runs_a_classification_job(downstre
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "downstream": {"classification": {"epochs": 1, "batch_size": 2, "accumulation_steps": 1, "steps_per_epoch": 1}},
+        "downstream": {"classification": {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "accumulation_steps": 1,
+                                          "steps_per_epoch": 1}},
         "finetune": {"scratch_patch_size": [32, 32, 32], "spacing": [3.5, 3.5, 3.5]}}))
     split, out = tmp_path / "split.json", tmp_path / "run"
     assert main(["finetune", "--dataset", CLS, "--run", "scratch__ResEncTiny__1", "--split", str(split),

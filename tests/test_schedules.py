@@ -170,11 +170,22 @@ def test_custom_schedule_as_data():
     assert math.isclose(sum(p.epochs for p in s.phases), 10)
 
 
-def test_cosine_is_the_classification_protocols_annealing():
-    s = build_schedule("cosine", 400, 1e-4, 3)
-    assert s.lr("encoder", 0) == pytest.approx(1e-4)
-    assert s.lr("decoder", 200 * 3) == pytest.approx(0.5e-4)
-    assert s.lr("stem", 399 * 3 + 2) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 399 / 400)))
+def test_classification_warm_starts_then_anneals_as_ssl3d_classification():
+    # SSL3D_classification @848e22e, base_model.py CosineAnnealingLR_Warmstart with its data configs'
+    # warmstart 20 over max_epochs 200 (T_max 200 - 20), stepped once per epoch: epoch e < 20 gets
+    # peak * (e + 1) / 21, epoch 20 the peak, epoch 20 + k peak * (1 + cos(pi * k / 180)) / 2.
+    peak, steps = 1e-4, 3
+    s = build_schedule("cosine", 200, peak, steps, whole_warmup=20)
+    assert [p.name for p in s.phases] == ["warmup", "train"] and all(p.trainable == frozenset(GROUPS) for p in s.phases)
+    assert s.lr("encoder", 0) == pytest.approx(4.761904761904762e-06, rel=1e-12)  # 1e-4 / 21
+    assert s.lr("decoder", 19 * steps + 2) == pytest.approx(9.523809523809524e-05, rel=1e-12)  # 1e-4 * 20 / 21
+    assert s.lr("stem", 20 * steps) == pytest.approx(1e-4, rel=1e-12)
+    assert s.lr("encoder", 110 * steps) == pytest.approx(0.5e-4, rel=1e-12)  # k = 90, half way
+    assert s.lr("stem", 199 * steps + 2) == pytest.approx(7.615242180436521e-09, rel=1e-9)  # k = 179 of 180
+    # no warm-start: cosine from the peak over all epochs
+    s = build_schedule("cosine", 400, peak, steps)
+    assert [p.name for p in s.phases] == ["train"] and s.lr("encoder", 0) == pytest.approx(peak)
+    assert s.lr("stem", 399 * steps + 2) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 399 / 400)))
 
 
 # The public trainers, read on TaWald/nnUNet branch nnssl_finetuning_inclusion (91b1e049):

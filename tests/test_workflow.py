@@ -14,7 +14,7 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 15,
+    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 24,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
     # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
     "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, "checkpoint_scores": 1,
@@ -134,14 +134,16 @@ def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # the whole demo and a dozen re-plans: ~7 min alone on 2 cores, more on a shared machine
+# the whole demo (24 fine-tuning jobs) and a dozen Snakemake runs: ~7 min alone on 2 cores, ~17 under load
+@pytest.mark.timeout(1800)
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
     # workflow (README's demo command runs the full demo; benchmarks/nnunet_finetune.py its learning)
     registry = tmp_path / "downstream_registry.yaml"  # a copy, edited below
     registry.write_text((repo / "config/downstream_demo.yaml").read_text())
     work = _workdir(tmp_path, repo, {"source": {"kind": "local", "root": str(demo_mirror), "build_demo": False},
-                                     "downstream": {"epochs": [2], "steps_per_epoch": 10},
+                                     "downstream": {"epochs": [2], "steps_per_epoch": 10,
+                                                    "classification": {"epochs": 2, "warmup_epochs": 1}},
                                      "downstream_registry": str(registry)})
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     proc = run_snakemake(work, *configs, "-c2", "all", timeout=1500)
@@ -157,11 +159,13 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
     stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
     assert set(dwi_maps.image_id) <= set(stored.image_id)
-    # scratch + simclr and the hub-served MAE x {default, frozen} on the three demo downstream sets
-    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 15
+    # scratch (ResEnc, Primus) + simclr on ResEnc, mae on Primus and the hub-served MAE (ResEnc) x {default,
+    # frozen} on the three demo downstream sets, per-case metrics each
+    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 24
     # `all` ends in the benchmark tables, the external checkpoint's rows marked, its source listed
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
-    assert {"scratch", "simclr", "demo-hub-mae"} <= set(table.method)
+    assert {"scratch", "simclr", "mae", "demo-hub-mae"} <= set(table.method)
+    assert {"ResEncTiny", "PrimusTiny"} <= set(table.architecture)
     assert set(table[table.external].method) == {"demo-hub-mae"} and len(list((work / "results/benchmark/plots").glob("*.png")))
     # ... read back through huggingface_hub from the demo's hub cache, at the commit placed there
     commit = (work / "results/demo_hub/models--openmind-demo--ResEncTiny-demo-MAE/refs/main").read_text()
@@ -205,17 +209,17 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _job_counts(proc)
 
-    # pre-training epochs: the five pre-training runs, the six fine-tuning runs from simclr__ResEncTiny__demo,
-    # and the MAE run's way through the hub: export, fetch, check, its six fine-tuning runs, its scores
+    # pre-training epochs: the five pre-training runs, the twelve fine-tuning runs from the two checkpoints,
+    # and the MAE ResEnc run's way through the hub: export, fetch, check, its six fine-tuning runs, its scores
     scores = {"checkpoint_scores": 1, "benchmark_table_of_config": 1}
     assert jobs_after({"pretrain": {"epochs": 3}}) == {
-        "all": 1, "pretrain": 5, "finetune": 12, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
+        "all": 1, "pretrain": 5, "finetune": 18, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
     # the sliding-window overlap: every segmentation run (classification has no sliding window)
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 10, **scores}
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 16, **scores}
 
     # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
-    # (10 of 15), not classification; a manual quality score the gather, not the shards
-    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 10, **scores}
+    # (16 of 24), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 16, **scores}
     manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
     assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
     # a registry edit re-runs the jobs that read the edited values: test subjects on OpenNeuro leave
@@ -231,7 +235,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
     registry.write_text(yaml.safe_dump(edited))
     counts = jobs_after({})
-    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 5 and "pretrain" not in counts, counts
+    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 8 and "pretrain" not in counts, counts
     registry.write_text(original)
 
     # the report holds the benchmark tables and plots
@@ -402,7 +406,7 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
     assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2 and counts["checkpoint_scores"] == 2
     # each checkpoint x 2 schedules x 3 dataset-folds (the demo's own external entry is replaced: no hub)
     demo = {k: v for k, v in DEMO_JOBS.items() if "checkpoint" not in k and k != "demo_hub"}
-    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 9 + 2 * 2 * 3}
+    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 18 + 2 * 2 * 3}
 
     targets = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
     proc = run_snakemake(work, *configs, "-c2", "--keep-going", *targets)

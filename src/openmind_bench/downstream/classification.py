@@ -1,22 +1,26 @@
 """Classification fine-tuning: one pre-trained checkpoint (or a from-scratch network) on one
 classification dataset and fold. (Segmentation fine-tunes inside nnU-Net v2: `downstream.nnunet`.)
 
-The classification protocol of the benchmark (SSL3D_classification, the papers' classification
-code base; values in config `downstream.classification` / `finetune`): the checkpoint's encoder,
-mean pooling of its last stage, dropout 0.2 and a linear head; AdamW 1e-4, weight decay 1e-2;
-label-smoothed (0.2) cross-entropy; cosine annealing over 400 epochs; batch 1 with the gradients of
-48 samples accumulated per optimiser step (effective batch 48); an epoch is one pass over the
-training cases in a seeded random order (the last step of a pass may accumulate fewer); 160^3
-centre crop at test time.
+The classification protocol of the benchmark (SSL3D_classification @848e22e, the papers'
+classification code base; values in config `downstream.classification` / `finetune`): the
+checkpoint's encoder, mean pooling of its last stage, dropout 0.2 and a linear head; AdamW 1e-4,
+weight decay 1e-2; label-smoothed (0.2) cross-entropy; 200 epochs, the first 20 a linear warm-start
+(lr * (e + 1) / 21), then cosine annealing from the peak; batch 2 with the gradients of 48
+micro-batches accumulated per optimiser step (effective batch 96; its ABIDE data config, which its
+README's example of 1 x 48 over 400 epochs differs from); an epoch is one pass over the training
+cases in a seeded random order (the last step of a pass may accumulate fewer); nnU-Net-style
+augmentation ending in a centre crop (`volumes.classification_augmentation`); fp16 autocast with a
+grad scaler on GPUs; the centre crop at test time.
 
 The loop runs on the shared engine (`engine.step.train_step` with micro-batches: one collective for
 the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under torchrun;
-`engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Schedules
-other than the default (`frozen`, `warmup`, ...) come from `downstream.schedules`: per-epoch lr of the
-`stem` / `encoder` / `decoder` (= head) groups and which of them train; frozen groups get
-`requires_grad=False`, so they stay bit-identical; the optimiser is kept across a phase change
-(groups that start training added) unless the phase starts a new one (`fresh_optimizer`), as in the
-segmentation trainer (the classification protocol itself has one phase).
+`engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Every
+schedule comes from `downstream.schedules` (the protocol's is `cosine`; `frozen`, `warmup`, ... as
+named): per-epoch lr of the `stem` / `encoder` / `decoder` (= head) groups and which of them train;
+frozen groups get `requires_grad=False`, so they stay bit-identical; the optimiser is kept across a
+phase change (groups that start training added) unless the phase starts a new one
+(`fresh_optimizer`), as in the segmentation trainer (the protocol's warm-start and cosine share one
+optimiser, as its single AdamW under a Lightning scheduler).
 
 Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
 the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
@@ -160,11 +164,17 @@ def epoch_plan(n_cases: int, batch_size: int, accumulation: int, steps_per_epoch
 
 def build_schedule(settings: FinetuneSettings, name: RunName, family: str, epochs: int,
                    steps_per_epoch: int) -> schedules.Schedule:
+    """The protocol's schedule (`cosine`: linear warm-start over `classification.warmup_epochs`, then
+    cosine) for `default` and scratch runs; the named segmentation schedule otherwise."""
     schedule = name.schedule or "default"
-    if schedule == "default":
-        schedule = "cosine"  # the classification protocol: cosine annealing from the peak
-    return schedules.configured_schedule(schedule, family, epochs, float(settings.classification["peak_lr"]),
-                                         steps_per_epoch, settings.schedule_config)
+    peak = float(settings.classification["peak_lr"])
+    if schedule != "default":
+        return schedules.configured_schedule(schedule, family, epochs, peak, steps_per_epoch, settings.schedule_config)
+    warmup = int(settings.classification["warmup_epochs"])
+    try:
+        return schedules.build_schedule("cosine", epochs, peak, steps_per_epoch, whole_warmup=warmup)
+    except schedules.ScheduleError as e:
+        raise schedules.ScheduleError(f"config key 'downstream.classification.warmup_epochs' ({warmup}): {e}") from None
 
 
 def optimiser_config(settings: FinetuneSettings) -> dict:

@@ -7,7 +7,9 @@ the run's peak lr:
 - `linear_warmup`: peak * f * (e + 1) / L for epoch e = 0..L-1 of the phase (nnU-Net/nnssl's
   `Lin_incr_LRScheduler`: the last warm-up epoch reaches the peak);
 - `poly`: peak * f * (1 - e / L) ** 0.9 (nnU-Net's PolyLR, restarted at the phase's first epoch);
-- `cosine`: peak * f * (1 + cos(pi * e / L)) / 2 (the classification protocol's cosine annealing).
+- `cosine`: peak * f * (1 + cos(pi * e / L)) / 2 (the classification protocol's cosine annealing);
+- `warmstart`: peak * f * (e + 1) / (L + 1) (SSL3D_classification's `CosineAnnealingLR_Warmstart`:
+  its last warm-up epoch stays at L / (L + 1) of the peak, the cosine after it starts at the peak).
 
 `f` is the phase's `lr_factor` (1 except decoder-only phases of Primus, see below). The rate
 changes once per epoch, as in nnU-Net: step s is in epoch s // steps_per_epoch.
@@ -32,8 +34,20 @@ whole-network warm-up length from config:
   it (the public Primus Sawtooth-150 trainer: 50), else W. Every warm-up ends at its peak, as on
   the fine-tuning branch (nnU-Net master's `Lin_incr_offset_LRScheduler` stops at half the peak).
 
-The stem stays frozen in every decoder-only phase, also when extra input channels were made by
-repeating it (the multi-channel rule of the MAE paper's Tab. 8).
+and the classification protocol's, which a classification run trains where its name says
+`default` (scratch runs included):
+
+- cosine: the whole net, `warmstart` over W (config `downstream.classification.warmup_epochs`, the
+  protocol's 20), then cosine over the rest.
+
+In these tables a decoder-only phase trains the `decoder` group alone, and the classification engine
+trains exactly that (the head; SSL3D_classification's double warm-start also starts with the head
+alone). nnU-Net's trainer widens it where the public trainer does (`downstream.nnunet.decoder_stage:
+published`, the default): Sawtooth's decoder stage (and Valley's) optimises
+`network.decoder.parameters()`, which for ResEnc holds the encoder, so stem and encoder train in it
+too; for Primus the stem joins when extra input channels were made by repeating it. `decoder_only`
+keeps stem and encoder frozen, as the papers' text says; `frozen` keeps them frozen always
+(`downstream.nnunet.trainer.trainable_groups`).
 
 A phase change keeps the optimiser (momentum / Adam moments carry on) except where the public
 trainer builds a new one, marked `fresh_optimizer`: Sawtooth's and Valley's whole-net warm-up and
@@ -51,7 +65,7 @@ from openmind_bench.names import CNN, FAMILIES, TRANSFORMER
 GROUPS = ("stem", "encoder", "decoder")
 ALL = frozenset(GROUPS)
 DECODER = frozenset({"decoder"})
-CURVES = ("linear_warmup", "poly", "cosine")
+CURVES = ("linear_warmup", "poly", "cosine", "warmstart")
 REST = "rest"  # length key of the final phase: whatever the others leave
 _DOWNSTREAM = config.section("downstream")  # the schema's defaults, read once
 POLY_EXPONENT = float(_DOWNSTREAM["poly_exponent"])
@@ -77,7 +91,11 @@ TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None, bool], ..
         ("warmup", ALL, "linear_warmup", "whole", None, True),
         ("train", ALL, "poly", REST, None, False),
     ),
-    "cosine": (("train", ALL, "cosine", REST, None, False),),  # classification (not a segmentation schedule)
+    # classification (not a segmentation schedule): the `whole` warm-up is the classification config's
+    "cosine": (
+        ("warmup", ALL, "warmstart", "whole", None, False),
+        ("train", ALL, "cosine", REST, None, False),
+    ),
     "sawtooth": (
         ("decoder_warmup", DECODER, "linear_warmup", "decoder_up", "decoder", False),
         ("decoder_decay", DECODER, "poly", "decoder_down", "decoder", False),
@@ -110,6 +128,8 @@ class Phase:
         length = self.epochs
         if self.curve == "linear_warmup":
             return self.lr_factor * (epoch_in_phase + 1) / length
+        if self.curve == "warmstart":
+            return self.lr_factor * (epoch_in_phase + 1) / (length + 1)
         if self.curve == "cosine":
             return self.lr_factor * 0.5 * (1.0 + math.cos(math.pi * epoch_in_phase / length))
         return self.lr_factor * (1.0 - epoch_in_phase / length) ** exponent
