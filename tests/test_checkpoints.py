@@ -322,3 +322,19 @@ def test_full_size_checkpoints_check_on_cpu(tmp_path, arch_name, parameters, cap
     assert report["architecture"]["family"] == nets.resolve(arch_name).family
     assert report["transfers"][0]["moved"] > 0 and report["transfers"][0]["unexpected"] == 0
     assert report["pretrain_patch_size"] == [160, 160, 160]
+
+
+def test_simclr_plan_whose_patch_is_the_region_not_the_crop(tmp_path):
+    """nnssl SimCLR: the loader's region is (192, 192, 64), the network saw crops; a plan that records the
+    region disagrees with the position embedding, whose own token count gives the crops' grid."""
+    def region_patch(plan):
+        plan["pretrain_plan"]["configurations"]["onemmiso"]["patch_size"] = [192, 192, 64]
+        return plan
+
+    weights = pretrained_checkpoint(tmp_path / "simclr.pth", "PrimusTiny", plan_edit=region_patch)
+    report = check_checkpoint(tmp_path / "simclr.pth", patch_size=[64, 32, 32])
+    lpe = report["transfers"][0]["position_embedding"]
+    assert lpe["pretrain_grid"] == [4, 4, 4] and lpe["finetune_grid"] == [8, 4, 4] and lpe["interpolated"]
+    same = check_checkpoint(tmp_path / "simclr.pth", patch_size=PATCH)["transfers"][0]["position_embedding"]
+    assert same["interpolated"] is False and same["how"] == "copied"
+    assert_exact_transfer(tmp_path / "simclr.pth", "PrimusTiny", weights)

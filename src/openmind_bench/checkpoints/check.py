@@ -136,8 +136,7 @@ def _transfer_into(pretrained: transfer.Pretrained, patch: list[int], channels: 
               "in_proj_repeated": channels != 1 and any(k in adapted for k in moved)}
     if lpe and lpe in moved:
         token = transfer.patch_embed_size(net)
-        old_patch = pretrained.patch_size
-        old = transfer.token_grid(old_patch, token) if token and old_patch else None
+        old = transfer.pretrain_token_grid(pretrained, weights[lpe].shape[1], token) if token else None
         new = transfer.token_grid(patch, token) if token else None
         result["position_embedding"] = {
             "key": lpe, "pretrain_grid": old, "finetune_grid": new,

@@ -229,6 +229,30 @@ def token_grid(patch_size: Sequence[int], token_size: Sequence[int]) -> list[int
     return [int(p) // int(t) for p, t in zip(patch_size, token_size)]
 
 
+def pretrain_token_grid(pretrained: Pretrained, tokens: int, token_size: Sequence[int]) -> list[int] | None:
+    """The token grid the checkpoint's position embedding of `tokens` entries was learnt on: the plan's
+    pre-training patch over the token size, when that many tokens (prefix tokens aside) are there. A
+    plan whose patch is the loader's region rather than the network's input (SimCLR's (192, 192, 64)
+    region of 64^3 crops) disagrees with the embedding: then a cube of `tokens` is taken, the crops'
+    grid, and the log says so. None when neither fits."""
+    patch = pretrained.patch_size
+    if patch:
+        grid = token_grid(patch, token_size)
+        if 0 <= tokens - math.prod(grid) <= MAX_PREFIX_TOKENS:
+            return grid
+    side = round(tokens ** (1 / 3))
+    if side ** 3 == tokens:
+        log.warning("checkpoint %s: its plan's pre-training patch %s does not give the position embedding's %d "
+                    "tokens; taking the %d^3 grid of the network's input (the crops of a region)", pretrained.path,
+                    patch, tokens, side)
+        return [side] * 3
+    return None
+
+
+# class and register tokens before the grid's in a position embedding (Primus has none; Eva may have some)
+MAX_PREFIX_TOKENS = 8
+
+
 def interpolate_position_embedding(embedding: torch.Tensor, old_grid: Sequence[int],
                                    new_grid: Sequence[int]) -> torch.Tensor:
     """(1, prefix + prod(old_grid), C) -> (1, prefix + prod(new_grid), C), trilinear over the grid;
@@ -307,13 +331,12 @@ def transfer(pretrained: Pretrained, net: nn.Module, patch_size: Sequence[int]) 
             value = repeat_input_channels(value, target[key].shape[1], key)
         elif key == keys.get("key_to_lpe") and value.shape != target[key].shape:
             token = patch_embed_size(net)
-            old_patch = pretrained.patch_size
-            if token is None or old_patch is None:
+            old_grid = pretrain_token_grid(pretrained, value.shape[1], token) if token else None
+            if old_grid is None:
                 raise TransferError(f"checkpoint {pretrained.path}: {key} has shape {tuple(value.shape)}, the network "
                                     f"{tuple(target[key].shape)}, and the pre-training token grid is unknown")
-            value = interpolate_position_embedding(value, token_grid(old_patch, token), token_grid(patch_size, token))
-            log.info("%s interpolated from the %s to the %s token grid", key, token_grid(old_patch, token),
-                     token_grid(patch_size, token))
+            value = interpolate_position_embedding(value, old_grid, token_grid(patch_size, token))
+            log.info("%s interpolated from the %s to the %s token grid", key, old_grid, token_grid(patch_size, token))
         if value.shape != target[key].shape:
             raise TransferError(f"checkpoint {pretrained.path}: {key} has shape {tuple(value.shape)}, the network "
                                 f"{tuple(target[key].shape)}")
