@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -310,3 +311,60 @@ def test_killing_the_job_process_group_leaves_no_trainer_and_the_rerun_resumes(t
         assert launch.launch(s, nproc=1, threads=1) == 0
     assert "resuming from" in caplog.text and "keeping its state" in caplog.text
     assert [int(r["epoch"]) for r in progress_rows(out)] == list(range(1, 7))
+
+
+class _LossOf(torch.nn.Module):
+    """A one-weight model whose loss is the view's `value` times the weight (inf = an fp16 overflow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, view):
+        return view["value"] * self.weight
+
+
+def test_a_non_finite_loss_skips_its_step_and_lowers_the_scale_until_too_many_in_a_row():
+    from openmind_bench.engine import distributed
+
+    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
+    model = _LossOf()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    guard = engine_step.NonFiniteSteps(3)
+
+    def step(value):
+        return engine_step.train_step(model, {"value": torch.tensor(value)}, optimizer, scaler, 12.0,
+                                      torch.autocast("cpu", dtype=torch.float16), ctx, None, guard)
+
+    step(float("inf"))
+    assert guard.last_skipped and float(model.weight.detach()) == 1.0  # the optimiser never saw it
+    assert scaler.get_scale() == 2.0**15
+    step(1.0)
+    assert not guard.last_skipped and float(model.weight.detach()) == pytest.approx(0.9)
+    step(float("nan"))
+    step(float("inf"))  # two in a row: still below the limit
+    assert scaler.get_scale() == 2.0**13 and guard.skipped == 3
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        step(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):  # without a guard: the first one raises
+        engine_step.train_step(model, {"value": torch.tensor(float("inf"))}, optimizer, None, 12.0,
+                               torch.autocast("cpu", enabled=False), ctx, None)
+
+
+def test_a_transient_non_finite_loss_does_not_stop_pre_training(tmp_path):
+    """One batch with an inf voxel (the loss overflows) in the middle of a run: the step is skipped,
+    the run finishes, and the epoch's logged loss is the mean of the other steps."""
+
+    class OneBadBatch(TemplateBatches):
+        def train(self, *, epoch, first_step, **kwargs):
+            for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+                if (epoch, step) == (0, 1):
+                    batch["image"][:] = float("inf")
+                yield batch
+
+    s = small_settings(tmp_path / "run", "mae", epochs=2, steps_per_epoch=3)
+    assert trainer.run(s, OneBadBatch(s)).status == "finished"
+    rows = progress_rows(s.out_dir)
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert all(torch.isfinite(v).all() for v in final_weights(s.out_dir).values() if v.is_floating_point())

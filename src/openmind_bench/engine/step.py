@@ -69,11 +69,40 @@ def grad_scaler(amp: bool, amp_dtype: str, device: torch.device):
     return None
 
 
-def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
+class NonFiniteSteps:
+    """Optimisation steps skipped in a row for a non-finite loss (on any rank). A transient fp16
+    overflow skips its step, as nnssl and nnU-Net do (their GradScaler skips the step and lowers its
+    scale); `limit` skips in a row mean the run diverged and raise."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the limit of non-finite steps in a row must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.in_row = 0
+        self.skipped = 0
+        self.last_skipped = False
+
+    def skip(self, loss: float, rank: int) -> None:
+        self.in_row += 1
+        self.skipped += 1
+        self.last_skipped = True
+        if self.in_row >= self.limit:
+            raise FloatingPointError(f"non-finite loss in {self.in_row} steps in a row (last {loss} on rank {rank}): "
+                                     "the run diverged")
+
+    def stepped(self) -> None:
+        self.in_row = 0
+        self.last_skipped = False
+
+
+def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None,
+               nonfinite: NonFiniteSteps | None = None):
     """Forward and backward of `view` (a dict; or a list of micro-batches whose gradients accumulate,
     each loss weighted by 1 / their number, DDP syncing on the last only), one collective that agrees
     on (loss not finite, stop requested) over all ranks, then clip and step. Returns (mean loss,
-    stop_requested); a non-finite loss raises before the optimiser steps."""
+    stop_requested). A non-finite loss never reaches the optimiser: without `nonfinite` it raises;
+    with it, every rank skips the step (`nonfinite.last_skipped`), the GradScaler's scale drops by its
+    backoff factor, and `nonfinite.limit` such steps in a row raise."""
     micro = view if isinstance(view, list) else [view]
     if not micro:
         raise ValueError("train_step needs at least one micro-batch")
@@ -94,7 +123,14 @@ def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_contex
     distributed.all_reduce_max(flags, ctx)
     if flags[0] > 0:
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"non-finite loss ({float(total)} on rank {ctx.rank})")
+        if nonfinite is None:
+            raise FloatingPointError(f"non-finite loss ({float(total)} on rank {ctx.rank})")
+        nonfinite.skip(float(total), ctx.rank)
+        if grad_scaler is not None:  # what the scaler does on inf gradients; the same on every rank
+            grad_scaler.update(new_scale=grad_scaler.get_scale() * grad_scaler.get_backoff_factor())
+        return total, bool(flags[1] > 0)
+    if nonfinite is not None:
+        nonfinite.stepped()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)

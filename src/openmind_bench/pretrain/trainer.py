@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from openmind_bench import atomic, ssl
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.logger import RunLogger
-from openmind_bench.engine.step import (StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler,
-                                        progress, sample_seeds, to_device, train_step)
+from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, derive_seed,
+                                        grad_scaler as make_grad_scaler, progress, sample_seeds, to_device,
+                                        train_step)
 from openmind_bench.pretrain import batches as batch_sources
 from openmind_bench.pretrain.settings import PretrainSettings
 
@@ -129,6 +130,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
     if settings.compile:
         model = torch.compile(model)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
+    nonfinite = NonFiniteSteps(settings.max_nonfinite_steps)
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
     grad_clip = ssl.grad_clip(settings.method, arch.family, float(settings.optimisation.get("grad_clip", math.inf)),
                               settings.method_settings)
@@ -171,8 +173,10 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                 view = make_view(method, batch, seeds, ctx.device)
                 # Global RNG (drop-path, dropout) seeded from the position in the run.
                 torch.manual_seed(derive_seed(settings.seed, _TAG_TORCH, epoch, step, ctx.rank))
-                loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
-                sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+                loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop,
+                                            nonfinite)
+                if not nonfinite.last_skipped:  # a skipped step's loss stays out of the epoch mean
+                    sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
                 done_steps = step + 1
                 global_step = epoch * steps + done_steps
                 if settings.log_every_steps and global_step % settings.log_every_steps == 0:
