@@ -5,6 +5,7 @@ the device. Used by pre-training and by classification fine-tuning alike."""
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 
 import numpy as np
@@ -22,6 +23,40 @@ def derive_seed(*keys: int) -> int:
 
 def sample_seeds(run_seed: int, tag: int, epoch: int, step: int, first_index: int, n: int) -> list[int]:
     return [derive_seed(run_seed, tag, epoch, step, first_index + i) for i in range(n)]
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the process-wide generators (python, numpy, torch) that code outside the engine's derived
+    seeds may draw from (a plugged-in batch source, a library's augmentation)."""
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    torch.manual_seed(int(seed))
+
+
+def global_rng_state() -> dict:
+    """The process-wide generators' state, as tensors, numbers and lists (`weights_only` loads it)."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [int(version), [int(v) for v in internal], gauss],
+        "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["key"].cpu().numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class StopRequest:
