@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -368,3 +370,118 @@ def test_a_transient_non_finite_loss_does_not_stop_pre_training(tmp_path):
     rows = progress_rows(s.out_dir)
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
     assert all(torch.isfinite(v).all() for v in final_weights(s.out_dir).values() if v.is_floating_point())
+
+
+TWO_VIEW = {"region_size": [32, 32, 16], "crop_size": [16, 16, 16], "pairs_per_image": 1, "projector_dims": [32, 32]}
+
+
+class GlobalRandomBatches(TemplateBatches):
+    """Template crops plus noise drawn from the process-wide generators (python, numpy, torch), as a
+    plugged-in batch source or a library's augmentation draws; SIGUSR1 (SLURM's warning) at
+    `stop_at`: ("train", epoch, step) inside that step, ("val", epoch) during that epoch's validation."""
+
+    def __init__(self, settings, stop_at=None):
+        super().__init__(settings)
+        self.stop_at = stop_at
+        self.noise = True  # False: the template's crops alone
+
+    def train(self, *, epoch, first_step, **kwargs):
+        for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+            shape = batch["image"].shape
+            noise = (random.random() + torch.from_numpy(np.random.standard_normal(shape)).float()
+                     + torch.randn(shape))
+            if self.noise:
+                batch["image"] = batch["image"] + 0.05 * noise
+            if self.stop_at == ("train", epoch, step):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+    def val(self, **kwargs):
+        batches = list(super().val(**kwargs))
+        self.validations = getattr(self, "validations", 0) + 1
+        if self.stop_at == ("val", self.validations - 1):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batches
+
+
+def _exact_settings(out_dir, method):
+    arch = "ResEncTiny"
+    extra = {"method_settings": {"simclr": TWO_VIEW}, "patch_size": [16, 16, 16]} if method == "simclr" else {}
+    return small_settings(out_dir, method, arch, epochs=3, steps_per_epoch=3, **extra)
+
+
+@pytest.mark.parametrize("method", ["mae", "simclr"])
+def test_preempted_at_any_step_the_resumed_run_has_the_uncut_weights_bit_for_bit(tmp_path, method):
+    """SIGUSR1 inside step 2 of epoch 2 (the checkpoint holds 2 of its 3 steps) and, in another run,
+    during epoch 1's validation (the checkpoint falls on the epoch boundary): each resumed run ends
+    with exactly the weights and the logged losses of the uncut run. The batch source draws from
+    python's, numpy's and torch's process-wide generators, so their states must carry over too."""
+    reference = _exact_settings(tmp_path / "reference", method)
+    assert trainer.run(reference, GlobalRandomBatches(reference)).status == "finished"
+    expected = final_weights(reference.out_dir)
+    for stop_at, position in ((("train", 1, 1), (1, 2)), (("val", 0), (1, 0))):
+        s = _exact_settings(tmp_path / "_".join(map(str, stop_at)), method)
+        assert trainer.run(s, GlobalRandomBatches(s, stop_at)).status == "preempted"
+        state = checkpoint.load(Path(s.out_dir) / checkpoint.LATEST)
+        assert (state["current_epoch"], state["step_in_epoch"]) == position
+        assert json.loads((Path(s.out_dir) / checkpoint.PREEMPTED).read_text())["signal"] == "SIGUSR1"
+        assert trainer.run(s, GlobalRandomBatches(s)).status == "finished"
+        resumed = final_weights(s.out_dir)
+        assert resumed.keys() == expected.keys()
+        different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
+        assert not different, (stop_at, different[:5])
+        assert progress_rows(s.out_dir) == [
+            {**row, "epoch_seconds": mine["epoch_seconds"], "samples_per_second": mine["samples_per_second"]}
+            for row, mine in zip(progress_rows(reference.out_dir), progress_rows(s.out_dir))]
+
+
+def _pretrain_rank(rank: int, world: int, tmp: str, settings: dict, stop_at):
+    """One of `world` gloo ranks of a pre-training run that rank 1 alone stops with SIGUSR1 at
+    `stop_at`, then of its resumed run (each round's process group made here; the engine's
+    `distributed.init` finds it, its `shutdown` ends it)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    s = run_settings.PretrainSettings.from_dict(settings)
+    for attempt, stop in enumerate((stop_at, None)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous-{attempt}", rank=rank, world_size=world)
+        source = GlobalRandomBatches(s, stop if rank == 1 else None)
+        source.noise = False
+        assert trainer.run(s, source).status == ("preempted" if stop else "finished")
+
+
+def test_the_logged_loss_of_an_epoch_cut_on_two_ranks_is_the_uncut_one(tmp_path):
+    """Two gloo ranks, SIGUSR1 on rank 1 in step 2 of epoch 2: both ranks stop, the checkpoint holds
+    the partial loss sum of both ranks, and the resumed run logs the epoch losses of one process on
+    the whole batch (before: rank 0's partial sum counted twice, rank 1's lost)."""
+    import torch.multiprocessing as mp
+
+    reference = small_settings(tmp_path / "reference", "mae", epochs=2, steps_per_epoch=3)
+    assert trainer.run(reference).status == "finished"
+    cut = small_settings(tmp_path / "cut", "mae", epochs=2, steps_per_epoch=3)
+    mp.spawn(_pretrain_rank, args=(2, str(tmp_path), cut.to_dict(), ("train", 1, 1)), nprocs=2, join=True)
+    state = checkpoint.load(Path(cut.out_dir) / checkpoint.FINAL)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    expected, got = progress_rows(reference.out_dir), progress_rows(cut.out_dir)
+    assert [float(r["train_loss"]) for r in got] == pytest.approx([float(r["train_loss"]) for r in expected],
+                                                                  rel=1e-5)
+
+
+def test_weight_decay_reaches_every_parameter_as_in_nnssl():
+    """nnssl builds one parameter group over `network.parameters()` (AbstractTrainer SGD,
+    BaseEvaMAETrainer AdamW): norms, biases, LayerScale, position embeddings and the mask token
+    decay too. We follow it (docs/fidelity.md)."""
+    from openmind_bench import nets, ssl
+
+    for arch_name, overrides in (("PrimusTiny", {}), ("ResEncTiny", {"block_size": 8})):
+        arch = nets.resolve(arch_name)
+        model = ssl.build("mae", arch.build([32, 32, 32]), arch, [32, 32, 32], overrides)
+        cfg = omb_config.defaults()["pretrain"]["optimisation"][arch.family]
+        optimizer = optimisation.build_optimizer(model.parameters(), cfg, torch.device("cpu"))
+        assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == cfg["weight_decay"]
+        decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in decayed}
+        assert names == {n for n, _ in model.named_parameters()}
+        if arch.family == "transformer":
+            assert {"mask_token", "backbone.eva.pos_embed", "backbone.eva.norm.weight"} <= names
