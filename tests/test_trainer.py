@@ -485,3 +485,39 @@ def test_weight_decay_reaches_every_parameter_as_in_nnssl():
         assert names == {n for n, _ in model.named_parameters()}
         if arch.family == "transformer":
             assert {"mask_token", "backbone.eva.pos_embed", "backbone.eva.norm.weight"} <= names
+
+
+SMALL_METHODS = {"simclr": TWO_VIEW, "barlow_twins": TWO_VIEW, "vicreg": TWO_VIEW,
+                 "voco": {"region_size": [32, 32, 16], "base_grid": [2, 2, 1], "projector_dims": [32, 32]},
+                 "volume_fusion": {"min_box_size": 2, "n_boxes": [4, 10]}, "swinunetr": {"contrastive_dim": 32},
+                 "mae_cnn": {"block_size": 8}, "spark3d": {"block_size": 8}}
+
+
+def test_ddp_searches_for_unused_parameters_only_where_a_method_has_some():
+    """One forward and backward of every method on both tiny networks: the parameters without a
+    gradient exist exactly where `ssl.unused_parameters` says (then DDP must search for them each
+    step; elsewhere the search is a wasted pass over the graph). Primus MAE, SimMIM, Models Genesis
+    and SwinUNETR-style train every parameter."""
+    from types import SimpleNamespace
+
+    from openmind_bench import nets, ssl
+
+    every_parameter_trained = set()
+    for arch_name in ("PrimusTiny", "ResEncTiny"):
+        arch = nets.resolve(arch_name)
+        for method in ssl.METHODS:
+            if not ssl.compatible(method, arch.family):
+                continue
+            overrides = SMALL_METHODS.get(ssl.implementation(method, arch.family), {})
+            region, network_patch = ssl.patch_sizes(method, arch.family, [32, 32, 32], overrides)
+            torch.manual_seed(0)
+            model = ssl.build(method, arch.build(network_patch), arch, [32, 32, 32], overrides)
+            source = TemplateBatches(SimpleNamespace(loader_patch_size=region))
+            batch = next(iter(source.train(epoch=0, first_step=0, steps=1, rank=0, world_size=1, batch_size=2,
+                                           seed=0)))
+            model(model.make_view(batch, [1, 2])).backward()
+            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert bool(unused) == ssl.unused_parameters(method, arch.family), (arch_name, method, unused[:3])
+            if not unused:
+                every_parameter_trained.add((arch.family, method))
+    assert every_parameter_trained == {("transformer", m) for m in ("mae", "simmim", "models_genesis", "swinunetr")}

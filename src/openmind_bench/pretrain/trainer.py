@@ -127,9 +127,10 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
 
     model = method
     if ctx.distributed:
-        # Decoders' deep-supervision heads exist (for loadable state dicts) but get no gradient.
+        # ResEnc decoders' deep-supervision heads exist (for loadable state dicts) but get no gradient;
+        # the search for such parameters costs a pass over the graph every step, so only where needed.
         model = DistributedDataParallel(method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+                                        find_unused_parameters=ssl.unused_parameters(settings.method, arch.family))
     if settings.compile:
         model = torch.compile(model)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
