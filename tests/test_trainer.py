@@ -521,3 +521,26 @@ def test_ddp_searches_for_unused_parameters_only_where_a_method_has_some():
             if not unused:
                 every_parameter_trained.add((arch.family, method))
     assert every_parameter_trained == {("transformer", m) for m in ("mae", "simmim", "models_genesis", "swinunetr")}
+
+
+def test_a_job_s_cpus_are_shared_by_its_processes_and_their_loader_workers():
+    """4 GPU processes x 8 CPUs each with 6 loader workers apiece: 2 torch/OpenMP threads per
+    training process (was 8, i.e. 56 busy threads on 32 CPUs)."""
+    from openmind_bench.engine import launch as engine_launch
+
+    assert engine_launch.threads_per_process(32, 4, 6) == 2
+    assert engine_launch.threads_per_process(8, 1, 0) == 8
+    assert engine_launch.threads_per_process(4, 1, 6) == 1  # never below one
+    assert engine_launch.threads_per_process(0, 4, 6) == 0  # torch's default
+
+
+def test_cudnn_picks_its_fastest_convolutions_on_cuda_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    engine_step.configure_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    engine_step.configure_backends(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True
+    configured = []
+    monkeypatch.setattr(trainer, "configure_backends", configured.append)
+    assert trainer.run(small_settings(tmp_path / "run", epochs=1, steps_per_epoch=1)).status == "finished"
+    assert configured == [torch.device("cpu")]

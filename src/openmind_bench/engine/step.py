@@ -90,6 +90,13 @@ def to_device(view: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in view.items()}
 
 
+def configure_backends(device: torch.device) -> None:
+    """On CUDA let cuDNN time its convolution algorithms once per input shape and keep the fastest
+    (nnU-Net and nnssl do; a training run's shapes never change). CPU runs are left as they are."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast(amp: bool, amp_dtype: str, device: torch.device):
     """Mixed precision on CUDA when `amp`; CPU runs in float32."""
     if device.type == "cuda" and amp:

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from openmind_bench import atomic, ssl
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.logger import RunLogger
-from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, derive_seed, global_rng_state,
+from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, configure_backends, derive_seed,
+                                        global_rng_state,
                                         grad_scaler as make_grad_scaler, progress, sample_seeds,
                                         seed_global_rngs, set_global_rng_state, to_device, train_step)
 from openmind_bench.pretrain import batches as batch_sources
@@ -97,6 +98,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         raise ValueError(f"total_batch_size {settings.total_batch_size} is not divisible by {ctx.world_size} processes")
     if ctx.device.type == "cpu" and settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    configure_backends(ctx.device)
     local_batch = settings.total_batch_size // ctx.world_size
     epochs, steps = settings.epochs, settings.steps_per_epoch
 
