@@ -231,5 +231,5 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
             for epoch in range(int(checkpoint["current_epoch"])):
                 self.apply_epoch(epoch)
         # nnU-Net's own load_checkpoint reads only a file name: given a dict it fails on an unbound
-        # name (nnunetv2 2.x), so a resume from checkpoint_latest.pth passes the file on.
+        # name (nnunetv2 2.8.1), so a resume from checkpoint_latest.pth passes the file on.
         super().load_checkpoint(filename_or_checkpoint)
