@@ -29,8 +29,7 @@ from openmind_bench import atomic, ssl
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.logger import RunLogger
 from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, configure_backends, derive_seed,
-                                        global_rng_state,
-                                        grad_scaler as make_grad_scaler, progress, sample_seeds,
+                                        global_rng_state, grad_scaler as make_grad_scaler, progress, sample_seeds,
                                         seed_global_rngs, set_global_rng_state, to_device, train_step)
 from openmind_bench.pretrain import batches as batch_sources
 from openmind_bench.pretrain.settings import PretrainSettings
