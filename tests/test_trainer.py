@@ -412,14 +412,15 @@ def _exact_settings(out_dir, method):
 
 @pytest.mark.parametrize("method", ["mae", "simclr"])
 def test_preempted_at_any_step_the_resumed_run_has_the_uncut_weights_bit_for_bit(tmp_path, method):
-    """SIGUSR1 inside step 2 of epoch 2 (the checkpoint holds 2 of its 3 steps) and, in another run,
-    during epoch 1's validation (the checkpoint falls on the epoch boundary): each resumed run ends
+    """SIGUSR1 inside step 2 of epoch 2 (the checkpoint holds 2 of its 3 steps), inside its last step,
+    and during epoch 1's validation (the checkpoint falls on the epoch boundary): each resumed run ends
     with exactly the weights and the logged losses of the uncut run. The batch source draws from
     python's, numpy's and torch's process-wide generators, so their states must carry over too."""
     reference = _exact_settings(tmp_path / "reference", method)
     assert trainer.run(reference, GlobalRandomBatches(reference)).status == "finished"
     expected = final_weights(reference.out_dir)
-    for stop_at, position in ((("train", 1, 1), (1, 2)), (("val", 0), (1, 0))):
+    # mid-epoch; in the epoch's last step (its validation still to come); between epochs
+    for stop_at, position in ((("train", 1, 1), (1, 2)), (("train", 1, 2), (1, 3)), (("val", 0), (1, 0))):
         s = _exact_settings(tmp_path / "_".join(map(str, stop_at)), method)
         assert trainer.run(s, GlobalRandomBatches(s, stop_at)).status == "preempted"
         state = checkpoint.load(Path(s.out_dir) / checkpoint.LATEST)
