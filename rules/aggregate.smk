@@ -43,6 +43,12 @@ rule benchmark_table:
             category="Benchmark",
             subcategory="Rank stability",
         ),
+        compute=report(
+            BENCHMARK_OUTPUTS["compute"],
+            caption="../report/compute.rst",
+            category="Benchmark",
+            subcategory="Compute",
+        ),
         plots=report(
             directory(BENCHMARK_OUTPUTS["plots"]),
             patterns=["{name}.png"],

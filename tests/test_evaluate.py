@@ -193,3 +193,17 @@ def test_evaluate_writes_the_overlay_and_plans_the_workflow(tmp_path, monkeypatc
     text = out.out + out.err
     assert "fetch_checkpoint" in text and "results/downstream/COS/mine__sawtooth__150/fold_test/metrics.json" in text
     assert "rule pretrain:" not in text and "fetch_dataset" not in text
+
+
+def test_check_checkpoint_cli_fetches_a_hub_source_first(tiny_run, tmp_path):
+    cache = tmp_path / "hub"
+    commit = hub_cache.publish_run(tiny_run, cache, "org/tiny-mae")
+    out = tmp_path / "check.json"
+    assert cli.main(["check-checkpoint", "hf://org/tiny-mae", "--cache-dir", str(cache), "--offline",
+                     "--channels", "1", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["source"] == "hf://org/tiny-mae" and report["format"] == "published repository"
+    assert [t["input_channels"] for t in report["transfers"]] == [1, 2]
+    assert cli.main(["check-checkpoint", f"hf://org/tiny-mae@{'0' * 40}", "--cache-dir", str(cache), "--offline",
+                     "--out", str(tmp_path / "absent.json")]) == 1  # a revision the cache lacks
+    assert not (tmp_path / "absent.json").exists() and commit

@@ -134,6 +134,7 @@ def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole demo and a dozen re-plans: ~7 min alone on 2 cores, more on a shared machine
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
     # workflow (README's demo command runs the full demo; benchmarks/nnunet_finetune.py its learning)

@@ -32,6 +32,7 @@ STAGES = [
     "openmind_bench.checkpoints.cli",
     "openmind_bench.checkpoints.evaluate",
     "openmind_bench.profiles",
+    "openmind_bench.estimate",
 ]
 
 

@@ -8,7 +8,10 @@
   observed leaderboard position, its bootstrap mean, std and 95% interval, and the share of
   samples at each position (`share_rank_k`)
 - `bootstrap_intervals.csv`: per run, metric and dataset, the value and its 95% bootstrap interval
-- `plots/`: `heatmap_{metric}.png`, `rank_stability_{metric}.png`, `bars_{metric}_{dataset}.png`
+- `compute.csv`: one row per run with a compute ledger (`aggregate.compute`); the Markdown table's
+  Cost column sums it per row
+- `plots/`: `heatmap_{metric}.png`, `rank_stability_{metric}.png`, `bars_{metric}_{dataset}.png`,
+  `compute_hours.png` (GPU-hours per method x architecture, when there are ledgers)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ OUTPUT_NAMES = {
     "table_tex": "benchmark_table.tex",
     "ranks": "ranks_bootstrap.csv",
     "intervals": "bootstrap_intervals.csv",
+    "compute": "compute.csv",
     "plots": "plots",
 }
 
@@ -43,6 +47,7 @@ class Outputs:
     table_tex: Path
     ranks: Path
     intervals: Path
+    compute: Path
     plots: Path
 
 
@@ -65,9 +70,12 @@ def run(
     bootstrap_samples: int,
     seed: int,
     external: dict[str, dict] | None = None,
+    compute=None,
 ) -> Outputs:
     """Read RESULTS.csv and write every aggregation output into `out`; `external`: {method label:
-    provenance} of the external checkpoints among the runs (`collect.Collected.external`)."""
+    provenance} of the external checkpoints among the runs (`collect.Collected.external`); `compute`:
+    the runs' compute ledgers (`compute.ledger_table`; None: an empty compute.csv, no Cost column)."""
+    from openmind_bench.aggregate import compute as run_cost
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
@@ -89,7 +97,10 @@ def run(
 
     table = build_table(frame, datasets_registry, external)
     _write_csv(paths.table_csv, table)
-    _write_utf8(paths.table_md, render_markdown(table, external))
+    if compute is None:
+        compute = run_cost.empty_table()
+    _write_csv(paths.compute, compute)
+    _write_utf8(paths.table_md, render_markdown(table, external, cost=run_cost.cost_labels(compute)))
     _write_utf8(paths.table_tex, render_latex(table, external))
 
     dataset_order = dataset_columns(table)
@@ -103,6 +114,8 @@ def run(
     with atomic.atomic_path(paths.plots) as tmp:
         tmp.mkdir()
         written = plots.write_all(table, boot.ranks, boot.intervals, tmp)
+        if len(compute):
+            written.append(plots.compute_hours(compute, tmp / "compute_hours.png"))
     log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
              paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
     return paths
@@ -111,11 +124,14 @@ def run(
 def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bootstrap_samples: int, seed: int,
                     results_csv: str | Path | None = None) -> Outputs:
     """The whole stage from metrics.json files: gather them into `results_csv` (default
-    OUT/results_long.csv), then `run`. What rule benchmark_table and `openmind-bench benchmark-table` call."""
+    OUT/results_long.csv) and their runs' compute ledgers, then `run`. What rule benchmark_table and
+    `openmind-bench benchmark-table` call."""
     from openmind_bench.aggregate.collect import write_results
+    from openmind_bench.aggregate.compute import ledger_table
 
     out = Path(out)
     results_csv = Path(results_csv) if results_csv else out / "results_long.csv"
-    collected = write_results(list(metrics), results_csv)
+    metrics = list(metrics)
+    collected = write_results(metrics, results_csv)
     return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed,
-               external=collected.external)
+               external=collected.external, compute=ledger_table(metrics, collected.run_labels))

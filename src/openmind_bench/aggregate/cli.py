@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--external-checkpoints", type=Path,
                    help="the external checkpoints' provenance that `collect-results --external-out` wrote: "
                    "their rows are marked and their sources listed below the tables")
+    p.add_argument("--compute", type=Path,
+                   help="the runs' compute ledgers (a compute.csv that `benchmark-table` wrote): copied to "
+                   "OUT/compute.csv, a Cost column in the Markdown table and plots/compute_hours.png")
     p.add_argument("--bootstrap", type=_positive, default=section["bootstrap_samples"],
                    help=f"bootstrap samples (default: {section['bootstrap_samples']})")
     p.add_argument("--seed", type=_non_negative, default=section["seed"], help=f"bootstrap seed (default: {section['seed']})")
@@ -102,9 +105,11 @@ def aggregate_command(args: argparse.Namespace) -> int:
     from openmind_bench.registry import RegistryError
 
     try:
+        from openmind_bench.aggregate.compute import read_table
+
         external = read_external_checkpoints(args.external_checkpoints) if args.external_checkpoints else None
         run(args.results, args.out, registry=args.registry, bootstrap_samples=args.bootstrap, seed=args.seed,
-            external=external)
+            external=external, compute=read_table(args.compute) if args.compute else None)
     except (CollectError, ResultsFormatError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

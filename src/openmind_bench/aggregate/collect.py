@@ -65,7 +65,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -231,6 +231,7 @@ class Collected:
     long: pd.DataFrame  # COLUMNS, sorted
     runs: pd.DataFrame  # RUN_COLUMNS, one row per labelled run (method, architecture, schedule)
     external: dict[str, dict]  # method label -> provenance (PROVENANCE_FIELDS + "architecture")
+    run_labels: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # metrics.json path -> its labels
 
 
 def gather(paths) -> Collected:
@@ -250,7 +251,7 @@ def gather(paths) -> Collected:
     if tag_epochs:
         log.info("runs use several epoch counts %s: appended to the architecture label", sorted(epochs, key=str))
 
-    records, owner, labelled = [], {}, {}
+    records, owner, labelled, run_labels = [], {}, {}, {}
     external, external_owner = {}, {}
     skipped = 0
     for path, doc in parsed:
@@ -267,6 +268,7 @@ def gather(paths) -> Collected:
                 f"schedule {key[2]!r}, dataset {key[3]!r}, fold {key[4]!r}"
             )
         owner[key] = path
+        run_labels[str(path)] = key[:3]
         labelled.setdefault(key[:3], (r["method"], r["architecture"], r["selection"], r["epochs"], r["low_data_n"],
                                       r["external_checkpoint"] is not None))
         skipped += doc["skipped"]
@@ -282,7 +284,8 @@ def gather(paths) -> Collected:
                             kind="stable")
     long = long.drop(columns="_metric_order").reset_index(drop=True)
     run_table = pd.DataFrame([(*label, *made_of) for label, made_of in sorted(labelled.items())], columns=RUN_COLUMNS)
-    return Collected(long, run_table, {label: external[label] for label in sorted(external) if external[label]})
+    return Collected(long, run_table, {label: external[label] for label in sorted(external) if external[label]},
+                     run_labels)
 
 
 def _architecture_label(architecture: str, epochs: str | None, tag_epochs: bool, low_data_n: int | None) -> str:

@@ -252,3 +252,39 @@ def write_all(table: pd.DataFrame, ranks: pd.DataFrame, intervals: pd.DataFrame,
             dataset_bars(intervals, table, metric, dataset, path, n_samples)
             written.append(path)
     return written
+
+
+@_default_style
+def compute_hours(compute: pd.DataFrame, path: Path) -> Figure:
+    """GPU-hours (CPU-hours when no run had a GPU) per method x architecture from the compute ledgers,
+    pre-training (hatched) and fine-tuning (every dataset, fold and schedule) stacked."""
+    from openmind_bench.aggregate.compute import hours_by_method_and_architecture
+
+    hours, unit = hours_by_method_and_architecture(compute)
+    hours = hours.sort_index(key=lambda idx: [(m != SCRATCH, m) if isinstance(m, str) else m for m in idx])
+    labels = [f"{m} / {a}" for m, a in hours.index]
+    colours = method_colours([m for m, _ in hours.index])
+    n = len(hours)
+    fig = Figure(figsize=(7.5 + 0.07 * max(len(s) for s in labels), 2.3 + 0.36 * n), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(n)
+    pre, fine = hours["pretrain"].to_numpy(dtype=float), hours["finetune"].to_numpy(dtype=float)
+    colour = [colours[m] for m, _ in hours.index]
+    ax.barh(y, pre, color=colour, edgecolor="black", linewidth=0.4, hatch="//", height=0.7)
+    ax.barh(y, fine, left=pre, color=colour, edgecolor="black", linewidth=0.4, height=0.7)
+    right = float(np.nanmax(pre + fine)) if n else 1.0
+    ax.set_xlim(0, 1.25 * right if right > 0 else 1.0)
+    for yi, total in zip(y, pre + fine):
+        ax.text(total + 0.01 * right, yi, f"{total:.3g}", va="center", fontsize=8)
+    ax.set_yticks(y, labels)
+    ax.set_ylim(n - 0.4, -0.6)
+    ax.set_xlabel(unit)
+    ax.set_ylabel("method / architecture")
+    ax.grid(True, axis="x", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.set_title(f"{unit} per method and architecture (compute.json of every run)\n"
+                 "hatched: pre-training; plain: fine-tuning, every dataset, fold and schedule", fontsize=10)
+    ax.legend(handles=[Patch(facecolor="white", edgecolor="black", hatch="//", label="pre-training"),
+                       Patch(facecolor="white", edgecolor="black", label="fine-tuning")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return _save(fig, path)

@@ -182,7 +182,7 @@ def format_value(value, kind: str) -> str:
     return f"{100 * value:.2f}"
 
 
-def _blocks(table: pd.DataFrame, external: Mapping[str, dict]) -> list[_Block]:
+def _blocks(table: pd.DataFrame, external: Mapping[str, dict], cost: Mapping[tuple, str] | None = None) -> list[_Block]:
     blocks = []
     dataset_cols = dataset_columns(table)
     for metric in [m for m in METRIC_TITLES if (table.metric == m).any()]:
@@ -196,6 +196,10 @@ def _blocks(table: pd.DataFrame, external: Mapping[str, dict]) -> list[_Block]:
         columns.append(_Column("avg_rank", "Avg. rank", "rank"))
         if rows["delta_scratch"].notna().any():
             columns.append(_Column("delta_scratch", "Δ scratch", "delta"))
+        if cost:
+            rows = rows.assign(cost=[cost.get(tuple(r), "") for r in rows[RUN_KEY].itertuples(index=False)])
+            if rows["cost"].astype(bool).any():
+                columns.append(_Column("cost", "Cost", "text"))
 
         cells = [[format_value(row[c.key], c.kind) for c in columns] for _, row in rows.iterrows()]
         bold = [[False] * len(columns) for _ in range(len(rows))]
@@ -243,8 +247,10 @@ def md_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
 
 
-def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = None) -> str:
-    """The tables in Markdown; `external`: {method label: provenance} of external checkpoints."""
+def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = None,
+                    cost: Mapping[tuple, str] | None = None) -> str:
+    """The tables in Markdown; `external`: {method label: provenance} of external checkpoints; `cost`:
+    {(method, architecture, schedule): text} for a Cost column (`compute.cost_labels`)."""
     external = external or {}
     out = [
         "# Benchmark table",
@@ -252,9 +258,12 @@ def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = N
         "Mean over cases, then folds, per dataset, in percent. **Bold**: best per column "
         "(ties at two decimals all bold). Avg. rank: mean over datasets of the rank within each "
         "dataset (1 = best, ties share the mean rank; lower is better). Δ scratch: Mean minus the "
-        "from-scratch Mean of the same architecture, in percentage points. –: missing.",
+        "from-scratch Mean of the same architecture, in percentage points. –: missing."
+        + (" Cost: GPU-hours of the row's fine-tuning runs (every dataset and fold) and of the pre-training "
+           "they start from, from the runs' compute.json (CPU-hours for runs without a GPU); "
+           "compute.csv lists every run." if cost else ""),
     ]
-    for block in _blocks(table, external):
+    for block in _blocks(table, external, cost):
         out += ["", f"## {METRIC_TITLES[block.metric]}", ""]
         out.append("| " + " | ".join(md_escape(c.header) for c in block.columns) + " |")
         out.append("|" + "|".join(":---" if c.kind == "text" else "---:" for c in block.columns) + "|")

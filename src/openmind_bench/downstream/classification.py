@@ -41,6 +41,7 @@ from openmind_bench.downstream.settings import FinetuneSettings, checkpoint_arch
 from openmind_bench.downstream.readers import read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.checkpoint import PREEMPTED
+from openmind_bench.engine.ledger import ComputeLedger, precision_of
 from openmind_bench.engine.logger import RunLogger
 from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.step import StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler, train_step
@@ -312,13 +313,17 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps_per_epoch)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
     grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
+    ledger = ComputeLedger(out, ctx, stage="finetune_classification", run=settings.run,
+                           precision=precision_of(settings.amp, settings.amp_dtype, ctx.device),
+                           workload={"task": "cls", "architecture": name.architecture, "patch_size": list(patch),
+                                     "batch_size": batch_size * accumulation})
 
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
             started = time.time()
             sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
             n_samples = 0
-            for step_in_epoch, step_batches in enumerate(plan_of(epoch)):
+            for step_in_epoch, step_batches in enumerate(ledger.timed(plan_of(epoch))):
                 step = epoch * steps_per_epoch + step_in_epoch
                 current = schedule.phase_at(step)[0]
                 if current is not phase:
@@ -331,11 +336,14 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                 mine = [m[ctx.rank * local:(ctx.rank + 1) * local] for m in step_batches]
                 seeds = [[derive_seed(settings.seed, _TAG_SAMPLE, epoch, step_in_epoch, j, ctx.rank * local + i)
                           for i in range(len(m))] for j, m in enumerate(mine)]
-                views = _views(mine, train_volumes, augment, seeds, ctx.device)
-                loss, stop_now = train_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
+                with ledger.waiting():
+                    views = _views(mine, train_volumes, augment, seeds, ctx.device)
+                with ledger.step():
+                    loss, stop_now = train_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
                 sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
                 n_samples += sum(len(m) for m in step_batches)
                 if stop_now:
+                    ledger.finish("preempted")
                     return _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx,
                                       phase.name)
             distributed.all_reduce_sum(sums, ctx)
@@ -351,6 +359,7 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                           phase.name)
             distributed.barrier(ctx)
 
+    ledger.finish("finished")  # before the evaluation, which rank 0 runs alone
     if ctx.is_main:
         if settings.keep_checkpoint:
             _save(out / FINAL, net, None, epochs, settings, logger.history, schedule, patch, spec)

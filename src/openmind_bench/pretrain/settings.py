@@ -22,7 +22,7 @@ _WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
 _NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code",
                 "max_nonfinite_steps")
 # What a run leaves in its folder besides the final checkpoint (removed when the record differs).
-STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json")
+STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json", "compute.json")
 
 
 def merged(config_section: dict | None) -> dict:

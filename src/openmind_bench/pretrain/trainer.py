@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, ssl
 from openmind_bench.engine import checkpoint, distributed, optimisation
+from openmind_bench.engine.ledger import ComputeLedger, precision_of
 from openmind_bench.engine.logger import RunLogger
 from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, configure_backends, derive_seed,
                                         global_rng_state, grad_scaler as make_grad_scaler, progress, sample_seeds,
@@ -99,6 +100,11 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         torch.set_num_threads(settings.threads)
     configure_backends(ctx.device)
     local_batch = settings.total_batch_size // ctx.world_size
+    ledger = ComputeLedger(out, ctx, stage="pretrain", run=out.name,
+                           precision=precision_of(settings.amp, settings.amp_dtype, ctx.device),
+                           workload={"method": settings.method, "architecture": settings.architecture,
+                                     "patch_size": list(settings.patch_size), "batch_size": settings.total_batch_size},
+                           compiled=settings.compile)
     epochs, steps = settings.epochs, settings.steps_per_epoch
 
     arch = settings.arch()
@@ -159,6 +165,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                                                          "step_in_epoch": step_in_epoch, "time": time.time()})
             log.warning("%s: checkpoint at epoch %d step %d written to %s; exiting", name, epochs_done,
                         step_in_epoch, latest)
+        ledger.finish("preempted")
         logger.close()
         return Outcome("preempted", epochs_done, latest)
 
@@ -179,9 +186,9 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
             resumed = partial if epoch == start_epoch and ctx.is_main else [0.0, 0]
             sums = torch.tensor(resumed, dtype=torch.float64, device=ctx.device)
             started, done_steps = time.time(), first
-            batches = source.train(epoch=epoch, first_step=first, steps=steps - first, rank=ctx.rank,
-                                   world_size=ctx.world_size, batch_size=local_batch,
-                                   seed=derive_seed(settings.seed, _TAG_DATA, epoch))
+            batches = ledger.timed(source.train(epoch=epoch, first_step=first, steps=steps - first, rank=ctx.rank,
+                                                world_size=ctx.world_size, batch_size=local_batch,
+                                                seed=derive_seed(settings.seed, _TAG_DATA, epoch)))
             model.train()
             for step, batch in progress(zip(range(first, steps), batches), steps - first,
                                          f"epoch {epoch + 1}/{epochs}", ctx.is_main):
@@ -190,8 +197,9 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                 view = make_view(method, batch, seeds, ctx.device)
                 # Global RNG (drop-path, dropout) seeded from the position in the run.
                 torch.manual_seed(derive_seed(settings.seed, _TAG_TORCH, epoch, step, ctx.rank))
-                loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop,
-                                            nonfinite)
+                with ledger.step():
+                    loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop,
+                                                nonfinite)
                 if not nonfinite.last_skipped:  # a skipped step's loss stays out of the epoch mean
                     sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
                 done_steps = step + 1
@@ -230,5 +238,6 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         latest.unlink(missing_ok=True)
         (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
         log.info("pre-training done: %s", final)
+    ledger.finish("finished")
     logger.close()
     return Outcome("finished", epochs, final)

@@ -36,7 +36,7 @@ OPTIMIZER = {"cnn": {"name": "sgd", "momentum": 0.99, "weight_decay": 3e-5},
              "transformer": {"name": "adamw", "betas": [0.9, 0.98], "weight_decay": 5e-2}}
 GRAD_CLIP = {"cnn": 12.0, "transformer": 1.0}
 # What a segmentation run leaves in its folder (kept only for a run with the same record).
-SEGMENTATION_STATE = ("nnunet", "predictions", METRICS_FILE, "metrics.csv")
+SEGMENTATION_STATE = ("nnunet", "predictions", METRICS_FILE, "metrics.csv", "compute.json")
 
 
 def ext_trainer_path() -> str:
@@ -167,6 +167,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     threads = max(1, int(threads or settings.threads or 1))
     device = device_for(threads)
+    ledger = compute_ledger(settings, name, device)
     prepared = nndata.prepare(data, split, out.parent.parent / nndata.DATA_DIR,
                               spacing=spacing_of(settings, _pretrained_or_none(settings, name)), n_proc=threads)
     train_ids = [c.case_id for c in train_cases]
@@ -189,6 +190,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
             resume = (fold_dir / "checkpoint_latest.pth").exists()
             trainer = nnUNetTrainer_OpenMind({**plans, "continue_training": resume}, nnplans.CONFIGURATION, fold,
                                              dataset_json, device)
+            trainer.compute_ledger = ledger.with_workload(**_workload(plans, name, settings))
             if resume:
                 trainer.load_checkpoint(str(fold_dir / "checkpoint_latest.pth"))
             trainer.run_training()
@@ -199,7 +201,25 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
                                                                             settings.external_checkpoint))
     doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused)
     inference.write(doc, out)
+    ledger.finish("finished")
     return "finished"
+
+
+def compute_ledger(settings, name, device):
+    """The job's compute ledger (engine.ledger): one process; nnU-Net autocasts to float16 on CUDA."""
+    from openmind_bench.engine.distributed import Context
+    from openmind_bench.engine.ledger import ComputeLedger, precision_of
+
+    return ComputeLedger(settings.out_dir, Context(0, 1, 0, device), stage="finetune_segmentation",
+                         run=settings.run, precision=precision_of(True, "float16", device))
+
+
+def _workload(plans: dict, name, settings) -> dict:
+    from openmind_bench.downstream.settings import checkpoint_architecture
+
+    conf = plans["configurations"][nnplans.CONFIGURATION]
+    return {"task": "seg", "architecture": name.architecture or checkpoint_architecture(settings),
+            "patch_size": list(conf["patch_size"]), "batch_size": int(conf["batch_size"])}
 
 
 def source_run_dir(out_dir: str | Path, source: str) -> Path:

@@ -28,6 +28,8 @@ package's folder; see `predict.ext_trainer_path`).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import autocast
@@ -100,6 +102,7 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         self.channels_repeated = False
         self.current_trainable: frozenset | None = None
         self.current_phase: schedules.Phase | None = None
+        self.compute_ledger = None  # engine.ledger.ComputeLedger, set by downstream.nnunet.run
 
     # ---------------------------------------------------------------- network
     @staticmethod
@@ -119,6 +122,8 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         # nnU-Net builds the network, then calls configure_optimizers, which loads the checkpoint first
         self._pending_checkpoint = self.run_settings.get("checkpoint")
         super().initialize()
+        if self.compute_ledger is not None and self._do_i_compile():
+            self.compute_ledger.skip_flop_count("nnU-Net torch.compile's the network (nnUNet_compile=f counts it)")
 
     def configure_optimizers(self):
         if not self.run_settings:
@@ -186,13 +191,29 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         if not self.run_settings:
             return super().on_train_epoch_start()
         self.network.train()
+        if self.compute_ledger is not None:
+            self.compute_ledger.epoch_start()
         lr = self.apply_epoch(self.current_epoch)
         self.print_to_log_file("")
         self.print_to_log_file(f"Epoch {self.current_epoch}")
         self.print_to_log_file(f"Current learning rate: {np.round(lr, decimals=7)}")
         self.logger.log("lrs", lr, self.current_epoch)
 
+    # ---------------------------------------------------------------- compute ledger hooks
+    def get_dataloaders(self):
+        train, val = super().get_dataloaders()
+        return (train if self.compute_ledger is None else self.compute_ledger.timed_loader(train)), val
+
+    def on_train_end(self):
+        # nnU-Net shuts its augmenter down only when it sees the augmenter itself
+        self.dataloader_train = getattr(self.dataloader_train, "loader", self.dataloader_train)
+        super().on_train_end()
+
     def train_step(self, batch: dict) -> dict:
+        with contextlib.nullcontext() if self.compute_ledger is None else self.compute_ledger.step():
+            return self.optimisation_step(batch)
+
+    def optimisation_step(self, batch: dict) -> dict:
         clip = float(self.run_settings.get("grad_clip", CNN_CLIP))
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
