@@ -3,6 +3,7 @@ geometry, and reading data written by nnssl's own preprocessing."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -332,3 +333,48 @@ def test_centre_crop_loader_reads_each_images_centre_as_nnssl(selection, images)
         index = next(i for i, im in enumerate(images) if im.image_id == image_id)
         lower = [int((s_ - p) / 2) for s_, p in zip(sampler.shape(index), PATCH)]
         assert torch.equal(image, torch.from_numpy(sampler.read(index, lower, PATCH)["image"]))
+
+
+def test_the_pretraining_source_seeks_to_any_step_and_keeps_one_loader_per_run(selection, monkeypatch):
+    """The engine's loader source: epochs read one stream, so a run resumed at (epoch 1, step 2) by a
+    new process gets exactly the batches the uninterrupted run got; one DataLoader serves every
+    epoch and one every validation (so `persistent_workers` keeps its workers), with the same
+    validation batches each time."""
+    from types import SimpleNamespace
+
+    from openmind_bench.data import loader as loader_module
+    from openmind_bench.pretrain import batches as sources
+
+    settings = SimpleNamespace(train_data=str(selection), val_data=str(selection), steps_per_epoch=3, seed=5,
+                               loader_patch_size=list(PATCH), num_workers=0, anatomy_aware=False,
+                               loader_sampling="random", loader_augmentation=False)
+    built = []
+    real = loader_module.make_pretrain_loader
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("same_every_pass", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "make_pretrain_loader", counting)
+    monkeypatch.setattr("openmind_bench.data.make_pretrain_loader", counting)
+    where = dict(rank=0, world_size=1, batch_size=2)
+
+    def epoch(source, e, first=0):
+        return batches(source.train(epoch=e, first_step=first, steps=3 - first, seed=100 + e, **where))
+
+    whole = sources.LoaderBatches(settings)
+    uncut, vals = [], []
+    for e in range(3):
+        uncut += epoch(whole, e)
+        vals.append(batches(whole.val(steps=2, seed=7, **where)))
+    assert built == [False, True]  # one training stream, one validation loader, for three epochs
+    for v in vals[1:]:
+        assert_same(v, vals[0])
+
+    first_run = sources.LoaderBatches(settings)
+    cut = epoch(first_run, 0) + batches(itertools.islice(first_run.train(epoch=1, first_step=0, steps=3, seed=101,
+                                                                         **where), 2))
+    resumed = sources.LoaderBatches(settings)  # a new process, preempted after step 2 of epoch 1
+    cut += epoch(resumed, 1, first=2) + epoch(resumed, 2)
+    assert_same(cut, uncut)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(uncut[:3], uncut[3:6]))

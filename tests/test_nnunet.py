@@ -325,3 +325,44 @@ def test_a_job_trains_with_its_own_settings_and_reuses_only_an_identical_finishe
     with caplog.at_level(logging.INFO, logger="openmind_bench"):
         nnrun.finetune_segmentation(settings_for(lesion_set, run, ckpt, epochs_steps=3), threads=1)
     assert "checkpoint sha256" in caplog.text and "reusing" not in caplog.text
+
+
+class _Killed(BaseException):
+    """Stands for the job being killed (BaseException: nothing on the way catches it)."""
+
+
+def test_a_killed_fine_tuning_job_resumes_from_nnunets_latest_checkpoint(lesion_set, tmp_path, monkeypatch):
+    """A 3-epoch scratch run killed after epoch 2 (nnU-Net wrote checkpoint_latest.pth, save_every 1):
+    the job run again trains epoch 3 alone, from that checkpoint, and finishes."""
+    run = "scratch__ResEncTiny__3"
+    s = settings_for(lesion_set, run, nnunet={"val_iterations_per_epoch": 1, "save_every": 1})
+    started = []
+    real_start, real_end = nnUNetTrainer_OpenMind.on_train_epoch_start, nnUNetTrainer_OpenMind.on_epoch_end
+
+    def epoch_start(self):
+        started.append(self.current_epoch)
+        real_start(self)
+
+    def killed_after_epoch_2(self):
+        real_end(self)
+        if self.current_epoch == 2:
+            raise _Killed
+
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_train_epoch_start", epoch_start)
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", killed_after_epoch_2)
+    with pytest.raises(_Killed):
+        nnrun.finetune_segmentation(s, threads=1)
+    model = nnrun.model_folder(Path(s.out_dir) / "nnunet", lesion_set["prepared"]["dataset_name"])
+    fold_dir = model / f"fold_{nndata.nnunet_fold(lesion_set['split'], 'test')}"
+    latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 2 and not (fold_dir / "checkpoint_final.pth").exists()
+    assert started == [0, 1]
+
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", real_end)
+    started.clear()
+    assert nnrun.finetune_segmentation(settings_for(lesion_set, run, nnunet={"val_iterations_per_epoch": 1,
+                                                                               "save_every": 1}),
+                                       threads=1) == "finished"
+    assert started == [2]  # resumed, not started over
+    assert (fold_dir / "checkpoint_final.pth").exists()
+    assert json.loads((Path(s.out_dir) / "metrics.json").read_text())["training_reused"] is False

@@ -200,3 +200,38 @@ def test_a_failed_swap_keeps_the_old_tree(tmp_path):
         atomic.replace_directory(tmp_path / "missing", plots)
     assert raised.value.errno == errno.ENOENT
     assert _tree(plots) == {"a.png": "old"}
+
+
+def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The data are fsynced before the rename (else a node crash can leave an empty file under the
+    final name: a `checkpoint_latest.pt` of 0 bytes), and the folder after it (else the rename itself
+    can be lost)."""
+    from openmind_bench import atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    target = tmp_path / "checkpoint_latest.pt"
+    atomic.write_text(target, "weights")
+    assert target.read_text() == "weights"
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert Path(events[0][1]).name.startswith(".checkpoint_latest.pt.tmp-")
+    assert events[2][1] == str(tmp_path)
+
+    events.clear()
+    with atomic.atomic_path(tmp_path / "plots") as tmp:  # a folder: each of its files, then the parent
+        tmp.mkdir()
+        (tmp / "a.png").write_text("a")
+        (tmp / "b.png").write_text("b")
+    synced = [Path(p).name for kind, p in events if kind == "fsync"]
+    assert synced == ["a.png", "b.png", tmp_path.name]

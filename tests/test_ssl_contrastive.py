@@ -175,6 +175,28 @@ def test_barlow_twins_and_vicreg_equal_their_formulas():
     assert ssl.settings_for("vicreg", "cnn")["sim_weight"] == 25.0
 
 
+def test_contrastive_losses_run_in_float32_under_autocast():
+    """Under bf16 autocast (what a GPU run uses) the NT-Xent logits, the Barlow cross-correlation and
+    the VICReg covariance are still float32: the losses equal their fp32 values. With autocast left on
+    inside the loss they differ (bf16 matmuls)."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 256, generator=g), torch.randn(16, 256, generator=g)
+    z2 = z1 + 0.5 * z2  # correlated views, as a projector's outputs
+    losses = {
+        "nt_xent": lambda a, b: features.nt_xent(a, b, 0.5),
+        "barlow_twins": lambda a, b: features.barlow_twins(a, b, 5e-3),
+        "vicreg": lambda a, b: features.vicreg(a, b, 25, 25, 1),
+    }
+    for name, loss in losses.items():
+        fp32 = loss(z1, z2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = loss(z1.bfloat16().float(), z2.bfloat16().float())
+        reference = loss(z1.bfloat16().float(), z2.bfloat16().float())  # the same inputs, no autocast
+        assert mixed.dtype == torch.float32, name
+        assert float(mixed) == pytest.approx(float(reference), rel=1e-6), name
+        assert float(mixed) == pytest.approx(float(fp32), rel=2e-2), name
+
+
 def _gather_worker(rank: int, world: int, init: str, out: str):
     import torch.distributed as dist
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -310,3 +313,235 @@ def test_killing_the_job_process_group_leaves_no_trainer_and_the_rerun_resumes(t
         assert launch.launch(s, nproc=1, threads=1) == 0
     assert "resuming from" in caplog.text and "keeping its state" in caplog.text
     assert [int(r["epoch"]) for r in progress_rows(out)] == list(range(1, 7))
+
+
+class _LossOf(torch.nn.Module):
+    """A one-weight model whose loss is the view's `value` times the weight (inf = an fp16 overflow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, view):
+        return view["value"] * self.weight
+
+
+def test_a_non_finite_loss_skips_its_step_and_lowers_the_scale_until_too_many_in_a_row():
+    from openmind_bench.engine import distributed
+
+    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
+    model = _LossOf()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    guard = engine_step.NonFiniteSteps(3)
+
+    def step(value):
+        return engine_step.train_step(model, {"value": torch.tensor(value)}, optimizer, scaler, 12.0,
+                                      torch.autocast("cpu", dtype=torch.float16), ctx, None, guard)
+
+    step(float("inf"))
+    assert guard.last_skipped and float(model.weight.detach()) == 1.0  # the optimiser never saw it
+    assert scaler.get_scale() == 2.0**15
+    step(1.0)
+    assert not guard.last_skipped and float(model.weight.detach()) == pytest.approx(0.9)
+    step(float("nan"))
+    step(float("inf"))  # two in a row: still below the limit
+    assert scaler.get_scale() == 2.0**13 and guard.skipped == 3
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        step(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):  # without a guard: the first one raises
+        engine_step.train_step(model, {"value": torch.tensor(float("inf"))}, optimizer, None, 12.0,
+                               torch.autocast("cpu", enabled=False), ctx, None)
+
+
+def test_a_transient_non_finite_loss_does_not_stop_pre_training(tmp_path):
+    """One batch with an inf voxel (the loss overflows) in the middle of a run: the step is skipped,
+    the run finishes, and the epoch's logged loss is the mean of the other steps."""
+
+    class OneBadBatch(TemplateBatches):
+        def train(self, *, epoch, first_step, **kwargs):
+            for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+                if (epoch, step) == (0, 1):
+                    batch["image"][:] = float("inf")
+                yield batch
+
+    s = small_settings(tmp_path / "run", "mae", epochs=2, steps_per_epoch=3)
+    assert trainer.run(s, OneBadBatch(s)).status == "finished"
+    rows = progress_rows(s.out_dir)
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert all(torch.isfinite(v).all() for v in final_weights(s.out_dir).values() if v.is_floating_point())
+
+
+TWO_VIEW = {"region_size": [32, 32, 16], "crop_size": [16, 16, 16], "pairs_per_image": 1, "projector_dims": [32, 32]}
+
+
+class GlobalRandomBatches(TemplateBatches):
+    """Template crops plus noise drawn from the process-wide generators (python, numpy, torch), as a
+    plugged-in batch source or a library's augmentation draws; SIGUSR1 (SLURM's warning) at
+    `stop_at`: ("train", epoch, step) inside that step, ("val", epoch) during that epoch's validation."""
+
+    def __init__(self, settings, stop_at=None):
+        super().__init__(settings)
+        self.stop_at = stop_at
+        self.noise = True  # False: the template's crops alone
+
+    def train(self, *, epoch, first_step, **kwargs):
+        for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+            shape = batch["image"].shape
+            noise = (random.random() + torch.from_numpy(np.random.standard_normal(shape)).float()
+                     + torch.randn(shape))
+            if self.noise:
+                batch["image"] = batch["image"] + 0.05 * noise
+            if self.stop_at == ("train", epoch, step):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+    def val(self, **kwargs):
+        batches = list(super().val(**kwargs))
+        self.validations = getattr(self, "validations", 0) + 1
+        if self.stop_at == ("val", self.validations - 1):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return batches
+
+
+def _exact_settings(out_dir, method):
+    arch = "ResEncTiny"
+    extra = {"method_settings": {"simclr": TWO_VIEW}, "patch_size": [16, 16, 16]} if method == "simclr" else {}
+    return small_settings(out_dir, method, arch, epochs=3, steps_per_epoch=3, **extra)
+
+
+@pytest.mark.parametrize("method", ["mae", "simclr"])
+def test_preempted_at_any_step_the_resumed_run_has_the_uncut_weights_bit_for_bit(tmp_path, method):
+    """SIGUSR1 inside step 2 of epoch 2 (the checkpoint holds 2 of its 3 steps), inside its last step,
+    and during epoch 1's validation (the checkpoint falls on the epoch boundary): each resumed run ends
+    with exactly the weights and the logged losses of the uncut run. The batch source draws from
+    python's, numpy's and torch's process-wide generators, so their states must carry over too."""
+    reference = _exact_settings(tmp_path / "reference", method)
+    assert trainer.run(reference, GlobalRandomBatches(reference)).status == "finished"
+    expected = final_weights(reference.out_dir)
+    # mid-epoch; in the epoch's last step (its validation still to come); between epochs
+    for stop_at, position in ((("train", 1, 1), (1, 2)), (("train", 1, 2), (1, 3)), (("val", 0), (1, 0))):
+        s = _exact_settings(tmp_path / "_".join(map(str, stop_at)), method)
+        assert trainer.run(s, GlobalRandomBatches(s, stop_at)).status == "preempted"
+        state = checkpoint.load(Path(s.out_dir) / checkpoint.LATEST)
+        assert (state["current_epoch"], state["step_in_epoch"]) == position
+        assert json.loads((Path(s.out_dir) / checkpoint.PREEMPTED).read_text())["signal"] == "SIGUSR1"
+        assert trainer.run(s, GlobalRandomBatches(s)).status == "finished"
+        resumed = final_weights(s.out_dir)
+        assert resumed.keys() == expected.keys()
+        different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
+        assert not different, (stop_at, different[:5])
+        assert progress_rows(s.out_dir) == [
+            {**row, "epoch_seconds": mine["epoch_seconds"], "samples_per_second": mine["samples_per_second"]}
+            for row, mine in zip(progress_rows(reference.out_dir), progress_rows(s.out_dir))]
+
+
+def _pretrain_rank(rank: int, world: int, tmp: str, settings: dict, stop_at):
+    """One of `world` gloo ranks of a pre-training run that rank 1 alone stops with SIGUSR1 at
+    `stop_at`, then of its resumed run (each round's process group made here; the engine's
+    `distributed.init` finds it, its `shutdown` ends it)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    s = run_settings.PretrainSettings.from_dict(settings)
+    for attempt, stop in enumerate((stop_at, None)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous-{attempt}", rank=rank, world_size=world)
+        source = GlobalRandomBatches(s, stop if rank == 1 else None)
+        source.noise = False
+        assert trainer.run(s, source).status == ("preempted" if stop else "finished")
+
+
+def test_the_logged_loss_of_an_epoch_cut_on_two_ranks_is_the_uncut_one(tmp_path):
+    """Two gloo ranks, SIGUSR1 on rank 1 in step 2 of epoch 2: both ranks stop, the checkpoint holds
+    the partial loss sum of both ranks, and the resumed run logs the epoch losses of one process on
+    the whole batch (before: rank 0's partial sum counted twice, rank 1's lost)."""
+    import torch.multiprocessing as mp
+
+    reference = small_settings(tmp_path / "reference", "mae", epochs=2, steps_per_epoch=3)
+    assert trainer.run(reference).status == "finished"
+    cut = small_settings(tmp_path / "cut", "mae", epochs=2, steps_per_epoch=3)
+    mp.spawn(_pretrain_rank, args=(2, str(tmp_path), cut.to_dict(), ("train", 1, 1)), nprocs=2, join=True)
+    state = checkpoint.load(Path(cut.out_dir) / checkpoint.FINAL)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    expected, got = progress_rows(reference.out_dir), progress_rows(cut.out_dir)
+    assert [float(r["train_loss"]) for r in got] == pytest.approx([float(r["train_loss"]) for r in expected],
+                                                                  rel=1e-5)
+
+
+def test_weight_decay_reaches_every_parameter_as_in_nnssl():
+    """nnssl builds one parameter group over `network.parameters()` (AbstractTrainer SGD,
+    BaseEvaMAETrainer AdamW): norms, biases, LayerScale, position embeddings and the mask token
+    decay too. We follow it (docs/fidelity.md)."""
+    from openmind_bench import nets, ssl
+
+    for arch_name, overrides in (("PrimusTiny", {}), ("ResEncTiny", {"block_size": 8})):
+        arch = nets.resolve(arch_name)
+        model = ssl.build("mae", arch.build([32, 32, 32]), arch, [32, 32, 32], overrides)
+        cfg = omb_config.defaults()["pretrain"]["optimisation"][arch.family]
+        optimizer = optimisation.build_optimizer(model.parameters(), cfg, torch.device("cpu"))
+        assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == cfg["weight_decay"]
+        decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in decayed}
+        assert names == {n for n, _ in model.named_parameters()}
+        if arch.family == "transformer":
+            assert {"mask_token", "backbone.eva.pos_embed", "backbone.eva.norm.weight"} <= names
+
+
+SMALL_METHODS = {"simclr": TWO_VIEW, "barlow_twins": TWO_VIEW, "vicreg": TWO_VIEW,
+                 "voco": {"region_size": [32, 32, 16], "base_grid": [2, 2, 1], "projector_dims": [32, 32]},
+                 "volume_fusion": {"min_box_size": 2, "n_boxes": [4, 10]}, "swinunetr": {"contrastive_dim": 32},
+                 "mae_cnn": {"block_size": 8}, "spark3d": {"block_size": 8}}
+
+
+def test_ddp_searches_for_unused_parameters_only_where_a_method_has_some():
+    """One forward and backward of every method on both tiny networks: the parameters without a
+    gradient exist exactly where `ssl.unused_parameters` says (then DDP must search for them each
+    step; elsewhere the search is a wasted pass over the graph). Primus MAE, SimMIM, Models Genesis
+    and SwinUNETR-style train every parameter."""
+    from types import SimpleNamespace
+
+    from openmind_bench import nets, ssl
+
+    every_parameter_trained = set()
+    for arch_name in ("PrimusTiny", "ResEncTiny"):
+        arch = nets.resolve(arch_name)
+        for method in ssl.METHODS:
+            if not ssl.compatible(method, arch.family):
+                continue
+            overrides = SMALL_METHODS.get(ssl.implementation(method, arch.family), {})
+            region, network_patch = ssl.patch_sizes(method, arch.family, [32, 32, 32], overrides)
+            torch.manual_seed(0)
+            model = ssl.build(method, arch.build(network_patch), arch, [32, 32, 32], overrides)
+            source = TemplateBatches(SimpleNamespace(loader_patch_size=region))
+            batch = next(iter(source.train(epoch=0, first_step=0, steps=1, rank=0, world_size=1, batch_size=2,
+                                           seed=0)))
+            model(model.make_view(batch, [1, 2])).backward()
+            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert bool(unused) == ssl.unused_parameters(method, arch.family), (arch_name, method, unused[:3])
+            if not unused:
+                every_parameter_trained.add((arch.family, method))
+    assert every_parameter_trained == {("transformer", m) for m in ("mae", "simmim", "models_genesis", "swinunetr")}
+
+
+def test_a_job_s_cpus_are_shared_by_its_processes_and_their_loader_workers():
+    """4 GPU processes x 8 CPUs each with 6 loader workers apiece: 2 torch/OpenMP threads per
+    training process (was 8, i.e. 56 busy threads on 32 CPUs)."""
+    from openmind_bench.engine import launch as engine_launch
+
+    assert engine_launch.threads_per_process(32, 4, 6) == 2
+    assert engine_launch.threads_per_process(8, 1, 0) == 8
+    assert engine_launch.threads_per_process(4, 1, 6) == 1  # never below one
+    assert engine_launch.threads_per_process(0, 4, 6) == 0  # torch's default
+
+
+def test_cudnn_picks_its_fastest_convolutions_on_cuda_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    engine_step.configure_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    engine_step.configure_backends(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True
+    configured = []
+    monkeypatch.setattr(trainer, "configure_backends", configured.append)
+    assert trainer.run(small_settings(tmp_path / "run", epochs=1, steps_per_epoch=1)).status == "finished"
+    assert configured == [torch.device("cpu")]

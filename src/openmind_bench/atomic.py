@@ -1,4 +1,6 @@
-"""Write-then-rename helpers: a killed job never leaves a file that looks complete."""
+"""Write-then-rename helpers: a killed job never leaves a file that looks complete, and a renamed file
+is on disk (its data and the folder entry fsynced): after a node crash a path holds the old file or
+the new one, never an empty one."""
 
 from __future__ import annotations
 
@@ -80,6 +82,31 @@ def replace_directory(new: Path, path: Path, attempts: int = 10) -> None:
     raise OSError(errno.EBUSY, f"{path} kept being replaced by another writer; gave up after {attempts} tries")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush `path` (a file, or every file of a tree) to disk."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else [path]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only on success.
@@ -90,10 +117,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_name(path)
     try:
         yield tmp
+        # The data reach the disk before the rename does: else a crash can leave `path` renamed but empty.
+        if tmp.exists() and not tmp.is_symlink():
+            fsync_path(tmp)
         if tmp.is_dir() and not tmp.is_symlink():
             replace_directory(tmp, path)
         else:
             os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
             if tmp.is_dir():

@@ -9,7 +9,8 @@ DDP rank, nothing shared between workers.
 With `steps`, pass `e` over the loader (an epoch) yields batches
 [first_batch + e * steps, first_batch + (e + 1) * steps): epochs continue the stream instead of
 repeating it, and a resumed run passes `first_batch` = batches already consumed to continue
-exactly where it stopped.
+exactly where it stopped. `same_every_pass` makes every pass yield the same batches instead (a
+validation set, read again each epoch by the same persistent workers).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class RandomPatchBatches(IterableDataset):
         anatomy_aware: bool = False,
         centre_crop: bool = False,
         augmentation: Augmentation | None = None,
+        same_every_pass: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -60,6 +62,7 @@ class RandomPatchBatches(IterableDataset):
         self.rank = int(rank)
         self.steps = steps
         self.first_batch = int(first_batch)
+        self.same_every_pass = bool(same_every_pass)
         # passes started on this copy of the dataset; each DataLoader worker keeps its own copy
         # (persistent workers), and every copy sees every pass, so they all agree
         self._passes = 0
@@ -75,7 +78,7 @@ class RandomPatchBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.first_batch + self._passes * (self.steps or 0)
+        start = self.first_batch + (0 if self.same_every_pass else self._passes * (self.steps or 0))
         self._passes += 1
         k = worker
         while self.steps is None or k < self.steps:
@@ -100,6 +103,7 @@ def make_pretrain_loader(
     root: str | Path | None = None,
     augmentation: Augmentation | None = None,
     pin_memory: bool | None = None,
+    same_every_pass: bool = False,
 ) -> Iterable[dict]:
     """Batches of random patches over a selection's preprocessed images.
 
@@ -110,7 +114,8 @@ def make_pretrain_loader(
     (or pass `augmentation` to change their distributions). Every rank sees the whole selection
     with its own stream (sampling is with replacement, as nnssl's). `steps=None` is endless;
     with `steps` every pass (epoch) continues the stream, from `first_batch` (to resume a run).
-    `centre_crop` reads each drawn image's centre crop instead of a random patch.
+    `centre_crop` reads each drawn image's centre crop instead of a random patch; `same_every_pass`
+    repeats the first pass's batches on every pass.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -119,7 +124,7 @@ def make_pretrain_loader(
         augmentation = Augmentation()
     dataset = RandomPatchBatches(images, patch_size, batch_size, seed=seed, rank=rank, steps=steps,
                                  first_batch=first_batch, anatomy_aware=anatomy_aware, centre_crop=centre_crop,
-                                 augmentation=augmentation if augment else None)
+                                 augmentation=augmentation if augment else None, same_every_pass=same_every_pass)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return DataLoader(

@@ -4,7 +4,9 @@ Keys: `network_weights` (the architecture's own state dict: loads into a fresh R
 Primus), `pretext_weights` (pre-training-only parts: mask tokens, MAE decoder, densifiers),
 `optimizer_state`, `grad_scaler_state`, `current_epoch` (epochs completed), `step_in_epoch` (steps of
 the next epoch already done, after a preemption), `nnssl_adaptation_plan` (always, for every method:
-nnssl omits it for Spark), `trainer_settings`, `method_settings` (resolved), `history`. Only tensors, numbers, strings, lists and
+nnssl omits it for Spark), `trainer_settings`, `method_settings` (resolved), `history`, `partial_epoch`
+(loss sum and step count of the interrupted epoch, over all ranks), `rng_states` (the process-wide
+generators of every rank, so a resumed run draws what the uninterrupted one would have). Only tensors, numbers, strings, lists and
 dicts, so no pickled code runs on load.
 """
 
@@ -82,7 +84,7 @@ def pretrain_patch_size(plan: dict) -> list[int]:
 
 def save(path: str | Path, *, method: "nn.Module", optimizer, grad_scaler, current_epoch: int, step_in_epoch: int,
          plan: dict, settings, history: list, partial_epoch: list | None = None,
-         method_settings: dict | None = None) -> None:
+         method_settings: dict | None = None, rng_states: list | None = None) -> None:
     import torch
 
     full = method.state_dict()
@@ -99,6 +101,7 @@ def save(path: str | Path, *, method: "nn.Module", optimizer, grad_scaler, curre
         "method_settings": dict(method_settings or {}),  # the implementation's DEFAULTS + overrides
         "trainer_name": f"openmind_bench:{settings.method}",
         "history": list(history),
+        "rng_states": list(rng_states or []),
     }
     with atomic.atomic_path(path) as tmp:
         torch.save(state, tmp)

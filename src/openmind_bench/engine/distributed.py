@@ -63,3 +63,12 @@ def all_reduce_max(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def all_gather_object(obj, ctx: Context) -> list:
+    """`obj` of every rank, in rank order (a list of one when not distributed)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

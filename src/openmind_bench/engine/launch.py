@@ -41,6 +41,15 @@ class LaunchSettings(Protocol):
     def write(self, path: str | Path) -> None: ...
 
 
+def threads_per_process(threads: int, nproc: int, num_workers: int = 0) -> int:
+    """The torch / OpenMP threads of one training process when the job has `threads` CPUs for `nproc`
+    processes, each with `num_workers` data-loading workers (one CPU each: a DataLoader worker runs
+    torch on one thread); at least 1. 0 when `threads` is 0 (torch's default)."""
+    if not threads:
+        return 0
+    return max(1, int(threads) // max(1, int(nproc)) - max(0, int(num_workers)))
+
+
 def torchrun_command(settings_path: str | Path, nproc: int, worker: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
             "-m", worker, str(settings_path)]
@@ -186,7 +195,7 @@ def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, 
 
     `done` / `preempted`: file names in `settings.out_dir`; `record` / `state`: the run's record and
     the names of its state in that folder (`engine.record.prepare_run_dir`); `threads`: CPU threads
-    for the whole job, split over the processes (torch and OpenMP)."""
+    for the whole job, split over the processes and their data-loading workers (torch and OpenMP)."""
     nproc = max(1, int(nproc))
     out = Path(settings.out_dir)
     done_path, marker = out / done, out / preempted
@@ -197,7 +206,8 @@ def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, 
         log.info("%s: %s of a run with these exact settings and inputs exists: it is the result", label, done_path)
         return 0
     if threads:
-        settings.threads = max(1, int(threads) // nproc)
+        # the loader's worker processes share the job's CPUs with the training processes
+        settings.threads = threads_per_process(threads, nproc, getattr(settings, "num_workers", 0))
     settings_path = out / "settings.json"
     settings.write(settings_path)
     env = torchrun_env(settings.threads)

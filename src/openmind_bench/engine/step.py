@@ -5,6 +5,7 @@ the device. Used by pre-training and by classification fine-tuning alike."""
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 
 import numpy as np
@@ -22,6 +23,40 @@ def derive_seed(*keys: int) -> int:
 
 def sample_seeds(run_seed: int, tag: int, epoch: int, step: int, first_index: int, n: int) -> list[int]:
     return [derive_seed(run_seed, tag, epoch, step, first_index + i) for i in range(n)]
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the process-wide generators (python, numpy, torch) that code outside the engine's derived
+    seeds may draw from (a plugged-in batch source, a library's augmentation)."""
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    torch.manual_seed(int(seed))
+
+
+def global_rng_state() -> dict:
+    """The process-wide generators' state, as tensors, numbers and lists (`weights_only` loads it)."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [int(version), [int(v) for v in internal], gauss],
+        "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["key"].cpu().numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class StopRequest:
@@ -55,6 +90,13 @@ def to_device(view: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in view.items()}
 
 
+def configure_backends(device: torch.device) -> None:
+    """On CUDA let cuDNN time its convolution algorithms once per input shape and keep the fastest
+    (nnU-Net and nnssl do; a training run's shapes never change). CPU runs are left as they are."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast(amp: bool, amp_dtype: str, device: torch.device):
     """Mixed precision on CUDA when `amp`; CPU runs in float32."""
     if device.type == "cuda" and amp:
@@ -69,11 +111,40 @@ def grad_scaler(amp: bool, amp_dtype: str, device: torch.device):
     return None
 
 
-def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None):
+class NonFiniteSteps:
+    """Optimisation steps skipped in a row for a non-finite loss (on any rank). A transient fp16
+    overflow skips its step, as nnssl and nnU-Net do (their GradScaler skips the step and lowers its
+    scale); `limit` skips in a row mean the run diverged and raise."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the limit of non-finite steps in a row must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.in_row = 0
+        self.skipped = 0
+        self.last_skipped = False
+
+    def skip(self, loss: float, rank: int) -> None:
+        self.in_row += 1
+        self.skipped += 1
+        self.last_skipped = True
+        if self.in_row >= self.limit:
+            raise FloatingPointError(f"non-finite loss in {self.in_row} steps in a row (last {loss} on rank {rank}): "
+                                     "the run diverged")
+
+    def stepped(self) -> None:
+        self.in_row = 0
+        self.last_skipped = False
+
+
+def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None,
+               nonfinite: NonFiniteSteps | None = None):
     """Forward and backward of `view` (a dict; or a list of micro-batches whose gradients accumulate,
     each loss weighted by 1 / their number, DDP syncing on the last only), one collective that agrees
     on (loss not finite, stop requested) over all ranks, then clip and step. Returns (mean loss,
-    stop_requested); a non-finite loss raises before the optimiser steps."""
+    stop_requested). A non-finite loss never reaches the optimiser: without `nonfinite` it raises;
+    with it, every rank skips the step (`nonfinite.last_skipped`), the GradScaler's scale drops by its
+    backoff factor, and `nonfinite.limit` such steps in a row raise."""
     micro = view if isinstance(view, list) else [view]
     if not micro:
         raise ValueError("train_step needs at least one micro-batch")
@@ -94,7 +165,14 @@ def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_contex
     distributed.all_reduce_max(flags, ctx)
     if flags[0] > 0:
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"non-finite loss ({float(total)} on rank {ctx.rank})")
+        if nonfinite is None:
+            raise FloatingPointError(f"non-finite loss ({float(total)} on rank {ctx.rank})")
+        nonfinite.skip(float(total), ctx.rank)
+        if grad_scaler is not None:  # what the scaler does on inf gradients; the same on every rank
+            grad_scaler.update(new_scale=grad_scaler.get_scale() * grad_scaler.get_backoff_factor())
+        return total, bool(flags[1] > 0)
+    if nonfinite is not None:
+        nonfinite.stepped()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)

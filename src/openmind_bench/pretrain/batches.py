@@ -9,14 +9,14 @@ A batch source has two methods returning iterables of batch dicts on the CPU:
   from the run seed and the epoch), so an epoch restarted after a crash sees the original data;
 - `val(steps, rank, world_size, batch_size, seed)`: held-out batches, or None for no validation.
 
-`batch_size` is per process. A source that can seek (TemplateBatches) continues an epoch
-interrupted at `first_step` exactly; one that cannot (the loader) draws the rest of that epoch
-from a seed of its own for (seed, first_step), never replaying the steps already done.
+`batch_size` is per process. Both sources here seek: an epoch interrupted at `first_step` continues
+exactly with the batches the uninterrupted run would have had.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -30,33 +30,57 @@ class BatchSource(Protocol):
 
 
 class LoaderBatches:
-    """Batches of `make_pretrain_loader` on the preprocessed selection (train) and its held-out part (val)."""
+    """Batches of `make_pretrain_loader` on the preprocessed selection (train) and its held-out part (val).
+
+    Training reads one endless stream per run: the batch of (epoch, step) is the stream's batch
+    `epoch * steps_per_epoch + step`, so a run resumed at any step seeks to it. One DataLoader serves
+    all epochs (its workers, and the batches they prefetched, carry over from one epoch to the next),
+    and one persistent DataLoader serves every validation with the same batches."""
 
     def __init__(self, settings):
         if not settings.train_data:
             raise ValueError("pre-training needs train_data (the preprocessed pretrain_data json)")
         self.settings = settings
+        self._train = None  # (key, iterator) of the training stream
+        self._next = 0  # the stream's index of the iterator's next batch
+        self._val = None  # (key, DataLoader)
 
-    def _loader(self, path, *, steps, rank, world_size, batch_size, seed, augment):
+    def _loader(self, path, *, steps, rank, world_size, batch_size, seed, augment, first_batch=0,
+                same_every_pass=False):
         from openmind_bench.data import make_pretrain_loader
 
         s = self.settings
         return make_pretrain_loader(path, tuple(s.loader_patch_size), batch_size, seed=seed, rank=rank,
                                     world_size=world_size, num_workers=s.num_workers,
                                     anatomy_aware=s.anatomy_aware, centre_crop=s.loader_sampling == "centre",
-                                    augment=augment, steps=steps)
+                                    augment=augment, steps=steps, first_batch=first_batch,
+                                    same_every_pass=same_every_pass)
 
     def train(self, *, epoch, first_step, steps, rank, world_size, batch_size, seed):
-        if first_step:
-            seed = int(np.random.SeedSequence([seed, first_step]).generate_state(1)[0])
-        return self._loader(self.settings.train_data, steps=steps, rank=rank, world_size=world_size,
-                            batch_size=batch_size, seed=seed, augment=self.settings.loader_augmentation)
+        # `seed` is the epoch's; the stream's seed is the run's, its position the global step.
+        first = epoch * self.settings.steps_per_epoch + first_step
+        key = (rank, world_size, batch_size)
+        if self._train is None or self._train[0] != key or self._next != first:
+            stream_seed = int(np.random.SeedSequence([int(self.settings.seed), 0x10AD]).generate_state(1)[0])
+            loader = self._loader(self.settings.train_data, steps=None, rank=rank, world_size=world_size,
+                                  batch_size=batch_size, seed=stream_seed, augment=self.settings.loader_augmentation,
+                                  first_batch=first)
+            self._train, self._next = (key, iter(loader)), first
+        return self._take(self._train[1], steps)
+
+    def _take(self, iterator, steps):
+        for batch in itertools.islice(iterator, steps):
+            self._next += 1
+            yield batch
 
     def val(self, *, steps, rank, world_size, batch_size, seed):
         if not self.settings.val_data:
             return None
-        return self._loader(self.settings.val_data, steps=steps, rank=rank, world_size=world_size,
-                            batch_size=batch_size, seed=seed, augment=False)
+        key = (steps, rank, world_size, batch_size, seed)
+        if self._val is None or self._val[0] != key:
+            self._val = (key, self._loader(self.settings.val_data, steps=steps, rank=rank, world_size=world_size,
+                                           batch_size=batch_size, seed=seed, augment=False, same_every_pass=True))
+        return self._val[1]
 
 
 def loader_batches(settings) -> LoaderBatches:

@@ -19,7 +19,8 @@ from openmind_bench.engine.settings import JsonSettings
 # not one run.
 _WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
 # Settings that do not shape the trained weights: a run differing only in these continues from its state.
-_NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code")
+_NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code",
+                "max_nonfinite_steps")
 # What a run leaves in its folder besides the final checkpoint (removed when the record differs).
 STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json", "compute.json")
 
@@ -51,6 +52,7 @@ class PretrainSettings(JsonSettings):
     amp_dtype: str
     compile: bool
     log_every_steps: int
+    max_nonfinite_steps: int
     recommended_downstream_patch_size: list
     preemption_exit_code: int
     optimisation: dict  # the architecture family's entry

@@ -4,11 +4,13 @@ selectable; CPU runs in float32), per-family optimiser and
 schedule, a validation loss on held-out subjects, atomic checkpoints, resume, and SIGTERM/SIGUSR1 =
 checkpoint and exit cleanly.
 
-Reproducibility: every random draw is a function of the run seed and the position in the run
-(epoch, step, the sample's global index), never of the process history. A run killed at any point
-(kill -9, node failure) and resumed from its last periodic checkpoint therefore ends with the weights
-of an uninterrupted run; so does one preempted mid-epoch when its batch source can seek (see
-train.batches). A batch split over DDP ranks draws the masks one process would draw for it whole.
+Reproducibility: every random draw of the engine is a function of the run seed and the position in
+the run (epoch, step, the sample's global index), never of the process history; the process-wide
+generators (python, numpy, torch: what a plugged-in source or library may draw from) are seeded at
+the start and their states, every rank's, saved in each checkpoint. A run killed at any point (kill -9,
+node failure) and resumed from its last periodic checkpoint therefore ends with the weights of an
+uninterrupted run, bit for bit on CPU; so does one preempted mid-epoch (the batch sources seek, see
+pretrain.batches). A batch split over DDP ranks draws the masks one process would draw for it whole.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from openmind_bench import atomic, ssl
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.ledger import ComputeLedger, precision_of
 from openmind_bench.engine.logger import RunLogger
-from openmind_bench.engine.step import (StopRequest, autocast, derive_seed, grad_scaler as make_grad_scaler,
-                                        progress, sample_seeds, to_device, train_step)
+from openmind_bench.engine.step import (NonFiniteSteps, StopRequest, autocast, configure_backends, derive_seed,
+                                        global_rng_state, grad_scaler as make_grad_scaler, progress, sample_seeds,
+                                        seed_global_rngs, set_global_rng_state, to_device, train_step)
 from openmind_bench.pretrain import batches as batch_sources
 from openmind_bench.pretrain.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
 
 # Streams of random numbers, kept apart by a tag in the seed derivation.
-_TAG_INIT, _TAG_DATA, _TAG_SAMPLE, _TAG_TORCH, _TAG_VAL_DATA, _TAG_VAL_SAMPLE = range(6)
+_TAG_INIT, _TAG_DATA, _TAG_SAMPLE, _TAG_TORCH, _TAG_VAL_DATA, _TAG_VAL_SAMPLE, _TAG_GLOBAL = range(7)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         raise ValueError(f"total_batch_size {settings.total_batch_size} is not divisible by {ctx.world_size} processes")
     if ctx.device.type == "cpu" and settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    configure_backends(ctx.device)
     local_batch = settings.total_batch_size // ctx.world_size
     ledger = ComputeLedger(out, ctx, stage="pretrain", run=out.name,
                            precision=precision_of(settings.amp, settings.amp_dtype, ctx.device),
@@ -115,13 +119,14 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
     grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
     plan = checkpoint.adaptation_plan(arch, backbone, settings, patch_size=network_patch)
 
-    start_epoch, start_step, history, partial = 0, 0, [], [0.0, 0]
+    start_epoch, start_step, history, partial, rng_states = 0, 0, [], [0.0, 0], []
     if latest.exists():
         state = checkpoint.load(latest, map_location=ctx.device)
         checkpoint.check_resumable(state, settings, latest)
         checkpoint.restore(state, method, optimizer, grad_scaler)
         start_epoch, start_step = state["current_epoch"], state["step_in_epoch"]
         history, partial = state["history"], state.get("partial_epoch", [0.0, 0])
+        rng_states = state.get("rng_states", [])
         del state
         log.info("resuming from %s at epoch %d, step %d", latest, start_epoch, start_step)
     elif ctx.is_main:
@@ -129,24 +134,30 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
 
     model = method
     if ctx.distributed:
-        # Decoders' deep-supervision heads exist (for loadable state dicts) but get no gradient.
+        # ResEnc decoders' deep-supervision heads exist (for loadable state dicts) but get no gradient;
+        # the search for such parameters costs a pass over the graph every step, so only where needed.
         model = DistributedDataParallel(method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+                                        find_unused_parameters=ssl.unused_parameters(settings.method, arch.family))
     if settings.compile:
         model = torch.compile(model)
     amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
+    nonfinite = NonFiniteSteps(settings.max_nonfinite_steps)
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
     grad_clip = ssl.grad_clip(settings.method, arch.family, float(settings.optimisation.get("grad_clip", math.inf)),
                               settings.method_settings)
 
     def save(path: Path, epochs_done: int, step_in_epoch: int, partial_epoch=None) -> None:
+        states = distributed.all_gather_object(global_rng_state(), ctx)
         if ctx.is_main:
             checkpoint.save(path, method=method, optimizer=optimizer, grad_scaler=grad_scaler,
                             current_epoch=epochs_done, step_in_epoch=step_in_epoch, plan=plan, settings=settings,
-                            history=logger.history, partial_epoch=partial_epoch, method_settings=method_settings)
+                            history=logger.history, partial_epoch=partial_epoch, method_settings=method_settings,
+                            rng_states=states)
         distributed.barrier(ctx)
 
     def preempted(stop: StopRequest, epochs_done: int, step_in_epoch: int, partial_epoch) -> Outcome:
+        if partial_epoch is not None:  # the interrupted epoch's loss sum of all ranks, resumed by rank 0 alone
+            partial_epoch = distributed.all_reduce_sum(partial_epoch.clone(), ctx).tolist()
         save(latest, epochs_done, step_in_epoch, partial_epoch)
         if ctx.is_main:
             name = signal.Signals(stop.signal).name if stop.signal else "a stop request"
@@ -158,14 +169,22 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
         logger.close()
         return Outcome("preempted", epochs_done, latest)
 
+    # The process-wide generators continue where the interrupted run left them (a fresh run seeds them).
+    if len(rng_states) == ctx.world_size:
+        set_global_rng_state(rng_states[ctx.rank])
+    else:
+        if rng_states:
+            log.warning("%s holds the random state of %d processes, this run has %d: the resumed run draws anew "
+                        "wherever the position-derived seeds do not reach", latest, len(rng_states), ctx.world_size)
+        seed_global_rngs(derive_seed(settings.seed, _TAG_GLOBAL, start_epoch, start_step, ctx.rank))
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
             first = start_step if epoch == start_epoch else 0
             lr = optimisation.learning_rate(settings.optimisation, epoch, epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums = torch.tensor(partial if epoch == start_epoch else [0.0, 0], dtype=torch.float64,
-                                device=ctx.device)
+            resumed = partial if epoch == start_epoch and ctx.is_main else [0.0, 0]
+            sums = torch.tensor(resumed, dtype=torch.float64, device=ctx.device)
             started, done_steps = time.time(), first
             batches = ledger.timed(source.train(epoch=epoch, first_step=first, steps=steps - first, rank=ctx.rank,
                                                 world_size=ctx.world_size, batch_size=local_batch,
@@ -179,14 +198,16 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                 # Global RNG (drop-path, dropout) seeded from the position in the run.
                 torch.manual_seed(derive_seed(settings.seed, _TAG_TORCH, epoch, step, ctx.rank))
                 with ledger.step():
-                    loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
-                sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+                    loss, stop_now = train_step(model, view, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop,
+                                                nonfinite)
+                if not nonfinite.last_skipped:  # a skipped step's loss stays out of the epoch mean
+                    sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
                 done_steps = step + 1
                 global_step = epoch * steps + done_steps
                 if settings.log_every_steps and global_step % settings.log_every_steps == 0:
                     logger.step(global_step, float(loss))
                 if stop_now:
-                    return preempted(stop, epoch, done_steps, sums.tolist())
+                    return preempted(stop, epoch, done_steps, sums)
             if done_steps < steps:
                 raise RuntimeError(f"the batch source ended after {done_steps} of {steps} steps in epoch {epoch}")
             seconds = time.time() - started

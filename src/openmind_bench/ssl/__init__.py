@@ -129,6 +129,16 @@ def loader_augmentation(name: str, family: str) -> bool:
     return bool(getattr(_module(implementation(name, family)), "LOADER_AUGMENTATION", True))
 
 
+def unused_parameters(name: str, family: str) -> bool:
+    """Whether some parameters of the method's model get no gradient, so DDP has to search for them
+    every step (`find_unused_parameters`: an extra pass over the autograd graph). A ResEnc always has
+    some (the decoder's deep-supervision heads, kept for loadable state dicts); on a Primus only the
+    methods that leave its up-projection untrained, i.e. modules without `TRAINS_PRIMUS_UP_PROJECTION`."""
+    if family != "transformer":
+        return True
+    return not getattr(_module(implementation(name, family)), "TRAINS_PRIMUS_UP_PROJECTION", False)
+
+
 def loader_sampling(name: str, family: str) -> str:
     """Where the loader places a method's patches: "random" (nnssl's default loader; anatomy voxels
     for `_anat` names) or "centre" (the image's centre crop, a module's `LOADER_SAMPLING`)."""

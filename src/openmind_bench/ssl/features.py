@@ -8,6 +8,7 @@ Families: `cnn` (ResEnc: the encoder's stage outputs) and `transformer` (Primus:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -110,6 +111,20 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
+def full_precision(loss):
+    """Run a loss body on float32 embeddings with autocast off. `.float()` alone does not leave
+    autocast: its matmuls would cast back to half precision (the logits, the cross-correlation and the
+    covariance lose the digits these losses live on)."""
+
+    @functools.wraps(loss)
+    def in_float32(z1: torch.Tensor, z2: torch.Tensor, *args, **kwargs):
+        with torch.autocast(z1.device.type, enabled=False):
+            return loss(z1.float(), z2.float(), *args, **kwargs)
+
+    return in_float32
+
+
+@full_precision
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_ranks: bool = False) -> torch.Tensor:
     """NT-Xent (SimCLR): sample i's two views are positives, the other 2N - 2 views negatives; mean
     over the 2N anchors. By default N is this rank's batch, as nnssl's NTXentLoss and SwinUNETR
@@ -117,7 +132,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_ranks
     gradient), which gives more negatives and makes a DDP run equal the one-process run."""
     if gather_ranks:
         z1, z2 = gather(z1), gather(z2)
-    z = F.normalize(torch.cat([z1.float(), z2.float()]), dim=1)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z.shape[0] // 2
     logits = z @ z.t() / float(temperature)
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -125,9 +140,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_ranks
     return F.cross_entropy(logits, targets)
 
 
+@full_precision
 def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float) -> torch.Tensor:
     """Zbontar et al.: the cross-correlation of the batch-standardised embeddings pushed to identity."""
-    a, b = gather(z1.float()), gather(z2.float())
+    a, b = gather(z1), gather(z2)
     n = a.shape[0]
     a = (a - a.mean(0)) / a.std(0, unbiased=False).clamp_min(1e-6)
     b = (b - b.mean(0)) / b.std(0, unbiased=False).clamp_min(1e-6)
@@ -137,11 +153,12 @@ def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float)
     return on + float(off_diagonal_weight) * off
 
 
+@full_precision
 def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float, var_weight: float,
            cov_weight: float) -> torch.Tensor:
     """Bardes et al.: invariance (MSE) + variance (hinge on the per-dimension std, 1) + covariance
     (squared off-diagonal covariance / D), on the embeddings of all ranks."""
-    a, b = gather(z1.float()), gather(z2.float())
+    a, b = gather(z1), gather(z2)
     n, d = a.shape
     invariance = F.mse_loss(a, b)
     variance, covariance = 0.0, 0.0

@@ -21,6 +21,10 @@ from torch import nn
 from openmind_bench.nets import primus
 from openmind_bench.ssl import masking
 
+# Every parameter of a Primus gets a gradient (the up-projection decodes the reconstruction): DDP
+# needs no search for unused ones.
+TRAINS_PRIMUS_UP_PROJECTION = True
+
 DEFAULTS = {"mask_ratio": 0.75, "decoder_depth": 2, "decoder_heads": None}
 
 

@@ -36,6 +36,9 @@ from openmind_bench.ssl import masking, views
 # nnssl's Models Genesis trainer applies no spatial augmentation (its flips are part of the corruption).
 LOADER_AUGMENTATION = False
 
+# On a Primus the reconstruction runs through the up-projection: every parameter gets a gradient.
+TRAINS_PRIMUS_UP_PROJECTION = True
+
 DEFAULTS = {
     "nonlinear_rate": 0.9,
     "paint_rate": 0.9,

@@ -36,6 +36,9 @@ LOADER_AUGMENTATION = False
 # Spatial axes of (X, Y, Z) the rotations turn (nnssl: array axes (2, 3) of (C, X, Y, Z)).
 ROTATION_AXES = (1, 2)
 
+# On a Primus the reconstruction runs through the up-projection: every parameter gets a gradient.
+TRAINS_PRIMUS_UP_PROJECTION = True
+
 DEFAULTS = {
     "max_cutout_fraction": 0.3,
     "max_box_fraction": 0.25,

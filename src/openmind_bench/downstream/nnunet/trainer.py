@@ -251,4 +251,6 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         if self.run_settings:  # the optimiser's groups as they were when the checkpoint was written
             for epoch in range(int(checkpoint["current_epoch"])):
                 self.apply_epoch(epoch)
-        super().load_checkpoint(checkpoint)
+        # nnU-Net's own load_checkpoint reads only a file name: given a dict it fails on an unbound
+        # name (nnunetv2 2.8.1), so a resume from checkpoint_latest.pth passes the file on.
+        super().load_checkpoint(filename_or_checkpoint)
