@@ -9,4 +9,5 @@ def rejection_parts():
         *DWI_REJECTION_PARTS,
         *masks_rejection_parts(),
         *downstream_rejection_parts(),
+        *curation_rejection_parts(),
     ]
