@@ -49,49 +49,31 @@ rule downstream_fingerprints:
         "../workflow_scripts/downstream_fingerprints.py"
 
 
-rule duplicates:
+rule curate_content:
     input:
         tables=fingerprint_tables(),
-    output:
-        clusters=DUPLICATES,
-    params:
-        threshold=CURATION["duplicate_distance"],
-        backend=CURATION["neighbours"],
-    threads: CURATION["threads"]
-    resources:
-        mem_mb=config["resources"]["curate"]["mem_mb"],
-        runtime=config["resources"]["curate"]["runtime"],
-    log:
-        "logs/curate/duplicates.log",
-    benchmark:
-        "logs/benchmarks/curate/duplicates.tsv"
-    conda:
-        CONDA_ENV
-    script:
-        "../workflow_scripts/curation_duplicates.py"
-
-
-rule leakage:
-    input:
-        tables=fingerprint_tables(),
+        rejected=fingerprint_rejection_parts(),
         downstream=downstream_fingerprint_tables(),
     output:
-        pairs=LEAKAGE,
+        duplicates=DUPLICATES,
+        leakage=LEAKAGE,
+        unchecked=UNCHECKED,
     params:
-        threshold=CURATION["leakage_distance"],
+        duplicate_distance=CURATION["duplicate_distance"],
+        leakage_distance=CURATION["leakage_distance"],
         backend=CURATION["neighbours"],
     threads: CURATION["threads"]
     resources:
         mem_mb=config["resources"]["curate"]["mem_mb"],
         runtime=config["resources"]["curate"]["runtime"],
     log:
-        "logs/curate/leakage.log",
+        "logs/curate/content.log",
     benchmark:
-        "logs/benchmarks/curate/leakage.tsv"
+        "logs/benchmarks/curate/content.tsv"
     conda:
         CONDA_ENV
     script:
-        "../workflow_scripts/curation_leakage.py"
+        "../workflow_scripts/curate_content.py"
 
 
 rule select_pretrain_data:

@@ -3,6 +3,9 @@
 
 
 rule demo_mirror:
+    input:
+        # the split of the downstream set a test case of which is planted in the mirror (demo.plant_leak)
+        leak_split=demo_leak_split,
     output:
         truth=f"{config['source']['root']}/ground_truth/ground_truth.json",
     params:
@@ -10,6 +13,8 @@ rule demo_mirror:
         seed=config["demo"]["seed"],
         resolution=config["demo"]["resolution"],
         inject_faults=config["demo"]["inject_faults"],
+        plant_duplicates=config["demo"]["plant_duplicates"],
+        leak=demo_leak_settings,
     resources:
         mem_mb=config["resources"]["demo"]["mem_mb"],
         runtime=config["resources"]["demo"]["runtime"],

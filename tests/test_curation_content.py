@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,13 +25,14 @@ from openmind_bench.store.b2nd import StoreSettings, write_array
 FS = FingerprintSettings()
 
 
+@functools.lru_cache(maxsize=None)
 def head(seed: int, shape=(90, 100, 90), scale=(1.0, 1.0, 1.0)) -> np.ndarray:
     """A smooth head-like volume of its own per seed: an ellipsoid with low-frequency texture."""
     rng = np.random.default_rng(seed)
     grid = np.indices(shape, dtype=np.float32) - np.array(shape, np.float32)[:, None, None, None] / 2
     radii = np.array([35, 42, 38]) * np.array(scale)
     inside = sum((grid[a] / radii[a]) ** 2 for a in range(3)) <= 1
-    texture = ndimage.zoom(rng.standard_normal((6, 6, 6)), [s / 6 for s in shape], order=3)[: shape[0], : shape[1], : shape[2]]
+    texture = ndimage.zoom(rng.standard_normal((6, 6, 6)), [s / 6 for s in shape], order=1)[: shape[0], : shape[1], : shape[2]]
     image = inside * np.exp(0.4 * texture)  # non-negative, as MR magnitude images
     return ((image - image.mean()) / image.std()).astype(np.float32)
 
@@ -66,10 +67,12 @@ def test_copies_are_near_and_other_heads_are_far():
 
 
 @pytest.mark.parametrize("image,spacing,message", [
-    (np.zeros((20, 20, 20), np.float32), (1, 1, 1), "constant"),
-    (np.ones((20, 20, 1), np.float32), (1, 1, 1), "degenerate"),
-    (np.full((20, 20, 20), np.nan, np.float32), (1, 1, 1), "non-finite"),
+    (np.zeros((20, 20, 20), np.float32), (2, 2, 2), "constant"),
+    (np.ones((20, 20, 1), np.float32), (2, 2, 2), "degenerate"),
+    (np.full((20, 20, 20), np.nan, np.float32), (2, 2, 2), "non-finite"),
     (np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), (1, 0, 1), "spacing"),
+    # dipy's 10^3 example DWI at 2 mm: three fingerprint steps, every map of it alike
+    (np.random.default_rng(0).random((10, 10, 10)).astype(np.float32), (2, 2, 2), "too small"),
 ])
 def test_degenerate_images_raise(image, spacing, message):
     with pytest.raises(FingerprintError, match=message):
@@ -156,6 +159,44 @@ def test_fingerprint_shard_records_bad_images_as_rejected(tmp_path):
     assert bad.set_index("image").loc["ds000001__sub-03_T1w", "reason"].startswith("fingerprint failed")
 
 
+def test_command_line_verbs(tmp_path):
+    from openmind_bench.cli import main
+
+    x, _ = planted(n=50, dim=511, pairs=0, seed=2)
+    x[7] = x[3]
+    rows = rows_of([f"ds{k % 2}_s{k}_x" for k in range(50)])
+    write_table(tmp_path / "pre.parquet", rows, x, 511)
+    write_table(tmp_path / "down.parquet", pd.DataFrame({"downstream_dataset": ["D"], "case": ["c"], "channel": ["0"],
+                                                         "path": ["p"]}), x[[11]], 511)
+    assert main(["duplicates", str(tmp_path / "pre.parquet"), "--out", str(tmp_path / "dup.parquet")]) == 0
+    assert sorted(pd.read_parquet(tmp_path / "dup.parquet").image_id) == ["ds1_s3_x", "ds1_s7_x"]
+    assert main(["leakage", str(tmp_path / "pre.parquet"), "--downstream", str(tmp_path / "down.parquet"),
+                 "--out", str(tmp_path / "leak.tsv")]) == 0
+    assert list(pd.read_csv(tmp_path / "leak.tsv", sep="\t").image_id) == ["ds1_s11_x"]
+
+
+def test_run_content_writes_duplicates_leakage_and_unchecked_in_one_pass(tmp_path):
+    from openmind_bench.curation.content import run_content
+    from openmind_bench.qc import Rejections
+
+    x, _ = planted(n=30, dim=511, pairs=0, seed=4)
+    x[5] = x[9]
+    write_table(tmp_path / "a.parquet", rows_of([f"ds1_s{k}_x" for k in range(15)]), x[:15], 511)
+    write_table(tmp_path / "b.parquet", rows_of([f"ds2_s{k}_x" for k in range(15, 30)]), x[15:], 511)
+    write_table(tmp_path / "d.parquet", pd.DataFrame({"downstream_dataset": ["D"], "case": ["c"], "channel": ["1"],
+                                                      "path": ["p"]}), x[[20]], 511)
+    part = Rejections("curation")
+    part.add("ds2_s99_x", "fingerprint failed: FingerprintError: too small", "ds2")
+    part.write(tmp_path / "part.tsv")
+    out = {k: tmp_path / f"{k}.out" for k in ("dup", "leak", "unchecked")}
+    run_content([tmp_path / "a.parquet", tmp_path / "b.parquet"], [tmp_path / "part.tsv"], [tmp_path / "d.parquet"],
+                out["dup"], out["leak"], out["unchecked"], 0.08, 0.08, threads=1)
+    assert sorted(pd.read_parquet(out["dup"]).image_id) == ["ds1_s5_x", "ds1_s9_x"]
+    assert list(pd.read_csv(out["leak"], sep="\t").image_id) == ["ds2_s20_x"]
+    unchecked = pd.read_csv(out["unchecked"], sep="\t")
+    assert list(unchecked.image) == ["ds2_s99_x"] and list(unchecked.stage) == ["curation"]
+
+
 def test_split_test_images_takes_channel_files_of_test_cases(tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"dataset": "X", "train": ["c1"], "test": ["c2", "c10"], "case_files": {
@@ -223,12 +264,13 @@ def selection_workspace(tmp_path):
     return tmp_path, index, manifest, dup, leak
 
 
-def select(ws, cfg):
+def select(ws, cfg, unfingerprinted=()):
     root, index, manifest, dup, leak = ws
     out = root / "sel" / cfg["name"]
     chosen = run_selection(cfg, 1, [index], [manifest], out / "pretrain_data.json", out / PREPROCESSED_TWIN,
-                           out / "images.tsv", leakage=leak, duplicates=dup, out_dropped=out / "dropped.tsv",
-                           out_summary=out / "summary.json", out_plot=out / "summary.png")
+                           out / "images.tsv", leakage=leak, duplicates=dup, fingerprint_rejections=unfingerprinted,
+                           out_dropped=out / "dropped.tsv", out_summary=out / "summary.json",
+                           out_plot=out / "summary.png")
     return chosen, pd.read_csv(out / "dropped.tsv", sep="\t"), json.loads((out / "summary.json").read_text()), out
 
 
@@ -248,6 +290,18 @@ def test_dedup_keeps_best_score_then_finest_voxels_and_leakage_is_excluded(selec
     # without dedup the duplicates stay; the leaked copy never does
     chosen, dropped, summary, _ = select(selection_workspace, {"name": "nodedup"})
     assert len(chosen) == 5 and summary["dropped"] == {"leakage": 1}
+
+
+def test_images_without_fingerprint_are_left_out(selection_workspace):
+    from openmind_bench.qc import Rejections
+
+    part = selection_workspace[0] / "part.tsv"
+    rejections = Rejections("curation")
+    rejections.add(IMAGES[4][0], "fingerprint failed: FingerprintError: too small", "ds000001")
+    rejections.write(part)
+    chosen, dropped, summary, _ = select(selection_workspace, {"name": "fp"}, unfingerprinted=[part])
+    assert IMAGES[4][0] not in set(chosen.image_id) and summary["dropped"] == {"fingerprint": 1, "leakage": 1}
+    assert dropped.set_index("image_id").loc[IMAGES[4][0], "reason"].startswith("not checked for leakage")
 
 
 def test_filters_are_recorded_with_their_step(selection_workspace):

@@ -9,6 +9,7 @@ CURATION = config["curation"]
 CURATION_ROOT = "results/curation"
 DUPLICATES = f"{CURATION_ROOT}/duplicates.parquet"
 LEAKAGE = f"{CURATION_ROOT}/leakage.tsv"
+UNCHECKED = f"{CURATION_ROOT}/unchecked.tsv"
 
 
 def fingerprint_tables(wildcards=None):
@@ -23,12 +24,18 @@ def leakage_datasets():
 
 
 def downstream_fingerprint_tables(wildcards=None):
+    """The downstream test cases' fingerprint tables (none when curation.leakage is off: leakage.tsv is empty)."""
     return [f"{CURATION_ROOT}/downstream/{d}.parquet" for d in leakage_datasets()]
+
+
+def fingerprint_rejection_parts(wildcards=None):
+    """The fingerprint jobs' rejection parts: their images go into no selection."""
+    return [f"results/qc/parts/curation/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])]
 
 
 def curation_rejection_parts():
     return [
-        *(f"results/qc/parts/curation/{d}/{k}.tsv" for d in DATASETS for k in range(N_SHARDS[d])),
+        *fingerprint_rejection_parts(),
         *(f"results/qc/parts/curation/downstream/{d}.tsv" for d in leakage_datasets()),
     ]
 
@@ -56,8 +63,9 @@ def selection_excluded_subjects(wildcards):
 
 
 def selection_curation_inputs(wildcards):
-    """leakage.tsv (when curation.leakage is on) and duplicates.parquet (for a `dedup: true` selection)."""
-    out = {}
+    """unchecked.tsv (images without a fingerprint), leakage.tsv (when curation.leakage is on) and
+    duplicates.parquet (for a `dedup: true` selection)."""
+    out = {"unchecked": UNCHECKED}
     if CURATION["leakage"]:
         out["leakage"] = LEAKAGE
     if SELECTIONS[wildcards.selection].get("dedup"):
@@ -71,5 +79,5 @@ def selection_targets():
         *expand("results/selections/{selection}/pretrain_data__preprocessed.json", selection=SELECTIONS),
         *expand("results/selections/{selection}/summary.json", selection=SELECTIONS),
         DUPLICATES,
-        *([LEAKAGE] if CURATION["leakage"] else []),
+        LEAKAGE,
     ]

@@ -63,13 +63,16 @@ def run(
     registry: str | Path | None,
     bootstrap_samples: int,
     seed: int,
+    leakage: str | Path | None = None,
 ) -> Outputs:
-    """Read RESULTS.csv and write every aggregation output into `out`."""
+    """Read RESULTS.csv and write every aggregation output into `out`; with `leakage`
+    (results/curation/leakage.tsv) the tables get a footnote counting the excluded images."""
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
     from openmind_bench.aggregate.results import read_results
-    from openmind_bench.aggregate.table import STAT_COLUMNS, build_table, render_latex, render_markdown
+    from openmind_bench.aggregate.table import STAT_COLUMNS, build_table, leakage_note, render_latex, render_markdown
+    from openmind_bench.curation.content import leakage_counts
     from openmind_bench.registry import usable_datasets
 
     out = Path(out)
@@ -86,8 +89,10 @@ def run(
 
     table = build_table(frame, datasets_registry)
     _write_csv(paths.table_csv, table)
-    _write_utf8(paths.table_md, render_markdown(table))
-    _write_utf8(paths.table_tex, render_latex(table))
+    note = leakage_note(leakage_counts(leakage) if leakage is not None and Path(leakage).is_file() else None)
+    notes = [note] if note else []
+    _write_utf8(paths.table_md, render_markdown(table, notes))
+    _write_utf8(paths.table_tex, render_latex(table, notes))
 
     dataset_order = [c for c in table.columns[4:] if c not in STAT_COLUMNS]
     log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
@@ -106,7 +111,7 @@ def run(
 
 
 def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bootstrap_samples: int, seed: int,
-                    results_csv: str | Path | None = None) -> Outputs:
+                    results_csv: str | Path | None = None, leakage: str | Path | None = None) -> Outputs:
     """The whole stage from metrics.json files: gather them into `results_csv` (default
     OUT/results_long.csv), then `run`. What rule benchmark_table and `openmind-bench benchmark-table` call."""
     from openmind_bench.aggregate.collect import write_results
@@ -114,4 +119,4 @@ def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bo
     out = Path(out)
     results_csv = Path(results_csv) if results_csv else out / "results_long.csv"
     write_results(list(metrics), results_csv)
-    return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed)
+    return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed, leakage=leakage)

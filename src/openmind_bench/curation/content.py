@@ -9,6 +9,11 @@ images that are copies of downstream test cases (leakage).
 - `results/curation/leakage.tsv`: one row per (pre-training image, downstream test-case image)
   pair within `curation.leakage_distance`: image_id, dataset, subject, session, modality,
   downstream_dataset, case, channel, distance. Every selection excludes these images.
+- `results/curation/unchecked.tsv`: the images without a fingerprint (the fingerprint jobs'
+  rejection parts, gathered; rejected.tsv's columns): checked for neither, never selected.
+
+Rule `curate_content` writes all three in one job (`run_content`): the fingerprints are read once,
+and the selections depend on three files rather than on every shard's (the DAG at full scale).
 """
 
 from __future__ import annotations
@@ -115,3 +120,26 @@ def leakage_counts(path: str | Path | None) -> dict[str, int]:
     if table.empty:
         return {}
     return {str(k): int(v) for k, v in table.groupby("downstream_dataset").image_id.nunique().items()}
+
+
+def run_content(fingerprint_tables: Sequence[str | Path], rejection_parts: Sequence[str | Path],
+                downstream_tables: Sequence[str | Path], out_duplicates: str | Path, out_leakage: str | Path,
+                out_unchecked: str | Path, duplicate_distance: float, leakage_distance: float,
+                backend: str = "faiss", threads: int | None = None) -> None:
+    """duplicates.parquet, leakage.tsv and unchecked.tsv from the fingerprint tables (read once)."""
+    from openmind_bench.qc import read_parts
+
+    rows, vectors = read_tables(fingerprint_tables)
+    clusters = duplicate_clusters(rows, vectors, duplicate_distance, backend, threads) if len(rows) else \
+        pd.DataFrame(columns=DUPLICATE_COLUMNS)
+    atomic.write_parquet(out_duplicates, clusters)
+    log.info("%d image(s): %d in %d near-duplicate cluster(s) (distance <= %g)", len(rows), len(clusters),
+             clusters.cluster.nunique(), duplicate_distance)
+    cases, case_vectors = read_tables(downstream_tables)
+    found = leakage_pairs(rows, vectors, cases, case_vectors, leakage_distance, backend, threads)
+    atomic.write_tsv(out_leakage, neutralise_frame(found))
+    log.info("leakage: %d pre-training image(s) within %g of %d downstream test-case image(s)",
+             found.image_id.nunique(), leakage_distance, len(cases))
+    unchecked = read_parts(rejection_parts)
+    atomic.write_tsv(out_unchecked, neutralise_frame(unchecked))
+    log.info("%d image(s) without a fingerprint (unchecked.tsv)", len(unchecked))

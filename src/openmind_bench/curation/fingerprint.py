@@ -40,22 +40,24 @@ class FingerprintError(ValueError):
     """The image has no usable content for a fingerprint (all zero, constant, degenerate shape)."""
 
 
-def _defaults() -> dict:
-    return config.section("curation")["fingerprint"]
+# `curation.fingerprint` defaults of config/schema.yaml, read once
+_DEFAULTS = config.section("curation")["fingerprint"]
 
 
 @dataclass(frozen=True)
 class FingerprintSettings:
-    grid: int = 32
-    step_mm: float = 8.0
-    keep: int = 8
+    grid: int = _DEFAULTS["grid"]
+    step_mm: float = _DEFAULTS["step_mm"]
+    keep: int = _DEFAULTS["keep"]
+    min_extent_mm: float = _DEFAULTS["min_extent_mm"]
 
     @classmethod
     def from_config(cls, values: dict | None = None) -> "FingerprintSettings":
-        merged = {**_defaults(), **(values or {})}
+        merged = {**_DEFAULTS, **(values or {})}
         if merged["keep"] > merged["grid"]:
             raise ValueError(f"curation.fingerprint.keep ({merged['keep']}) exceeds grid ({merged['grid']})")
-        return cls(grid=int(merged["grid"]), step_mm=float(merged["step_mm"]), keep=int(merged["keep"]))
+        return cls(grid=int(merged["grid"]), step_mm=float(merged["step_mm"]), keep=int(merged["keep"]),
+                   min_extent_mm=float(merged["min_extent_mm"]))
 
     @property
     def dimension(self) -> int:
@@ -82,6 +84,11 @@ def canonical_volume(image: np.ndarray, spacing, settings: FingerprintSettings) 
     spacing = np.asarray([float(s) for s in spacing], float)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise FingerprintError(f"invalid spacing {spacing.tolist()}")
+    extent = np.asarray(a.shape) * spacing
+    if extent.min() < settings.min_extent_mm:
+        raise FingerprintError(f"too small for a fingerprint: {'x'.join(f'{e:g}' for e in extent)} mm, under "
+                               f"min_extent_mm {settings.min_extent_mm:g} along an axis (a few fingerprint steps "
+                               "would be all it holds)")
     sample = a[::4, ::4, ::4] if a.size > 64**3 else a
     if not np.isfinite(sample).all() or not np.isfinite(a).all():
         raise FingerprintError("non-finite voxel values")

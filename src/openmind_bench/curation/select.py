@@ -12,7 +12,8 @@ modality and image quality score (OpenMind's 1-5 scale, lower is better). Each s
   why (`dropped.tsv`), and what the selection holds (`summary.json`, `summary.png`; curation.report).
 
 Steps, in order, each recorded in `dropped.tsv` under its name: `dataset`, `modality`, `quality`
-(the filters), `test_subject` (downstream test subjects by OpenNeuro id), `leakage` (copies of
+(the filters), `test_subject` (downstream test subjects by OpenNeuro id), `fingerprint` (images
+without a fingerprint, recorded in rejected.tsv by the curation stage), `leakage` (copies of
 downstream test cases by content, results/curation/leakage.tsv), `duplicate` (`dedup: true`: one image
 per near-duplicate cluster of results/curation/duplicates.parquet, the best quality score, then the
 finest original voxels, then the first image id), `budget`.
@@ -42,7 +43,7 @@ INDEX_COLUMNS = ["image_id", "path", "derived_from", "age", "sex", "handedness",
                  "phase_encoding_direction", "dataset_doi", "dataset_version", "anat_mask", "anon_mask",
                  "quality_score", "voxel_x", "voxel_y", "voxel_z"]
 DROPPED_COLUMNS = ["image_id", "dataset", "subject", "session", "modality", "step", "reason"]
-STEPS = ("dataset", "modality", "quality", "test_subject", "leakage", "duplicate", "budget")
+STEPS = ("dataset", "modality", "quality", "test_subject", "fingerprint", "leakage", "duplicate", "budget")
 
 
 # The schema's defaults of a `selections` entry, read once.
@@ -77,8 +78,8 @@ class Selection:
                    dedup=bool(cfg.get("dedup", _DEFAULTS["dedup"])))
 
     def apply(self, images: pd.DataFrame, excluded_subjects: set[tuple[str, str]] = frozenset(),
-              leakage: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+              leakage: pd.DataFrame | None = None, duplicates: pd.DataFrame | None = None,
+              unfingerprinted: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(chosen images, dropped images with the step and reason), the steps in STEPS order."""
         dropped: list[pd.DataFrame] = []
 
@@ -107,6 +108,10 @@ class Selection:
         if excluded_subjects:
             chosen = drop(chosen, pd.Series(test_subject_mask(chosen, excluded_subjects), index=chosen.index),
                           "test_subject", "subject of a downstream test set (registry `openneuro`)")
+        if unfingerprinted is not None and len(unfingerprinted):
+            why = unfingerprinted.drop_duplicates("image").set_index("image").reason
+            chosen = drop(chosen, chosen.image_id.isin(why.index), "fingerprint",
+                          "not checked for leakage or duplicates: " + chosen.image_id.map(why).fillna(""))
         if leakage is not None and len(leakage):
             first = leakage.sort_values("distance").drop_duplicates("image_id").set_index("image_id")
             detail = ("copy of downstream test case " + first.downstream_dataset + "/" + first.case
@@ -180,6 +185,7 @@ def run_selection(
     excluded_subjects: Iterable[Sequence[str]] = (),
     leakage: str | Path | None = None,
     duplicates: str | Path | None = None,
+    fingerprint_rejections: Sequence[str | Path] = (),
     out_dropped: str | Path | None = None,
     out_summary: str | Path | None = None,
     out_plot: str | Path | None = None,
@@ -191,7 +197,9 @@ def run_selection(
     `excluded_subjects`: (OpenNeuro dataset, subject or "*") pairs never selected, the downstream test
     subjects (`registry.downstream_test_subjects` of the registry; the workflow passes them as a param,
     so a registry edit re-makes the selection). `leakage`: results/curation/leakage.tsv, whose images
-    are never selected; `duplicates`: results/curation/duplicates.parquet, needed by `dedup: true`.
+    are never selected; `duplicates`: results/curation/duplicates.parquet, needed by `dedup: true`;
+    `fingerprint_rejections`: the fingerprint jobs' rejection parts, whose images (no fingerprint, so
+    neither checked for leakage nor for duplicates) are never selected.
     """
     from openmind_bench.curation.content import read_leakage
 
@@ -201,7 +209,10 @@ def run_selection(
     images = load_images(index_tables, manifests, quality_tables)
     excluded = {(str(d), str(sub)) for d, sub in excluded_subjects}
     clusters = pd.read_parquet(duplicates) if duplicates is not None else None
-    chosen, dropped = selection.apply(images, excluded, read_leakage(leakage), clusters)
+    from openmind_bench.qc import read_parts
+
+    chosen, dropped = selection.apply(images, excluded, read_leakage(leakage), clusters,
+                                      read_parts(fingerprint_rejections))
     chosen = chosen.sort_values(["dataset", "subject", "session", "image_id"], kind="stable")
     if chosen.empty:
         steps = ", ".join(f"{k}: {v}" for k, v in dropped.step.value_counts().items()) or "nothing dropped"
