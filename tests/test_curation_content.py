@@ -375,3 +375,51 @@ def test_missing_values_are_a_group_of_their_own():
     assert list(balance_groups(images, {"column": "sex"})) == ["F", "missing", "missing", "missing", "M"]
     assert list(balance_groups(images, {"column": "age", "bins": [0, 18, 200]})) == [
         "[0, 18)", "missing", "[0, 18)", "[18, 200)", "missing"]
+
+
+# ------------------------------------------------------------------ the demo's planted duplicates and anatomy
+
+@pytest.mark.parametrize("kind", ["affine", "axis_order", "crop", "gzip_level"])
+def test_planted_copies_show_the_same_world_image(kind):
+    from openmind_bench.demo.builder import _transform
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1000, (12, 14, 16)).astype(np.int16)
+    affine = np.array([[2.0, 0.1, 0, -10], [0, 2.1, 0.2, 5], [0.1, 0, 1.9, 3], [0, 0, 0, 1]])
+    new, new_affine = _transform(kind, data, affine)
+    # every voxel of the copy lands where the original holds the same value (or, moved origin: shifted)
+    shift = np.array([23.5, -17.0, 11.0]) if kind == "affine" else np.zeros(3)
+    for index in [(0, 0, 0), (3, 5, 7), tuple(s - 1 for s in new.shape)]:
+        world = new_affine @ np.r_[index, 1.0]
+        old = np.linalg.solve(affine, np.r_[world[:3] - shift, 1.0])[:3]
+        assert np.allclose(old, np.round(old), atol=1e-6)
+        assert new[index] == data[tuple(int(round(v)) for v in old)]
+    assert (new.shape == data.shape) == (kind in ("affine", "gzip_level"))
+
+
+def test_planted_names_and_noise():
+    from openmind_bench.demo.builder import _copy_name, _transform
+
+    assert _copy_name("ds1/sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz", "noisy") == \
+        "ds1/sub-01/ses-01/anat/sub-01_ses-01_acq-noisy_T1w.nii.gz"
+    data = np.full((8, 8, 8), 500, np.int16)
+    noisy, _ = _transform("noise", data, np.eye(4), np.random.default_rng(0))
+    assert noisy.dtype == np.int16 and 0 < np.abs(noisy - data).mean() < 10  # 1% of the 99.5th percentile
+
+
+def test_each_subject_has_an_anatomy_of_its_own():
+    from openmind_bench.demo.phantom import Head, subject_head
+
+    shape = (40, 44, 40)
+    ball = (np.indices(shape) - np.array(shape)[:, None, None, None] / 2)
+    inside = (ball ** 2).sum(0) <= 15 ** 2
+    field = np.where(inside, np.linspace(0, 1, shape[0])[:, None, None], 0).astype(np.float32)
+    base = Head(affine=np.diag([2.0, 2.0, 2.0, 1.0]), t1_brain=field, gm=field, wm=field, brain=inside, csf=field,
+                skull=inside, scalp=inside, muscle=inside, eyes=inside, head=inside, face=inside)
+    a, truth_a = subject_head(base, np.random.default_rng(1))
+    again, _ = subject_head(base, np.random.default_rng(1))
+    b, truth_b = subject_head(base, np.random.default_rng(2))
+    assert np.array_equal(a.brain, again.brain) and np.array_equal(a.t1_brain, again.t1_brain)
+    assert truth_a != truth_b and not np.array_equal(a.brain, b.brain)
+    assert abs(int(a.brain.sum()) - int(inside.sum())) < 0.25 * inside.sum()  # scaled by at most 6% per axis
+    assert (a.t1_brain[~a.brain] == 0).all()

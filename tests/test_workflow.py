@@ -14,8 +14,9 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
+    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 9,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
+    "fingerprint_shard": 6, "downstream_fingerprints": 3, "curate_content": 1,
 }
 # A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
 # (spark3d has no Primus implementation), two schedules, two datasets of the full table.
@@ -80,6 +81,7 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
         "quality_shard": shards, "quality_gather": 1, "preprocess_shard": shards,
         "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": 2, "finetune": 2 * runs,
         "qc_rejected": 1, "benchmark_table_of_config": 1,
+        "fingerprint_shard": shards, "downstream_fingerprints": 2, "curate_content": 1,
     }
     out = proc.stdout + proc.stderr
     assert "results/pretrain/mae__PrimusM__t1.v2/checkpoint_final.pt" in out
@@ -212,7 +214,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["openneuro"] = {"dataset": "ds990001", "subjects": ["01"]}
     registry.write_text(yaml.safe_dump(edited))  # keys sorted: a new order alone re-runs nothing
     counts = jobs_after({})
-    assert counts.get("select_pretrain_data") == 1 and counts.get("pretrain") == 5, counts
+    assert counts.get("select_pretrain_data") == 2 and counts.get("pretrain") == 5, counts  # demo, demo-balanced
     assert "downstream_split" not in counts and "fetch_dataset" not in counts, counts
     edited["datasets"]["DemoLesionT1FLAIR"].pop("openneuro")
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
