@@ -26,14 +26,20 @@ rule fingerprint_shard:
         "../workflow_scripts/fingerprint_shard.py"
 
 
+# ancient(split): a split is made once and reused (its test cases never change under it), but the split
+# job runs again after a registry edit (a label renamed) and rewrites the file; that must not re-run the
+# leakage check, and through it every selection and pre-training run. The data's own digest (params) and,
+# for the demo, the demo sets' build (input) re-run it when the images themselves change.
 rule downstream_fingerprints:
     input:
-        split=downstream_split_of,
+        split=ancient(downstream_split_of),
+        data=downstream_data,
     output:
         table=f"{CURATION_ROOT}/downstream/{{target_dataset}}.parquet",
         rejected="results/qc/parts/curation/downstream/{target_dataset}.tsv",
     params:
         source=downstream_source_of,
+        data_fingerprint=downstream_data_fingerprint,
         preprocess=config["preprocess"],
         settings=CURATION["fingerprint"],
     resources:

@@ -148,7 +148,17 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     images = pd.read_parquet(work / "results/index/images.parquet")
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
-    assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    before_curation = rejected[rejected.stage != "curation"]
+    assert sorted(before_curation.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    # dipy's 10^3 example DWI: their maps are too small for a fingerprint (curation.fingerprint.min_extent_mm)
+    real_dwi = [k for k, v in demo_truth["images"].items() if v.get("origin", "").startswith("real DWI")]
+    too_small = rejected[rejected.stage == "curation"]
+    assert len(too_small) == 3 * len(real_dwi) and too_small.reason.str.contains("too small").all(), too_small
+    # the planted near-duplicates, exactly: one cluster each
+    clusters = pd.read_parquet(work / "results/curation/duplicates.parquet")
+    by_path = images.set_index("image_id").path.str.split("/raw/local/").str[1]
+    found = {frozenset(by_path[g.image_id]) for _, g in clusters.groupby("cluster")}
+    assert found == {frozenset((p["original"], p["copy"])) for p in demo_truth["planted_duplicates"]}
     # every indexed DWI scan became T2w/ADC/FA index rows, and those reached the pre-training store
     dwi_maps = pd.read_parquet(work / "results/index/dwi.parquet")
     dwi_scans = images[images.modality == "DWI"]

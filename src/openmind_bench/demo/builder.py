@@ -172,10 +172,11 @@ def _transform(kind: str, data: np.ndarray, affine: np.ndarray, rng: np.random.G
     elif kind == "crop":  # a few slices less at two borders
         data = np.ascontiguousarray(data[:, 3:, :-5])
         affine[:3, 3] += affine[:3, :3] @ np.array([0.0, 3.0, 0.0])
-    elif kind == "noise" and rng is not None:
+    elif kind == "noise" and rng is not None:  # on the acquired voxels: zeroed (defaced) ones stay zero
         sigma = 0.01 * float(np.percentile(data, 99.5))
-        data = np.round(data + rng.normal(0.0, sigma, data.shape)).clip(np.iinfo(np.int16).min,
-                                                                      np.iinfo(np.int16).max).astype(data.dtype)
+        noisy = np.round(data + rng.normal(0.0, sigma, data.shape)).clip(np.iinfo(np.int16).min,
+                                                                       np.iinfo(np.int16).max).astype(data.dtype)
+        data = np.where(data != 0, noisy, data)
     return data, affine
 
 
