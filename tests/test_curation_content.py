@@ -304,6 +304,17 @@ def test_images_without_fingerprint_are_left_out(selection_workspace):
     assert dropped.set_index("image_id").loc[IMAGES[4][0], "reason"].startswith("not checked for leakage")
 
 
+def test_leakage_reason_names_the_nearest_case():
+    from openmind_bench.curation.select import Selection
+
+    images = rows_of(["ds1_01_a", "ds1_02_b"]).assign(quality_score=1.0)
+    leak = pd.DataFrame({"image_id": ["ds1_01_a", "ds1_01_a"], "downstream_dataset": ["X", "Y"],
+                         "case": ["far", "near"], "distance": ["0.05", "1e-05"]})  # as read from the TSV: text
+    chosen, dropped = Selection("s").apply(images, leakage=leak)
+    assert list(chosen.image_id) == ["ds1_02_b"]
+    assert dropped.reason.iloc[0] == "copy of downstream test case Y/near (distance 0.000)"
+
+
 def test_filters_are_recorded_with_their_step(selection_workspace):
     chosen, dropped, summary, _ = select(selection_workspace, {"name": "t1", "modalities": ["T1w"],
                                                                "max_quality_score": 1.5})

@@ -113,7 +113,8 @@ class Selection:
             chosen = drop(chosen, chosen.image_id.isin(why.index), "fingerprint",
                           "not checked for leakage or duplicates: " + chosen.image_id.map(why).fillna(""))
         if leakage is not None and len(leakage):
-            first = leakage.sort_values("distance").drop_duplicates("image_id").set_index("image_id")
+            first = (leakage.assign(distance=pd.to_numeric(leakage.distance)).sort_values("distance", kind="stable")
+                     .drop_duplicates("image_id").set_index("image_id"))
             detail = ("copy of downstream test case " + first.downstream_dataset + "/" + first.case
                       + " (distance " + pd.to_numeric(first.distance).map("{:.3f}".format) + ")")
             chosen = drop(chosen, chosen.image_id.isin(first.index), "leakage", chosen.image_id.map(detail))
