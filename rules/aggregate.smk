@@ -16,6 +16,7 @@ rule benchmark_table:
     input:
         metrics=metrics_on_disk,
         registry=registry_if_present,
+        leakage=leakage_if_present,
     output:
         results=f"{omb_names.BENCHMARK_DIR}/results_long.csv",
         table_csv=report(
@@ -76,6 +77,8 @@ use rule benchmark_table as benchmark_table_of_config with:
     input:
         metrics=metrics_of_config,
         registry=registry_if_present,
+        # the footnote's count of pre-training images excluded as copies of downstream test cases
+        leakage=[LEAKAGE] if CURATION["leakage"] else [],
     log:
         "logs/aggregate/benchmark_table_of_config.log",
     benchmark:

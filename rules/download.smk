@@ -3,6 +3,11 @@
 
 
 rule demo_mirror:
+    input:
+        # the split of the downstream set a test case of which is planted in the mirror (demo.plant_leak);
+        # ancient: the split job re-runs after a registry edit without changing its test cases, and the
+        # mirror (with everything after it) must not be rebuilt for that
+        leak_split=ancient(demo_leak_split),
     output:
         truth=f"{config['source']['root']}/ground_truth/ground_truth.json",
     params:
@@ -10,6 +15,8 @@ rule demo_mirror:
         seed=config["demo"]["seed"],
         resolution=config["demo"]["resolution"],
         inject_faults=config["demo"]["inject_faults"],
+        plant_duplicates=config["demo"]["plant_duplicates"],
+        leak=demo_leak_settings,
     resources:
         mem_mb=config["resources"]["demo"]["mem_mb"],
         runtime=config["resources"]["demo"]["runtime"],

@@ -643,3 +643,22 @@ def test_every_figure_keeps_its_texts_inside_the_canvas(tmp_path, shape):
         }
     clipped = {name: outside for name, fig in figures.items() if (outside := _texts_outside_canvas(fig))}
     assert not clipped, clipped
+
+
+def test_leakage_footnote_counts_excluded_images_per_downstream_set(tmp_path):
+    from openmind_bench.aggregate import run
+    from openmind_bench.aggregate.table import leakage_note
+
+    leakage = tmp_path / "leakage.tsv"
+    leakage.write_text("image_id\tdataset\tsubject\tsession\tmodality\tdownstream_dataset\tcase\tchannel\tdistance\n"
+                       "ds1__a\tds1\t1\t\tT1w\td_1\tc1\t0\t0.01\nds1__b\tds1\t2\t\tT1w\td_1\tc1\t0\t0.02\n"
+                       "ds1__a\tds1\t1\t\tT1w\td_1\tc2\t0\t0.03\nds2__c\tds2\t1\t\tFLAIR\td_2\tc7\t1\t0.0\n")
+    out = tmp_path / "bench"
+    run(write(tmp_path, TIES), out, registry=None, bootstrap_samples=10, seed=0, leakage=leakage)
+    md = (out / "benchmark_table.md").read_text()
+    assert md.rstrip().endswith("images excluded per downstream set: d_1: 2, d_2: 1.")
+    assert "images excluded per downstream set: d\\_1: 2, d\\_2: 1." in (out / "benchmark_table.tex").read_text()
+    # checked, nothing found; not checked (no leakage.tsv): no footnote
+    assert leakage_note({}).endswith("none was found.")
+    run(write(tmp_path, TIES), out, registry=None, bootstrap_samples=10, seed=0, leakage=tmp_path / "absent.tsv")
+    assert "Leakage" not in (out / "benchmark_table.md").read_text()

@@ -141,7 +141,7 @@ def test_quality_table_overrides_the_index_scores(workspace):
 
 
 def test_empty_selection_is_an_error_naming_it(workspace):
-    with pytest.raises(ValueError, match="'none' matches none"):
+    with pytest.raises(ValueError, match="selection 'none' is empty: none of the 5 preprocessed images is left"):
         run(workspace, {"name": "none", "modalities": ["PET"]})
 
 

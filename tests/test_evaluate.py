@@ -52,13 +52,14 @@ def _config(**overrides) -> dict:
 def test_every_schedule_epoch_and_low_data_size_applies_to_an_external_checkpoint():
     config = _config(downstream={"low_data_n": [4]}, checkpoints=[])
     entries = {"mine": {"name": "mine", "source": "/x.pth"}}
-    runs = ft_settings.run_names(config, ["simclr__ResEncTiny__demo"], entries)
+    ours = ["simclr__ResEncTiny__demo", "mae__PrimusTiny__demo"]
+    runs = ft_settings.run_names(config, ours, entries)
     assert [r for r in runs if r.startswith("mine")] == [
         "mine__default__6", "mine__frozen__6", "mine__default__6__n4", "mine__frozen__6__n4"]
     # the scratch baselines of other architectures come after the checks, with the same sizes
     assert ft_settings.scratch_runs(config, ["PrimusM"]) == ["scratch__PrimusM__6", "scratch__PrimusM__6__n4"]
     with pytest.raises(ConfigError, match=r"checkpoints\[0\].name': 'simclr' is also a pre-training method"):
-        ft_settings.run_names(config, ["simclr__ResEncTiny__demo"], {"simclr": {"name": "simclr", "source": "/x"}})
+        ft_settings.run_names(config, ours, {"simclr": {"name": "simclr", "source": "/x"}})
 
 
 def test_an_external_run_needs_its_provenance_and_a_planless_one_reads_with_its_preset(tmp_path):

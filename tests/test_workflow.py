@@ -14,8 +14,9 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 1, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 24,
+    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 24,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
+    "fingerprint_shard": 6, "downstream_fingerprints": 3, "curate_content": 1,
     # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
     "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, "checkpoint_scores": 1,
 }
@@ -82,6 +83,7 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
         "quality_shard": shards, "quality_gather": 1, "preprocess_shard": shards,
         "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": 2, "finetune": 2 * runs,
         "qc_rejected": 1, "benchmark_table_of_config": 1,
+        "fingerprint_shard": shards, "downstream_fingerprints": 2, "curate_content": 1,
     }
     out = proc.stdout + proc.stderr
     assert "results/pretrain/mae__PrimusM__t1.v2/checkpoint_final.pt" in out
@@ -151,7 +153,17 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     images = pd.read_parquet(work / "results/index/images.parquet")
     assert len(images) == len(demo_truth["images"])
     rejected = pd.read_csv(work / "results/qc/rejected.tsv", sep="\t")
-    assert sorted(rejected.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    before_curation = rejected[rejected.stage != "curation"]
+    assert sorted(before_curation.image) == sorted(f["path"] for f in demo_truth["expected_rejections"])
+    # dipy's 10^3 example DWI: their maps are too small for a fingerprint (curation.fingerprint.min_extent_mm)
+    real_dwi = [k for k, v in demo_truth["images"].items() if v.get("origin", "").startswith("real DWI")]
+    too_small = rejected[rejected.stage == "curation"]
+    assert len(too_small) == 3 * len(real_dwi) and too_small.reason.str.contains("too small").all(), too_small
+    # the planted near-duplicates, exactly: one cluster each
+    clusters = pd.read_parquet(work / "results/curation/duplicates.parquet")
+    by_path = images.set_index("image_id").path.str.split("/raw/local/").str[1]
+    found = {frozenset(by_path[g.image_id]) for _, g in clusters.groupby("cluster")}
+    assert found == {frozenset((p["original"], p["copy"])) for p in demo_truth["planted_duplicates"]}
     # every indexed DWI scan became T2w/ADC/FA index rows, and those reached the pre-training store
     dwi_maps = pd.read_parquet(work / "results/index/dwi.parquet")
     dwi_scans = images[images.modality == "DWI"]
@@ -229,7 +241,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["openneuro"] = {"dataset": "ds990001", "subjects": ["01"]}
     registry.write_text(yaml.safe_dump(edited))  # keys sorted: a new order alone re-runs nothing
     counts = jobs_after({})
-    assert counts.get("select_pretrain_data") == 1 and counts.get("pretrain") == 5, counts
+    assert counts.get("select_pretrain_data") == 2 and counts.get("pretrain") == 5, counts  # demo, demo-balanced
     assert "downstream_split" not in counts and "fetch_dataset" not in counts, counts
     edited["datasets"]["DemoLesionT1FLAIR"].pop("openneuro")
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label

@@ -20,6 +20,7 @@ def main(smk) -> None:
             bootstrap_samples=int(smk.params.bootstrap_samples),
             seed=int(smk.params.seed),
             results_csv=smk.output.results,
+            leakage=smk.input.leakage[0] if len(smk.input.leakage) else None,
         )
 
 

@@ -16,4 +16,10 @@ with log_to(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         out_train=snakemake.output.train,
         out_val=snakemake.output.val,
         excluded_subjects=snakemake.params.excluded_subjects,  # noqa: F821
+        leakage=snakemake.input.get("leakage"),
+        duplicates=snakemake.input.get("duplicates"),
+        fingerprint_rejections=[snakemake.input.unchecked],
+        out_dropped=snakemake.output.dropped,
+        out_summary=snakemake.output.summary,
+        out_plot=snakemake.output.plot,
     )

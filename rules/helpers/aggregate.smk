@@ -31,3 +31,9 @@ def registry_if_present(wildcards):
     """The dataset registry when it exists (without one the ID/OOD means stay empty)."""
     path = config["downstream_registry"]
     return [path] if Path(path).is_file() else []
+
+
+def leakage_if_present(wildcards):
+    """results/curation/leakage.tsv when leakage is checked and the file exists (its counts go into the
+    tables' footnote)."""
+    return [LEAKAGE] if CURATION["leakage"] and Path(LEAKAGE).is_file() else []

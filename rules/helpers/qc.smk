@@ -8,5 +8,6 @@ def rejection_parts():
         *preprocess_rejection_parts(),
         *DWI_REJECTION_PARTS,
         *masks_rejection_parts(),
+        *curation_rejection_parts(),
     ]
     return [*(data if OPENMIND_DATA else []), *downstream_rejection_parts()]

@@ -71,16 +71,19 @@ def run(
     seed: int,
     external: dict[str, dict] | None = None,
     compute=None,
+    leakage: str | Path | None = None,
 ) -> Outputs:
     """Read RESULTS.csv and write every aggregation output into `out`; `external`: {method label:
     provenance} of the external checkpoints among the runs (`collect.Collected.external`); `compute`:
-    the runs' compute ledgers (`compute.ledger_table`; None: an empty compute.csv, no Cost column)."""
+    the runs' compute ledgers (`compute.ledger_table`; None: an empty compute.csv, no Cost column);
+    with `leakage` (results/curation/leakage.tsv) the tables get a footnote counting the excluded images."""
     from openmind_bench.aggregate import compute as run_cost
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
     from openmind_bench.aggregate.results import read_results
-    from openmind_bench.aggregate.table import build_table, dataset_columns, render_latex, render_markdown
+    from openmind_bench.aggregate.table import build_table, dataset_columns, leakage_note, render_latex, render_markdown
+    from openmind_bench.curation.content import leakage_counts
     from openmind_bench.registry import usable_datasets
 
     out = Path(out)
@@ -100,8 +103,10 @@ def run(
     if compute is None:
         compute = run_cost.empty_table()
     _write_csv(paths.compute, compute)
-    _write_utf8(paths.table_md, render_markdown(table, external, cost=run_cost.cost_labels(compute)))
-    _write_utf8(paths.table_tex, render_latex(table, external))
+    note = leakage_note(leakage_counts(leakage) if leakage is not None and Path(leakage).is_file() else None)
+    notes = [note] if note else []
+    _write_utf8(paths.table_md, render_markdown(table, external, cost=run_cost.cost_labels(compute), notes=notes))
+    _write_utf8(paths.table_tex, render_latex(table, external, notes=notes))
 
     dataset_order = dataset_columns(table)
     log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
@@ -122,7 +127,7 @@ def run(
 
 
 def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bootstrap_samples: int, seed: int,
-                    results_csv: str | Path | None = None) -> Outputs:
+                    results_csv: str | Path | None = None, leakage: str | Path | None = None) -> Outputs:
     """The whole stage from metrics.json files: gather them into `results_csv` (default
     OUT/results_long.csv) and their runs' compute ledgers, then `run`. What rule benchmark_table and
     `openmind-bench benchmark-table` call."""
@@ -134,4 +139,4 @@ def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bo
     metrics = list(metrics)
     collected = write_results(metrics, results_csv)
     return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed,
-               external=collected.external, compute=ledger_table(metrics, collected.run_labels))
+               external=collected.external, compute=ledger_table(metrics, collected.run_labels), leakage=leakage)

@@ -82,6 +82,8 @@ def register(subparsers) -> None:
     b.add_argument("--out", type=Path, default=Path("results/benchmark"), help="output directory")
     b.add_argument("--bootstrap", type=_positive, default=section["bootstrap_samples"])
     b.add_argument("--seed", type=_non_negative, default=section["seed"])
+    b.add_argument("--leakage", type=Path, default=Path("results/curation/leakage.tsv"),
+                   help="leakage pairs whose counts the tables' footnote gives (skipped when absent)")
     b.set_defaults(func=benchmark_table_command)
 
     s = subparsers.add_parser(
@@ -141,7 +143,7 @@ def benchmark_table_command(args: argparse.Namespace) -> int:
 
     try:
         benchmark_table(find_metrics_files(args.root), args.out, registry=args.registry,
-                        bootstrap_samples=args.bootstrap, seed=args.seed)
+                        bootstrap_samples=args.bootstrap, seed=args.seed, leakage=args.leakage)
     except (CollectError, ResultsFormatError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ so later stages are tested against what is known to be true. Deterministic under
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 import shutil
@@ -24,7 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from openmind_bench import atomic
-from openmind_bench.demo.phantom import Head, build_head, contrast_image, dwi_signal, lesion_map, tensor_fields
+from openmind_bench.demo.phantom import (Head, build_head, contrast_image, dwi_signal, lesion_map, subject_head,
+                                         tensor_fields)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ class DatasetSpec:
     subjects: list[Subject] = field(default_factory=list)
 
 
-def _specs() -> list[DatasetSpec]:
-    """The demo's datasets. Values are coded as their real counterparts on OpenNeuro are."""
+def _specs(leak: bool = False) -> list[DatasetSpec]:
+    """The demo's datasets. Values are coded as their real counterparts on OpenNeuro are. With
+    `leak`, ds990003 has a fifth subject that holds nothing but a planted downstream test case."""
     ds1 = DatasetSpec(
         id="ds990001",
         name="Demo: multi-contrast adult cohort with sessions (defaced)",
@@ -129,7 +132,80 @@ def _specs() -> list[DatasetSpec]:
         Subject("04", [], ["T1w", "T2w"], None, {"age_months": "420", "sex": "3", "diagnosis": "TBI"},
                 {"age": 35.0, "sex": "unknown", "handedness": "unknown", "health_status": "patient"}),
     ]
+    if leak:
+        ds3.subjects.append(Subject("05", [], [], None, {"age_months": "n/a", "sex": "3", "diagnosis": "HC"},
+                                    {"age": None, "sex": "unknown", "handedness": "unknown",
+                                     "health_status": "healthy"}))
     return [ds1, ds2, ds3]
+
+
+# Near-duplicates planted in the mirror (kind, original, BIDS `acq` label of the copy): the same scan
+# re-saved as OpenNeuro re-uploads and conversions make them. The curation stage must find each pair and
+# nothing else (README, Curation by content: precision and recall).
+PLANTED_DUPLICATES = [
+    ("affine", "ds990001/sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz", "resaved"),
+    ("axis_order", "ds990001/sub-02/ses-01/anat/sub-02_ses-01_FLAIR.nii.gz", "reordered"),
+    ("gzip_level", "ds990002/sub-02/anat/sub-02_T1w.nii.gz", "regzip"),
+    ("crop", "ds990003/sub-02/anat/sub-02_T1w.nii.gz", "cropped"),
+    ("noise", "ds990001/sub-03/ses-01/anat/sub-03_ses-01_T2w.nii.gz", "noisy"),
+]
+# Where the planted downstream test case goes (the fifth subject of ds990003).
+LEAK_SUBJECT = ("ds990003", "05")
+
+
+def _copy_name(rel: str, acq: str) -> str:
+    """`sub-01_ses-01_T1w.nii.gz` -> `sub-01_ses-01_acq-<acq>_T1w.nii.gz` (entities in BIDS order)."""
+    folder, name = rel.rsplit("/", 1)
+    head, suffix = name.rsplit("_", 1)
+    return f"{folder}/{head}_acq-{acq}_{suffix}"
+
+
+def _transform(kind: str, data: np.ndarray, affine: np.ndarray, rng: np.random.Generator | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The planted copy's voxels and affine (`rng` only for `noise`, which leaves masks alone)."""
+    affine = affine.copy()
+    if kind == "affine":  # the same voxels, the world origin moved (another converter's header)
+        affine[:3, 3] += np.array([23.5, -17.0, 11.0])
+    elif kind == "axis_order":  # the voxel axes stored in another order, the same world image
+        data = np.ascontiguousarray(np.transpose(data, (2, 0, 1)))
+        affine[:, :3] = affine[:, [2, 0, 1]]
+    elif kind == "crop":  # a few slices less at two borders
+        data = np.ascontiguousarray(data[:, 3:, :-5])
+        affine[:3, 3] += affine[:3, :3] @ np.array([0.0, 3.0, 0.0])
+    elif kind == "noise" and rng is not None:  # on the acquired voxels: zeroed (defaced) ones stay zero
+        sigma = 0.01 * float(np.percentile(data, 99.5))
+        noisy = np.round(data + rng.normal(0.0, sigma, data.shape)).clip(np.iinfo(np.int16).min,
+                                                                       np.iinfo(np.int16).max).astype(data.dtype)
+        data = np.where(data != 0, noisy, data)
+    return data, affine
+
+
+def _save_copy(data: np.ndarray, affine: np.ndarray, path: Path, level: int) -> None:
+    """A NIfTI written as another tool would: this gzip level, the header's scaling left at 1."""
+    import gzip
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        Path(tmp).write_bytes(gzip.compress(img.to_bytes(), compresslevel=level, mtime=0))
+
+
+def leak_source(split_path: str | Path, source: str | Path, dataset: str, modality: str) -> dict:
+    """The downstream test case the demo plants in the pre-training pool: the first test case of the
+    split (sorted), its first channel (`{case}_0000.*`)."""
+    import json
+    import re
+
+    doc = json.loads(Path(split_path).read_text())
+    case = sorted(doc["test"])[0]
+    files = sorted(f for f in doc["case_files"][case] if re.match(rf"^{re.escape(case)}_0000\.", Path(f).name))
+    if not files:
+        raise ValueError(f"split {split_path}: test case {case} has no channel-0 image")
+    return {"dataset": dataset, "case": case, "channel": 0, "modality": modality,
+            "image": str(Path(source) / files[0])}
 
 
 def dataset_ids() -> list[str]:
@@ -215,12 +291,14 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.int16,
 
 
 class DemoBuilder:
-    def __init__(self, root: str | Path, seed: int = 0, resolution: int = 2, inject_faults: bool = True):
+    def __init__(self, root: str | Path, seed: int = 0, resolution: int = 2, inject_faults: bool = True,
+                 plant_duplicates: bool = True, leak: dict | None = None):
         self.root = Path(root)
         self.seed = seed
         self.inject_faults = inject_faults
+        self.plant_duplicates = plant_duplicates
+        self.leak = leak
         self.head = build_head(resolution)
-        self._tensor_fields: dict | None = None
         self.truth: dict = {"seed": seed, "snapshot": SNAPSHOT, "images": {}, "participants": {},
                             "expected_rejections": [], "datasets": {}}
 
@@ -231,8 +309,12 @@ class DemoBuilder:
 
     def build(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
-        for spec in _specs():
+        for spec in _specs(leak=self.leak is not None):
             self.write_dataset(spec)
+        if self.plant_duplicates:
+            self.plant()
+        if self.leak is not None:
+            self.plant_leak(self.leak)
         if self.inject_faults:
             self.inject()
         atomic.write_json(self.root / "ground_truth" / "ground_truth.json", self.truth)
@@ -266,18 +348,27 @@ class DemoBuilder:
             self.write_subject(spec, s)
 
     def write_subject(self, spec: DatasetSpec, s: Subject) -> None:
+        if not s.anat and not s.dwi:
+            return
         sessions = s.sessions or [""]
+        # the subject's own anatomy: the template under a per-subject scaling and smooth deformation
+        anatomy_rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), self.key("anatomy")])
+        head, anatomy = subject_head(self.head, anatomy_rng)
+        self.truth["participants"][f"{spec.id}/sub-{s.id}"]["anatomy"] = anatomy
+        fields = None
         for ses in sessions:
             rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), int(ses or 0)])
             rotation = random_rotation(rng, 10.0)
             shift = rng.uniform(-6, 6, 3)
-            lesions = lesion_map(self.head, rng, n=4 if s.truth["health_status"] == "patient" else 0)
+            lesions = lesion_map(head, rng, n=4 if s.truth["health_status"] == "patient" else 0)
             flips = [(), (0,), (0, 1)][rng.integers(0, 3)]
             modalities = s.anat if ses in ("", "01") else ["T1w"]
             for modality in modalities:
-                self.write_anat(spec, s, ses, modality, rotation, shift, lesions, flips, rng)
+                self.write_anat(spec, s, ses, modality, rotation, shift, lesions, flips, rng, head)
             if s.dwi and ses in ("", "01"):
-                self.write_dwi(spec, s, ses, rotation, shift, lesions, rng)
+                if s.dwi == "synthetic" and fields is None:
+                    fields = tensor_fields(head)
+                self.write_dwi(spec, s, ses, rotation, shift, lesions, rng, head, fields)
         if s.sessions and spec.id == "ds990001" and len(s.sessions) > 1:
             # a later session's age overrides the participants.tsv age (baseline)
             base = float(s.participant["age"])
@@ -307,8 +398,7 @@ class DemoBuilder:
             side.pop("PhaseEncodingDirection", None)
         return side
 
-    def write_anat(self, spec, s, ses, modality, rotation, shift, lesions, flips, rng) -> None:
-        head = self.head
+    def write_anat(self, spec, s, ses, modality, rotation, shift, lesions, flips, rng, head: Head) -> None:
         img_rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), int(ses or 0), self.key(modality)])
         # resolution per contrast as acquired: 3D T1w near-isotropic, 2D T2w/FLAIR thick slices
         if modality == "T1w":
@@ -358,7 +448,7 @@ class DemoBuilder:
             "anon_fraction": round(float(anon.mean()), 5), "masks": masks,
         }
 
-    def write_dwi(self, spec, s, ses, rotation, shift, lesions, rng) -> None:
+    def write_dwi(self, spec, s, ses, rotation, shift, lesions, rng, head: Head, tensors: dict | None) -> None:
         folder, name = self._stem(s, ses, "dwi")
         out = self.root / spec.id / folder / "dwi"
         out.mkdir(parents=True, exist_ok=True)
@@ -369,13 +459,11 @@ class DemoBuilder:
             bvals, bvecs = np.loadtxt(fbval), np.loadtxt(fbvec)
             pick = np.r_[0:17]  # b0 + 16 directions keep the demo fast; a real table all the same
             bvals, bvecs = bvals[pick], bvecs[:, pick]
-            affine, shape = subject_grid(self.head, rotation, shift, [3.0, 3.0, 3.0])
+            affine, shape = subject_grid(head, rotation, shift, [3.0, 3.0, 3.0])
             dwi_rng = np.random.default_rng([self.seed, self.key(spec.id), int(s.id), 7])
             # tensor model evaluated on the (coarse) DWI grid, not the template's
-            if self._tensor_fields is None:
-                self._tensor_fields = tensor_fields(self.head)
-            fields = {k: resample(v, self.head.affine, affine, shape, 1) for k, v in self._tensor_fields.items()}
-            s0 = resample(contrast_image(self.head, "T2w", lesions, dwi_rng), self.head.affine, affine, shape, 1)
+            fields = {k: resample(v, head.affine, affine, shape, 1) for k, v in tensors.items()}
+            s0 = resample(contrast_image(head, "T2w", lesions, dwi_rng), head.affine, affine, shape, 1)
             data = dwi_signal(s0, fields, bvals, bvecs)
             data = rician(data, 0.02 * float(data[..., 0].max()), dwi_rng)
             save_nifti(data, affine, out / f"{name}.nii.gz", scale=1000.0 / max(float(data.max()), 1e-6))
@@ -408,6 +496,45 @@ class DemoBuilder:
             "derived_maps": ["T2w", "ADC", "FA"],
         }
 
+    def plant(self) -> None:
+        """The near-duplicates of PLANTED_DUPLICATES, with their masks and sidecars, in the ground truth."""
+        planted = []
+        for kind, rel, acq in PLANTED_DUPLICATES:
+            copy = _copy_name(rel, acq)
+            src = nib.load(str(self.root / rel))
+            data = np.asarray(src.dataobj)
+            rng = np.random.default_rng([self.seed, self.key(copy)])
+            new, affine = _transform(kind, data, src.affine, rng)
+            _save_copy(new, affine, self.root / copy, level=9 if kind == "gzip_level" else 1)
+            sidecar = self.root / rel.replace(".nii.gz", ".json")
+            if sidecar.is_file():
+                atomic.copy_file(sidecar, self.root / copy.replace(".nii.gz", ".json"))
+            truth = json.loads(json.dumps(self.truth["images"][rel]))
+            masks = {}
+            for mask_kind, mask_rel in truth["masks"].items():
+                mask = nib.load(str(self.root / mask_rel))
+                m, maff = _transform(kind, np.asarray(mask.dataobj), mask.affine)
+                masks[mask_kind] = _copy_name(mask_rel.replace(f"_mask-{mask_kind}", ""), acq).replace(
+                    ".nii.gz", f"_mask-{mask_kind}.nii.gz")
+                save_nifti(m, maff, self.root / masks[mask_kind], dtype=np.uint8)
+            spacing = truth["spacing"]
+            truth.update(shape=list(new.shape), masks=masks,
+                         spacing=[spacing[2], spacing[0], spacing[1]] if kind == "axis_order" else spacing,
+                         planted={"kind": kind, "duplicate_of": rel})
+            self.truth["images"][copy] = truth
+            planted.append({"kind": kind, "original": rel, "copy": copy})
+        self.truth["planted_duplicates"] = planted
+
+    def plant_leak(self, leak: dict) -> None:
+        """A downstream test case re-saved (origin moved, gzip level 1) as a pre-training image of
+        LEAK_SUBJECT: the curation stage must find it and keep it out of every selection."""
+        dataset, subject = LEAK_SUBJECT
+        src = nib.load(str(leak["image"]))
+        data, affine = _transform("affine", np.asarray(src.dataobj), src.affine)
+        rel = f"{dataset}/sub-{subject}/anat/sub-{subject}_{leak['modality']}.nii.gz"
+        _save_copy(data, affine, self.root / rel, level=1)
+        self.truth["planted_leak"] = {**leak, "image": str(leak["image"]), "copy": rel}
+
     def inject(self) -> None:
         """Broken files, as OpenNeuro sometimes has them, each with the rejection it must cause."""
         faults = []
@@ -435,10 +562,14 @@ class DemoBuilder:
             atomic.write_text(self.root / ds / ".bidsignore", "*_final.nii.gz\n")
 
 
-def build_demo(root: str | Path, seed: int = 0, resolution: int = 2, inject_faults: bool = True) -> dict:
-    """Write the demo mirror under `root` (datasets + ground_truth/); returns the ground truth."""
+def build_demo(root: str | Path, seed: int = 0, resolution: int = 2, inject_faults: bool = True,
+               plant_duplicates: bool = True, leak: dict | None = None) -> dict:
+    """Write the demo mirror under `root` (datasets + ground_truth/); returns the ground truth.
+
+    `leak` (see `leak_source`): a downstream test case to plant in the pre-training pool."""
     log.info("building demo mirror in %s (seed %d)", root, seed)
-    truth = DemoBuilder(root, seed=seed, resolution=resolution, inject_faults=inject_faults).build()
+    truth = DemoBuilder(root, seed=seed, resolution=resolution, inject_faults=inject_faults,
+                        plant_duplicates=plant_duplicates, leak=leak).build()
     log.info("demo mirror: %d datasets, %d images", len(truth["datasets"]), len(truth["images"]))
     return truth
 

@@ -107,6 +107,48 @@ def build_head(resolution: int = 2) -> Head:
     )
 
 
+_MASKS = ("brain", "skull", "scalp", "muscle", "eyes", "head", "face")
+
+
+def subject_head(base: Head, rng: np.random.Generator, max_scale: float = 0.06, displacement_mm: float = 3.0,
+                 waves: int = 4, wavelength_mm: tuple[float, float] = (60.0, 120.0)) -> tuple[Head, dict]:
+    """The template head with an anatomy of its own: scaled by 1 +- max_scale per axis about the
+    brain's centre and warped by a smooth random displacement (per axis a sum of `waves` plane waves
+    of random direction, phase and wavelength in `wavelength_mm`, at most `displacement_mm` long).
+    Returns the head and what was drawn (for the ground truth)."""
+    vox = float(np.sqrt((base.affine[:3, :3] ** 2).sum(0)).mean())
+    scale = 1.0 + rng.uniform(-max_scale, max_scale, 3)
+    centre = np.array(ndimage.center_of_mass(base.brain), np.float32)
+    axes = [np.arange(n, dtype=np.float32) for n in base.shape]
+    coords = []
+    for a in range(3):
+        disp = np.zeros(base.shape, np.float32)
+        for _ in range(waves):
+            direction = rng.standard_normal(3)
+            k = (direction / np.linalg.norm(direction) * 2 * np.pi * vox / rng.uniform(*wavelength_mm)).astype(np.float32)
+            phase = np.float32(rng.uniform(0, 2 * np.pi))
+            arg = (k[0] * axes[0] + phase)[:, None, None] + (k[1] * axes[1])[None, :, None] + (k[2] * axes[2])[None, None, :]
+            disp += np.sin(arg, out=arg)
+        disp *= (displacement_mm / vox) / max(float(np.abs(disp).max()), 1e-6)
+        shape = [1, 1, 1]
+        shape[a] = -1
+        coords.append(centre[a] + (axes[a].reshape(shape) - centre[a]) / scale[a] + disp)
+    coords = np.stack(coords).astype(np.float32)
+
+    def warp(v, order):
+        return ndimage.map_coordinates(v, coords, order=order, mode="constant", cval=0)
+
+    packed = np.zeros(base.shape, np.uint8)  # the boolean maps, one bit each: a single nearest-neighbour warp
+    for bit, name in enumerate(_MASKS):
+        packed |= getattr(base, name).astype(np.uint8) << bit
+    packed = warp(packed, 0)
+    masks = {name: ((packed >> bit) & 1).astype(bool) for bit, name in enumerate(_MASKS)}
+    head = Head(affine=base.affine, t1_brain=warp(base.t1_brain, 1) * masks["brain"],
+                gm=np.clip(warp(base.gm, 1), 0, 1) * masks["brain"], wm=np.clip(warp(base.wm, 1), 0, 1) * masks["brain"],
+                csf=np.clip(warp(base.csf, 1), 0, 1), **masks)
+    return head, {"scale": [round(float(v), 4) for v in scale], "displacement_mm": displacement_mm}
+
+
 def lesion_map(head: Head, rng: np.random.Generator, n: int) -> np.ndarray:
     """Small smooth white-matter hyperintensities (as in a patient cohort)."""
     out = np.zeros(head.shape, np.float32)
