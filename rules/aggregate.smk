@@ -78,7 +78,7 @@ use rule benchmark_table as benchmark_table_of_config with:
         metrics=metrics_of_config,
         registry=registry_if_present,
         # the footnote's count of pre-training images excluded as copies of downstream test cases
-        leakage=[LEAKAGE] if CURATION["leakage"] else [],
+        leakage=leakage_of_config,
     log:
         "logs/aggregate/benchmark_table_of_config.log",
     benchmark:

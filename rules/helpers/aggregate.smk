@@ -33,6 +33,12 @@ def registry_if_present(wildcards):
     return [path] if Path(path).is_file() else []
 
 
+def leakage_of_config(wildcards):
+    """results/curation/leakage.tsv when this run checks leakage (its counts go into the tables'
+    footnote); nothing when the OpenMind data stages are off (config/evaluate.yaml: nothing is selected)."""
+    return [LEAKAGE] if CURATION["leakage"] and OPENMIND_DATA else []
+
+
 def leakage_if_present(wildcards):
     """results/curation/leakage.tsv when leakage is checked and the file exists (its counts go into the
     tables' footnote)."""
