@@ -1,4 +1,4 @@
-"""The recoveries README documents, with real Snakemake processes on a tiny workflow state: after a
+"""The recoveries docs/running.md documents, with real Snakemake processes on a tiny workflow state: after a
 kill -9, `--unlock` then the same command; while another run holds the folder's lock, the tables come
 from `openmind-bench benchmark-table` (Snakemake's own `benchmark_table` is refused). Also the swap
 of a whole output folder that lets two writers of results/benchmark/ meet safely."""

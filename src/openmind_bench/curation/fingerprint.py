@@ -16,7 +16,7 @@ two volumes low-pass filtered, differentiated once (the |f| weight: how a gradie
 frequencies) and normalised, i.e. sqrt(2 - 2 r) with r their correlation; 0 for identical content,
 about 1.4 for unrelated content. The weight matters: unweighted, the head's outline (the lowest
 frequencies) dominates and two contrasts of one subject come within 4x of the planted duplicates'
-largest distance on the demo; weighted, within 4.6x (README, Curation by content). Invariant to intensity
+largest distance on the demo; weighted, within 4.6x (docs/stages.md, Curation by content). Invariant to intensity
 scale and offset (z-scoring over another crop, another scanner gain), axis order and flips on disk
 (preprocessing reorients to RAS), translation; robust to noise (block means) and small crops (the
 centre of mass moves by a fraction of the removed part). Not invariant to rotation: another session

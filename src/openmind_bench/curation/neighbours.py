@@ -2,7 +2,7 @@
 
 Both are exact (no approximate index): a duplicate missed by an approximate search would be a
 silent false negative, and at 114k x 511 an exact range search takes faiss about a minute on two
-cores (README, Curation by content; benchmarks/curation_neighbours.py --search).
+cores (docs/stages.md, Curation by content; benchmarks/curation_neighbours.py --search).
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def _specs(leak: bool = False) -> list[DatasetSpec]:
 
 # Near-duplicates planted in the mirror (kind, original, BIDS `acq` label of the copy): the same scan
 # re-saved as OpenNeuro re-uploads and conversions make them. The curation stage must find each pair and
-# nothing else (README, Curation by content: precision and recall).
+# nothing else (docs/stages.md, Curation by content: precision and recall).
 PLANTED_DUPLICATES = [
     ("affine", "ds990001/sub-01/ses-01/anat/sub-01_ses-01_T1w.nii.gz", "resaved"),
     ("axis_order", "ds990001/sub-02/ses-01/anat/sub-02_ses-01_FLAIR.nii.gz", "reordered"),
