@@ -15,12 +15,7 @@ from openmind_bench.aggregate.cli import register
 from openmind_bench.aggregate.collect import CollectError, find_metrics_files
 from openmind_bench.aggregate.scorecard import ScorecardError, scorecard_paths, write_scorecard
 
-SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-PROVENANCE = {"name": "mine", "source": "hf://AnonRes/ResEncL-OpenMind-MAE", "kind": "hf", "revision": "v1",
-              "commit": "0123456789abcdef0123456789abcdef01234567", "sha256": SHA, "format": "published repository",
-              "architecture": {"class": "ResidualEncoderUNet", "family": "cnn", "preset": "ResEncL"},
-              "check": {"moved": 310, "left_new": 48, "unexpected": 0, "finetune_patch_size": [160, 160, 160],
-                        "position_embedding": None}}
+from test_aggregate import PROVENANCE, SHA  # one hand-made external checkpoint for both files
 
 
 def _run(root, dataset, run, fold, cases=None, summary=None, **identity):

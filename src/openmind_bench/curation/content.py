@@ -74,6 +74,11 @@ def duplicate_clusters(rows: pd.DataFrame, vectors: np.ndarray, threshold: float
 def run_duplicates(fingerprint_tables: Sequence[str | Path], out_path: str | Path, threshold: float,
                    backend: str = "faiss", threads: int | None = None) -> pd.DataFrame:
     rows, vectors = read_tables(fingerprint_tables)
+    return _write_clusters(rows, vectors, out_path, threshold, backend, threads)
+
+
+def _write_clusters(rows: pd.DataFrame, vectors: np.ndarray, out_path: str | Path, threshold: float,
+                    backend: str, threads: int | None) -> pd.DataFrame:
     clusters = duplicate_clusters(rows, vectors, threshold, backend, threads) if len(rows) else \
         pd.DataFrame(columns=DUPLICATE_COLUMNS)
     atomic.write_parquet(out_path, clusters)
@@ -130,11 +135,7 @@ def run_content(fingerprint_tables: Sequence[str | Path], rejection_parts: Seque
     from openmind_bench.qc import read_parts
 
     rows, vectors = read_tables(fingerprint_tables)
-    clusters = duplicate_clusters(rows, vectors, duplicate_distance, backend, threads) if len(rows) else \
-        pd.DataFrame(columns=DUPLICATE_COLUMNS)
-    atomic.write_parquet(out_duplicates, clusters)
-    log.info("%d image(s): %d in %d near-duplicate cluster(s) (distance <= %g)", len(rows), len(clusters),
-             clusters.cluster.nunique(), duplicate_distance)
+    _write_clusters(rows, vectors, out_duplicates, duplicate_distance, backend, threads)
     cases, case_vectors = read_tables(downstream_tables)
     found = leakage_pairs(rows, vectors, cases, case_vectors, leakage_distance, backend, threads)
     atomic.write_tsv(out_leakage, neutralise_frame(found))
