@@ -1,6 +1,9 @@
 """nnU-Net plans "like nnssl": the pre-training spacing, z-score per channel, the pre-trained
 architecture (from the checkpoint's adaptation plan, or a preset for scratch baselines), patch and
-batch size from config (the papers: 160^3, batch 2), no axis transposition, no deep supervision.
+batch size from config (the papers: 160^3, batch 2), no deep supervision; like the fine-tuning
+branch's `like_nnssl.py`, the planner's `use_mask_for_norm` (on for brain-extracted sets, where
+cropping to the non-zero region shrinks the image) and axis transposition (the identity at an
+isotropic target spacing) are kept.
 
 nnU-Net's own planner runs first (fingerprint + `ExperimentPlanner` with the target spacing forced):
 it fills every field nnU-Net's preprocessing, training and inference read; `like_nnssl` then
@@ -78,6 +81,15 @@ def architecture(pretrained_plan: dict | None, name: str | None, presets: dict |
             "_kw_requires_import": list(dna["arch_kwargs_requiring_import"])}, "cnn"
 
 
+def _planned_mask_for_norm(conf: dict, channels: int) -> list[bool]:
+    """The planner's per-channel `use_mask_for_norm` (z-score inside the non-zero region where it chose
+    so), as the branch keeps it; off where the planner gave none for these channels."""
+    planned = conf.get("use_mask_for_norm")
+    if isinstance(planned, list) and len(planned) == channels:
+        return [bool(v) for v in planned]
+    return [False] * channels
+
+
 def like_nnssl(default_plans: dict, *, spacing: Sequence[float], patch_size: Sequence[int], batch_size: int,
                architecture_entry: dict, channels: int, run: dict | None = None) -> dict:
     """nnU-Net plans with one `3d_fullres` configuration as the papers fine-tuned (module doc).
@@ -95,18 +107,12 @@ def like_nnssl(default_plans: dict, *, spacing: Sequence[float], patch_size: Seq
         "patch_size": [int(p) for p in patch_size],
         "batch_size": int(batch_size),
         "normalization_schemes": ["ZScoreNormalization"] * int(channels),
-        "use_mask_for_norm": [False] * int(channels),
+        "use_mask_for_norm": _planned_mask_for_norm(conf, int(channels)),
         "architecture": copy.deepcopy(architecture_entry),
         "batch_dice": True,
     })
     plans["configurations"] = {CONFIGURATION: conf}
     plans["plans_name"] = PLANS_NAME
-    plans["transpose_forward"] = [0, 1, 2]
-    plans["transpose_backward"] = [0, 1, 2]
-    back = default_plans.get("transpose_backward", [0, 1, 2])  # undo the planner's transposition
-    for key in ("original_median_spacing_after_transp", "original_median_shape_after_transp"):
-        if key in default_plans:
-            plans[key] = [default_plans[key][back[i]] for i in range(3)]
     if run is not None:
         plans["openmind_bench"] = copy.deepcopy(run)
     return plans
