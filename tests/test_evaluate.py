@@ -208,3 +208,10 @@ def test_check_checkpoint_cli_fetches_a_hub_source_first(tiny_run, tmp_path):
     assert cli.main(["check-checkpoint", f"hf://org/tiny-mae@{'0' * 40}", "--cache-dir", str(cache), "--offline",
                      "--out", str(tmp_path / "absent.json")]) == 1  # a revision the cache lacks
     assert not (tmp_path / "absent.json").exists() and commit
+
+
+def test_a_classification_warm_start_longer_than_its_run_is_a_config_error():
+    config = _config(downstream={"classification": {"epochs": 10, "warmup_epochs": 12}})
+    with pytest.raises(ConfigError, match=r"'downstream.classification.warmup_epochs' \(12\) at 10"):
+        ft_settings.check_schedules(config, [])
+    ft_settings.check_schedules(_config(), ["simclr__ResEncTiny__demo"])  # the demo's own: 50 passes, 5 warm-up

@@ -245,6 +245,14 @@ def check_schedules(config: dict, pretrain_runs: list[str], checkpoints: dict[st
     custom = downstream["custom_schedules"] or {}
     table = {k: downstream[k] for k in _SCHEDULE_KEYS}
     presets = config["pretrain"]["architecture_presets"]
+    cls = downstream["classification"]
+    lengths = [int(cls["epochs"])] if cls["epochs"] is not None else [int(e) for e in downstream["epochs"]]
+    for epochs in lengths:  # the classification protocol's warm-start must fit its length
+        try:
+            schedules.build_schedule("cosine", epochs, float(cls["peak_lr"]), 1, whole_warmup=int(cls["warmup_epochs"]))
+        except ValueError as e:
+            raise ConfigError(f"config key 'downstream.classification.warmup_epochs' ({cls['warmup_epochs']}) at "
+                              f"{epochs} classification epochs: {e}") from None
     architectures = [run.split(names.SEP)[1] for run in pretrain_runs]
     architectures += [e["architecture"] for e in (checkpoints or {}).values() if e.get("architecture")]
     families = sorted({schedules.family_of(arch, presets) for arch in architectures})
