@@ -18,29 +18,30 @@ def finetune_targets():
     return FINETUNE_TARGETS
 
 
-def scratch_targets_of(checkpoint_names):
-    """metrics.json of the scratch baselines of these checkpoints' architectures that the config does
-    not already run (once per architecture); each checkpoint's check must have run (checked_report)."""
-    reports = [checked_report(name) for name in checkpoint_names]
-    architectures = omb_checkpoints.scratch_architectures(reports)
-    extra = [a for a in architectures if a not in FINETUNE["scratch_architectures"]]
-    return omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS,
-                                runs=omb_finetune.scratch_runs(config, extra))
+def run_targets(runs):
+    """metrics.json of `runs` on every dataset and fold the config evaluates."""
+    return omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS, runs=runs)
+
+
+def scratch_baselines_of(checkpoint_names):
+    """The scratch-baseline architectures of these checkpoints, each once; each checkpoint's check must
+    have run (checked_report)."""
+    return omb_checkpoints.scratch_architectures([checked_report(name) for name in checkpoint_names])
 
 
 def external_scratch_targets(wildcards):
-    return scratch_targets_of(list(CHECKPOINTS))
+    """metrics.json of the scratch baselines of the external checkpoints' architectures that the config
+    does not already run (once per architecture)."""
+    extra = [a for a in scratch_baselines_of(CHECKPOINTS) if a not in FINETUNE["scratch_architectures"]]
+    return run_targets(omb_finetune.scratch_runs(config, extra))
 
 
 def checkpoint_scorecard_metrics(wildcards):
     """A checkpoint's own metrics.json and those of the scratch baseline of its architecture."""
     name = wildcards.checkpoint
-    own = [t for t in FINETUNE_TARGETS if omb_names.parse_run(t.split("/")[-3]).checkpoint == name]
-    check = checked_report(name)
-    architecture = omb_checkpoints.scratch_architectures([check])
-    scratch = omb_finetune.targets(config, PRETRAIN_RUNS, DOWNSTREAM_DATASET_FOLDS,
-                                   runs=omb_finetune.scratch_runs(config, architecture))
-    return own + scratch
+    own = [run for run in FINETUNE_RUNS if omb_names.parse_run(run).checkpoint == name]
+    baseline = omb_finetune.scratch_runs(config, scratch_baselines_of([name]))
+    return run_targets(own + baseline)
 
 
 def downstream_data(wildcards):
@@ -67,7 +68,8 @@ def external_checkpoint_of(name, dataset):
     """(checkpoint file, provenance) of an external run, read from its fetch and check records."""
     folder = Path(checked_report(name.checkpoint)).parent
     channels = omb_finetune.cached_registry(config).get(dataset).channels
-    return str(omb_checkpoints.fetched_path(folder)), omb_checkpoints.provenance(folder, channels)
+    provenance = omb_checkpoints.provenance(folder, channels)  # names the fetched checkpoint file too
+    return str(folder / provenance["checkpoint_file"]), provenance
 
 
 def finetune_settings(wildcards):

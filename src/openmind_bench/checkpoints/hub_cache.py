@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
+from openmind_bench import atomic
 from openmind_bench.digests import file_digest
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def snapshot_commit(digests: dict[str, str]) -> str:
 def place_in_cache(folder: str | Path, cache_dir: str | Path, repo_id: str, branch: str = "main") -> str:
     """Put every file below `folder` into `cache_dir` as one commit of model repo `repo_id`, pointed
     to by `branch`; returns the commit. Blobs and links are written beside their final names and
-    renamed in; `refs/{branch}` last, so a reader sees the old commit or the whole new one."""
+    renamed in (`atomic`); `refs/{branch}` last, so a reader sees the old commit or the whole new one."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not files:
@@ -45,20 +45,13 @@ def place_in_cache(folder: str | Path, cache_dir: str | Path, repo_id: str, bran
     for path, digest in digests.items():
         blob = repo / "blobs" / digest  # content-addressed: an existing blob holds these bytes already
         if not blob.exists():
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            partial = blob.with_name(f".{digest}.{os.getpid()}.incomplete")
-            shutil.copyfile(folder / path, partial)
-            partial.replace(blob)
+            atomic.copy_file(folder / path, blob)
         link = repo / "snapshots" / commit / path
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(os.path.relpath(blob, link.parent))
-    ref = repo / "refs" / branch
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    partial = ref.with_name(f".{branch}.{os.getpid()}.incomplete")
-    partial.write_text(commit)
-    partial.replace(ref)
+    atomic.write_text(repo / "refs" / branch, commit)  # the hash without a newline, as the hub writes it
     log.info("placed %d files of %s into the hub cache %s as %s@%s (%s)", len(files), folder, cache_dir,
              repo_id, branch, commit)
     return commit

@@ -147,7 +147,10 @@ def cached_registry(config: dict):
 def checkpoint_architecture(settings: FinetuneSettings) -> str | None:
     """The architecture preset that reads the run's checkpoint when it has no adaptation plan: the
     external entry's `architecture` (the check's preset); None otherwise (the plan says)."""
-    external = settings.external_checkpoint
+    return _planless_preset(settings.external_checkpoint)
+
+
+def _planless_preset(external: dict | None) -> str | None:
     if not external or external["adaptation_plan"]:
         return None
     return external["architecture"]["preset"]
@@ -165,9 +168,7 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
     if name.external and external_checkpoint is None:
         raise ValueError(f"run {run} fine-tunes external checkpoint {name.checkpoint}: its provenance is needed")
     # the architecture whose config preset the run may build: its own, or a plan-less checkpoint's
-    architecture = name.architecture
-    if external_checkpoint and not external_checkpoint["adaptation_plan"]:
-        architecture = external_checkpoint["architecture"]["preset"]
+    architecture = name.architecture or _planless_preset(external_checkpoint)
     if name.epochs not in [int(e) for e in downstream["epochs"]]:
         log.warning("run %s: %d epochs is not among downstream.epochs %s", run, name.epochs, downstream["epochs"])
     out_dir = out_dir or names.finetune_metrics(dataset, run, fold).rsplit("/", 1)[0]
