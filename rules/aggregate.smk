@@ -44,6 +44,12 @@ rule benchmark_table:
             category="Benchmark",
             subcategory="Rank stability",
         ),
+        deltas=report(
+            BENCHMARK_OUTPUTS["deltas"],
+            caption="../report/delta_scratch_intervals.rst",
+            category="Benchmark",
+            subcategory="Rank stability",
+        ),
         compute=report(
             BENCHMARK_OUTPUTS["compute"],
             caption="../report/compute.rst",

@@ -11,6 +11,7 @@ rule demo_downstream:
         root=subpath(output.truth, ancestor=2),
         seed=config["demo"]["seed"],
         resolution=config["demo"]["resolution"],
+        cohort_repeats=config["demo"]["downstream_cohort_repeats"],
     resources:
         mem_mb=config["resources"]["demo"]["mem_mb"],
         runtime=config["resources"]["demo"]["runtime"],

@@ -8,6 +8,7 @@ BENCHMARK_OUTPUTS = {
     "table_tex": f"{omb_names.BENCHMARK_DIR}/benchmark_table.tex",
     "ranks": f"{omb_names.BENCHMARK_DIR}/ranks_bootstrap.csv",
     "intervals": f"{omb_names.BENCHMARK_DIR}/bootstrap_intervals.csv",
+    "deltas": f"{omb_names.BENCHMARK_DIR}/delta_scratch_intervals.csv",
     "compute": f"{omb_names.BENCHMARK_DIR}/compute.csv",
     "plots": f"{omb_names.BENCHMARK_DIR}/plots",
 }

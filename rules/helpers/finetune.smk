@@ -88,7 +88,7 @@ def finetune_settings(wildcards):
         wildcards.fold,
         split=omb_finetune.split_path(config, wildcards.target_dataset),
         pretrained_checkpoint=pretrained,
-        low_data_subset=(omb_finetune.split_path(config, wildcards.target_dataset, name.low_data_n)
+        low_data_subset=(omb_finetune.split_path(config, wildcards.target_dataset, name.low_data_n, name.seed)
                          if name.low_data_n else None),
         external_checkpoint=external,
     ).to_dict()

@@ -9,7 +9,8 @@ Run names
 - fine-tuning: `{method}__{arch}__{selection}__{schedule}__{epochs}` (from a pre-training run of the
   config), `{checkpoint}__{schedule}__{epochs}` (from an external checkpoint, config `checkpoints`:
   its architecture comes from its adaptation plan, never from a name) or `scratch__{arch}__{epochs}`;
-  `__n{N}` appended marks a low-data run on N training cases.
+  `__n{N}` appended marks a low-data run on N training cases, then `__s{S}` a run of seed S
+  (config `finetune.seeds`: the same run repeated over seeds, whose results the tables average).
 Each part is a *name*: letters and digits, single `.`, `-` or `_` between them (`t1.v2`,
 `t1-only`, `openmind_t1`); never `__`, which separates parts, so every run name parses one way.
 """
@@ -49,7 +50,7 @@ BENCHMARK_DIR = "results/benchmark"
 # ---- wildcard constraints of the rules (`wildcard_constraints: **names.WILDCARDS`)
 # (the second form is an external checkpoint's run: `scratch` is no checkpoint name, so the third is apart)
 FINETUNE_RUN_PATTERN = (rf"(?:{METHOD_PATTERN}__{ARCH_PATTERN}__{NAME_PATTERN}__{NAME_PATTERN}"
-                        rf"|{NAME_PATTERN}__{NAME_PATTERN}|{SCRATCH}__{ARCH_PATTERN})__\d+(?:__n\d+)?")
+                        rf"|{NAME_PATTERN}__{NAME_PATTERN}|{SCRATCH}__{ARCH_PATTERN})__\d+(?:__n\d+)?(?:__s\d+)?")
 WILDCARDS = {
     "dataset": r"ds\d{6}",
     "source": r"[a-z_]+",
@@ -113,6 +114,7 @@ class RunName:
     schedule: str | None = None
     low_data_n: int | None = None
     checkpoint: str | None = None
+    seed: int | None = None  # a run of `finetune.seeds`; None: the run of `finetune.seed`, named without one
 
     @property
     def pretrained(self) -> bool:
@@ -136,7 +138,8 @@ class RunName:
             base = SEP.join((self.pretrain_run, self.schedule, str(self.epochs)))
         else:
             base = SEP.join((SCRATCH, self.architecture, str(self.epochs)))
-        return base + (f"{SEP}n{self.low_data_n}" if self.low_data_n else "")
+        return (base + (f"{SEP}n{self.low_data_n}" if self.low_data_n else "")
+                + (f"{SEP}s{self.seed}" if self.seed is not None else ""))
 
 
 _FINETUNE_RUN = re.compile(rf"^{FINETUNE_RUN_PATTERN}$")
@@ -146,16 +149,20 @@ def parse_run(run: str) -> RunName:
     """The parts of a fine-tuning run name (see the module doc)."""
     if not _FINETUNE_RUN.match(run):
         raise InvalidName(f"run {run!r} is neither {{method}}__{{arch}}__{{selection}}__{{schedule}}__{{epochs}}, "
-                         "{checkpoint}__{schedule}__{epochs} nor scratch__{arch}__{epochs} (optionally + __n{N}), "
+                         "{checkpoint}__{schedule}__{epochs} nor scratch__{arch}__{epochs} (optionally + __n{N}, "
+                         "then + __s{S}), "
                          "with parts that are valid names")
     parts = run.split(SEP)
-    low = None
+    seed = low = None
+    if re.fullmatch(r"s\d+", parts[-1]):
+        seed, parts = int(parts[-1][1:]), parts[:-1]
     if re.fullmatch(r"n\d+", parts[-1]):
         low, parts = int(parts[-1][1:]), parts[:-1]
     if parts[0] == SCRATCH and len(parts) == 3:
-        return RunName(parts[1], int(parts[2]), low_data_n=low)
+        return RunName(parts[1], int(parts[2]), low_data_n=low, seed=seed)
     if len(parts) == 3:
         checkpoint, schedule, epochs = parts
-        return RunName(None, int(epochs), checkpoint, schedule=schedule, low_data_n=low, checkpoint=checkpoint)
+        return RunName(None, int(epochs), checkpoint, schedule=schedule, low_data_n=low, checkpoint=checkpoint,
+                       seed=seed)
     method, arch, selection, schedule, epochs = parts
-    return RunName(arch, int(epochs), method, selection, schedule, low)
+    return RunName(arch, int(epochs), method, selection, schedule, low, seed=seed)

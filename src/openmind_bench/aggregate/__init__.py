@@ -8,6 +8,9 @@
   observed leaderboard position, its bootstrap mean, std and 95% interval, and the share of
   samples at each position (`share_rank_k`)
 - `bootstrap_intervals.csv`: per run, metric and dataset, the value and its 95% bootstrap interval
+- `delta_scratch_intervals.csv`: per run and metric with a from-scratch reference, the delta to it
+  (the table's Δ scratch) and its 95% bootstrap interval (cases, and seeds where runs have several);
+  the Markdown table shows the interval beside Δ scratch
 - `compute.csv`: one row per run with a compute ledger (`aggregate.compute`); the Markdown table's
   Cost column sums it per row
 - `plots/`: `heatmap_{metric}.png`, `rank_stability_{metric}.png`, `bars_{metric}_{dataset}.png`,
@@ -35,6 +38,7 @@ OUTPUT_NAMES = {
     "table_tex": "benchmark_table.tex",
     "ranks": "ranks_bootstrap.csv",
     "intervals": "bootstrap_intervals.csv",
+    "deltas": "delta_scratch_intervals.csv",
     "compute": "compute.csv",
     "plots": "plots",
 }
@@ -47,6 +51,7 @@ class Outputs:
     table_tex: Path
     ranks: Path
     intervals: Path
+    deltas: Path
     compute: Path
     plots: Path
 
@@ -82,7 +87,8 @@ def run(
     from openmind_bench.aggregate import plots
     from openmind_bench.aggregate.bootstrap import bootstrap
     from openmind_bench.aggregate.results import read_results
-    from openmind_bench.aggregate.table import build_table, dataset_columns, leakage_note, render_latex, render_markdown
+    from openmind_bench.aggregate.table import (build_table, dataset_columns, leakage_note, render_latex,
+                                                render_markdown, with_delta_intervals)
     from openmind_bench.curation.content import leakage_counts
     from openmind_bench.registry import usable_datasets
 
@@ -99,6 +105,10 @@ def run(
     )
 
     table = build_table(frame, datasets_registry, external)
+    dataset_order = dataset_columns(table)
+    log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
+    boot = bootstrap(frame, bootstrap_samples, seed, dataset_order=dataset_order)
+    table = with_delta_intervals(table, boot.deltas)
     _write_csv(paths.table_csv, table)
     if compute is None:
         compute = run_cost.empty_table()
@@ -107,12 +117,9 @@ def run(
     notes = [note] if note else []
     _write_utf8(paths.table_md, render_markdown(table, external, cost=run_cost.cost_labels(compute), notes=notes))
     _write_utf8(paths.table_tex, render_latex(table, external, notes=notes))
-
-    dataset_order = dataset_columns(table)
-    log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
-    boot = bootstrap(frame, bootstrap_samples, seed, dataset_order=dataset_order)
     _write_csv(paths.ranks, boot.ranks)
     _write_csv(paths.intervals, boot.intervals)
+    _write_csv(paths.deltas, boot.deltas)
 
     # Built aside and swapped in whole, so no figure of an earlier run survives in plots/, and a reader
     # or a second writer (the command line beside a workflow run) never meets a half-written folder.

@@ -37,7 +37,9 @@ budget: the epochs when runs use more than one epoch count ("resenc_l (1000 ep)"
 of training cases of every low-data run ("resenc_l (n=20)", "resenc_l (1000 ep, n=20)"), always,
 since a low-data number must never pass for a full one. `low_data_n` is read from the field; files
 written before it existed are read from the run name's `__n{N}` suffix. From-scratch runs without a
-schedule get schedule "none".
+schedule get schedule "none". The runs of one setting over several seeds (`seed`, read from the field
+or the run name's `__s{S}`) share one label; their fold column reads `{fold}/s{seed}` (`results.fold_label`),
+so the table averages them like folds and the bootstrap resamples them (`bootstrap`).
 
 External checkpoints (config `checkpoints`, issue 20). Their runs' `method` is the checkpoint's name,
 their `architecture` the one their scratch baseline uses, and they carry their provenance::
@@ -71,6 +73,7 @@ from pathlib import Path
 import pandas as pd
 
 from openmind_bench import atomic
+from openmind_bench.aggregate.results import fold_label
 from openmind_bench.names import METRICS, NO_SCHEDULE, SCRATCH, InvalidName, parse_run
 from openmind_bench.spreadsheet import neutralise_frame
 
@@ -132,6 +135,19 @@ def _low_data_n(doc: dict, run: str | None, path: Path) -> int | None:
     return value if value is not None else from_name
 
 
+def _seed(doc: dict, run: str | None, path: Path) -> int | None:
+    value = doc.get("seed")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise CollectError(f"{path}: field 'seed' must be a non-negative integer, got {value!r}")
+    try:
+        from_name = parse_run(run).seed if run else None
+    except InvalidName:
+        from_name = None
+    if value is not None and from_name is not None and value != from_name:
+        raise CollectError(f"{path}: field 'seed' is {value} but the run name {run!r} says s{from_name}")
+    return value if value is not None else from_name
+
+
 def _external_checkpoint(value, method: str, where: str) -> dict | None:
     """The validated provenance of an external checkpoint's run, or None for our own runs; `where`
     starts every error message (the file and the field)."""
@@ -187,6 +203,7 @@ def read_metrics_json(path: str | Path) -> dict:
             raise CollectError(f"{path}: field 'schedule' is missing (only scratch runs may omit it)")
         fields["schedule"] = NO_SCHEDULE
     fields["low_data_n"] = _low_data_n(doc, fields["run"], path)
+    fields["seed"] = _seed(doc, fields["run"], path)
     fields["external_checkpoint"] = _external_checkpoint(doc.get("external_checkpoint"), fields["method"],
                                                          f"{path}: field 'external_checkpoint'")
 
@@ -261,7 +278,7 @@ def gather(paths) -> Collected:
             method = f"{method} [{r['selection'] or 'default'}]"
         architecture = _architecture_label(r["architecture"], r["epochs"], tag_epochs, r["low_data_n"])
         _check_provenance(method, r["external_checkpoint"], path, external, external_owner)
-        key = (method, architecture, r["schedule"], r["dataset"], r["fold"])
+        key = (method, architecture, r["schedule"], r["dataset"], fold_label(r["fold"], r["seed"]))
         if key in owner:
             raise CollectError(
                 f"{owner[key]} and {path} both hold method {key[0]!r}, architecture {key[1]!r}, "
@@ -273,7 +290,7 @@ def gather(paths) -> Collected:
                                       r["external_checkpoint"] is not None))
         skipped += doc["skipped"]
         records += [
-            (method, architecture, r["schedule"], r["dataset"], metric, value, r["fold"], case)
+            (method, architecture, r["schedule"], r["dataset"], metric, value, key[4], case)
             for metric, value, case in doc["rows"]
         ]
     if skipped:

@@ -6,7 +6,8 @@
 
 A row with a `case` is one case's value; a row without one already summarises its dataset (or,
 when `fold` is given, one fold of it). Per dataset the value is the mean over cases, then over
-folds, as in the papers. Values are fractions in [0, 1] (the tables show percentages); every metric
+folds, as in the papers. A fold `K/sS` is fold K of seed S of a run repeated over seeds
+(`fold_label`): seeds are averaged like folds, and the bootstrap resamples them. Values are fractions in [0, 1] (the tables show percentages); every metric
 is higher-is-better. Other columns are ignored.
 
 Errors name the file, the line and the column, so a bad row can be found with an editor.
@@ -25,6 +26,17 @@ from openmind_bench.names import METRICS
 log = logging.getLogger(__name__)
 
 RUN_KEY = ["method", "architecture", "schedule"]
+SEED_MARK = "/s"  # fold label of one seed of a run repeated over seeds: `{fold}/s{seed}`
+
+
+def fold_label(fold, seed: int | None) -> str:
+    """The fold column of one run's values: the fold, and `/s{seed}` for a run of `finetune.seeds`."""
+    return str(fold) if seed is None else f"{fold}{SEED_MARK}{int(seed)}"
+
+
+def base_fold(label: str) -> str:
+    """The fold of a fold label (`fold_label`), without its seed."""
+    return str(label).split(SEED_MARK, 1)[0]
 REQUIRED_COLUMNS = [*RUN_KEY, "dataset", "metric", "value"]
 OPTIONAL_COLUMNS = ["fold", "case"]
 

@@ -26,7 +26,8 @@ from openmind_bench.registry import DatasetSpec, ordered_datasets
 
 log = logging.getLogger(__name__)
 
-STAT_COLUMNS = ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch"]
+STAT_COLUMNS = ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch", "delta_scratch_ci_low",
+                "delta_scratch_ci_high"]
 # The columns before the datasets: the run, whether it is an external checkpoint's, the metric.
 ROW_COLUMNS = [*RUN_KEY, "external", "metric"]
 SHA256_SHOWN = 12  # hex digits of a checkpoint's sha256 shown below the tables
@@ -113,6 +114,15 @@ def _domain_columns(metric: str, datasets: list[str], registry: dict[str, Datase
         log.warning("%s: no domain in the registry for %s, so mean_id and mean_ood stay empty", metric, unknown)
         return None
     return {dom: [d for d in datasets if registry[d].domain == dom] for dom in ("id", "ood")}
+
+
+def with_delta_intervals(table: pd.DataFrame, deltas: pd.DataFrame) -> pd.DataFrame:
+    """The table with `delta_scratch_ci_low` / `_high` (the bootstrap's `deltas`) beside delta_scratch."""
+    bounds = deltas[[*RUN_KEY, "metric", "ci_low", "ci_high"]].rename(
+        columns={"ci_low": "delta_scratch_ci_low", "ci_high": "delta_scratch_ci_high"})
+    out = table.drop(columns=["delta_scratch_ci_low", "delta_scratch_ci_high"], errors="ignore")
+    out = out.merge(bounds, on=[*RUN_KEY, "metric"], how="left", validate="one_to_one")
+    return out
 
 
 def scratch_references(run: tuple, runs) -> list[tuple]:
@@ -211,6 +221,10 @@ def _blocks(table: pd.DataFrame, external: Mapping[str, dict], cost: Mapping[tup
             shown_best = format_value(best, col.kind)
             for i in range(len(rows)):
                 bold[i][j] = cells[i][j] == shown_best
+            if col.kind == "delta" and "delta_scratch_ci_low" in rows:
+                for i, (low, high) in enumerate(zip(rows.delta_scratch_ci_low, rows.delta_scratch_ci_high)):
+                    if cells[i][j] and pd.notna(low):  # the 95% bootstrap interval, after the value
+                        cells[i][j] += f" [{format_value(low, 'delta')}, {format_value(high, 'delta')}]"
         blocks.append(_Block(metric, columns, rows, cells, bold, rows.method.isin(list(external)).tolist()))
     return blocks
 
@@ -270,7 +284,8 @@ def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = N
         "Mean over cases, then folds, per dataset, in percent. **Bold**: best per column "
         "(ties at two decimals all bold). Avg. rank: mean over datasets of the rank within each "
         "dataset (1 = best, ties share the mean rank; lower is better). Δ scratch: Mean minus the "
-        "from-scratch Mean of the same architecture, in percentage points. –: missing."
+        "from-scratch Mean of the same architecture, in percentage points, with its 95% bootstrap interval "
+        "[low, high] (test cases, and seeds where runs have several). –: missing."
         + (" Cost: GPU-hours of the row's fine-tuning runs (every dataset and fold) and of the pre-training "
            "they start from, from the runs' compute.json (CPU-hours for runs without a GPU); "
            "compute.csv lists every run." if cost else ""),

@@ -150,6 +150,16 @@ def _scan(head: Head, site: str, lesions: np.ndarray, n_lesions: int, modalities
     return _Scan(images, {"white_matter": wm, "lesion": lesion}, affine, tuple(acq["spacing"]), n_lesions)
 
 
+def _cohort(dataset: str, repeats: int) -> list[tuple]:
+    """The set's cohort, `repeats` times over: each further copy has new subjects (ids `{id}r{k}`, so
+    their own head size, pose, lesions and noise) from the same sites, with the same patient share
+    and sessions. One copy is the 12/16-case set the demo ships with."""
+    if repeats < 1:
+        raise ValueError(f"cohort repeats must be at least 1, got {repeats}")
+    return [(subject if k == 1 else f"{subject}r{k}", *rest) for k in range(1, repeats + 1)
+            for subject, *rest in COHORTS[dataset]]
+
+
 def _case_id(subject: str, session: int) -> str:
     return f"{subject}_ses{session}"
 
@@ -178,11 +188,11 @@ def _csv(rows: list[list]) -> str:
 
 
 def _write_segmentation(root: Path, head: Head, seed: int, dataset: str, modalities: list[str],
-                        labels: dict[str, int], truth: dict) -> None:
+                        labels: dict[str, int], truth: dict, repeats: int = 1) -> None:
     folder = root / dataset
     meta = [["case", "subject", "site"]]
     cases = {}
-    for subject, site, patient, sessions in COHORTS[dataset]:
+    for subject, site, patient, sessions in _cohort(dataset, repeats):
         for session, scan in _subject_scans(head, seed, dataset, subject, site, patient, sessions, modalities):
             case = _case_id(subject, session)
             for channel, modality in enumerate(modalities):
@@ -211,11 +221,11 @@ def _write_segmentation(root: Path, head: Head, seed: int, dataset: str, modalit
     truth["datasets"][dataset] = {"task": "seg", "modalities": modalities, "labels": labels, "cases": cases}
 
 
-def _write_classification(root: Path, head: Head, seed: int, truth: dict) -> None:
+def _write_classification(root: Path, head: Head, seed: int, truth: dict, repeats: int = 1) -> None:
     folder = root / CLS
     rows = [["case", "label", "subject", "site"]]
     cases = {}
-    for subject, site, patient, sessions in COHORTS[CLS]:
+    for subject, site, patient, sessions in _cohort(CLS, repeats):
         for session, scan in _subject_scans(head, seed, CLS, subject, site, patient, sessions, ["FLAIR"]):
             case = _case_id(subject, session)
             image = scan.image["FLAIR"]
@@ -228,15 +238,17 @@ def _write_classification(root: Path, head: Head, seed: int, truth: dict) -> Non
     truth["datasets"][CLS] = {"task": "cls", "modalities": ["FLAIR"], "classes": ["control", "patient"], "cases": cases}
 
 
-def build_downstream(root: str | Path, seed: int = 0, resolution: int = 2) -> dict:
-    """Write the three demo downstream sets under `root`; returns (and writes) the ground truth."""
+def build_downstream(root: str | Path, seed: int = 0, resolution: int = 2, cohort_repeats: int = 1) -> dict:
+    """Write the three demo downstream sets under `root`; returns (and writes) the ground truth.
+    `cohort_repeats`: each set's cohort that many times over (`_cohort`), for a test set large
+    enough to bound a difference (config/small.yaml)."""
     root = Path(root)
-    log.info("building demo downstream sets in %s (seed %d)", root, seed)
+    log.info("building demo downstream sets in %s (seed %d, cohort x%d)", root, seed, cohort_repeats)
     head = _around_brain(build_head(resolution))
-    truth = {"seed": seed, "resolution": resolution, "datasets": {}}
-    _write_segmentation(root, head, seed, SEG_T1, ["T1w"], {"white_matter": 1, "lesion": 2}, truth)
-    _write_segmentation(root, head, seed, SEG_T1_FLAIR, ["T1w", "FLAIR"], {"lesion": 1}, truth)
-    _write_classification(root, head, seed, truth)
+    truth = {"seed": seed, "resolution": resolution, "cohort_repeats": cohort_repeats, "datasets": {}}
+    _write_segmentation(root, head, seed, SEG_T1, ["T1w"], {"white_matter": 1, "lesion": 2}, truth, cohort_repeats)
+    _write_segmentation(root, head, seed, SEG_T1_FLAIR, ["T1w", "FLAIR"], {"lesion": 1}, truth, cohort_repeats)
+    _write_classification(root, head, seed, truth, cohort_repeats)
     atomic.write_json(root / "ground_truth" / "downstream.json", truth)
     log.info("demo downstream sets: %s", {k: len(v["cases"]) for k, v in truth["datasets"].items()})
     return truth

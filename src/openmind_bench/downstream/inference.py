@@ -30,7 +30,8 @@ def identity(dataset: str, name, fold, external_checkpoint: dict | None = None) 
     return RunIdentity(dataset=dataset, method=name.method, architecture=architecture,
                        fold=int(fold) if str(fold).isdigit() else str(fold), run=str(name),
                        schedule=name.schedule if name.pretrained else None, selection=name.selection,
-                       epochs=name.epochs, low_data_n=name.low_data_n, external_checkpoint=external_checkpoint)
+                       epochs=name.epochs, low_data_n=name.low_data_n, external_checkpoint=external_checkpoint,
+                       seed=name.seed)
 
 
 @torch.no_grad()

@@ -112,10 +112,13 @@ def split_data_fingerprint(config: dict, dataset: str) -> str:
     return data_fingerprint(cached_registry(config).get(dataset))
 
 
-def split_path(config: dict, dataset: str, low_data_n: int | None = None) -> str:
-    """`{downstream.splits_dir}/{dataset}.json`, and `{dataset}__n{N}.json` for a low-data subset."""
+def split_path(config: dict, dataset: str, low_data_n: int | None = None, seed: int | None = None) -> str:
+    """`{downstream.splits_dir}/{dataset}.json`, and `{dataset}__n{N}.json` for a low-data subset
+    (`{dataset}__n{N}__s{S}.json` for the runs of seed S of `finetune.seeds`: each seed draws its own
+    N training cases, so the spread over seeds holds the choice of the cases too)."""
     folder = config["downstream"]["splits_dir"]
-    return f"{folder}/{dataset}{f'__n{low_data_n}' if low_data_n else ''}.json"
+    low = f"__n{low_data_n}" if low_data_n else ""
+    return f"{folder}/{dataset}{low}{f'__s{seed}' if low and seed is not None else ''}.json"
 
 
 # Fields only one engine reads: the other task's jobs get None, so a change of them re-runs only the
@@ -188,6 +191,8 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
         **{k: section[k] for k in _SETTING_KEYS},
     )
+    if name.seed is not None:  # a run of `finetune.seeds`
+        values["seed"] = name.seed
     unused = _CLASSIFICATION_ONLY if entries[dataset]["task"] == "seg" else _SEGMENTATION_ONLY
     values.update({k: None for k in unused})
     return FinetuneSettings(**values)
@@ -226,7 +231,16 @@ def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dic
 
 
 def _with_low_data(config: dict, runs: list[str]) -> list[str]:
-    return runs + [f"{r}__n{int(n)}" for r in runs for n in config["downstream"]["low_data_n"]]
+    """`runs` (unless `downstream.low_data_only`) and their low-data variants, each once per seed of
+    `finetune.seeds` when it lists any."""
+    downstream = config["downstream"]
+    if downstream["low_data_only"] and not downstream["low_data_n"]:
+        raise ConfigError("config key 'downstream.low_data_only' is true but 'downstream.low_data_n' is empty: "
+                          "no run would be left")
+    low = [f"{r}__n{int(n)}" for r in runs for n in downstream["low_data_n"]]
+    runs = low if downstream["low_data_only"] else runs + low
+    seeds = config["finetune"]["seeds"]
+    return [f"{r}__s{int(s)}" for r in runs for s in seeds] if seeds else runs
 
 
 def scratch_runs(config: dict, architectures) -> list[str]:

@@ -352,6 +352,9 @@ def ensure_low_data_subset(path: str | Path, cases: pd.DataFrame, split: dict, n
         except (OSError, json.JSONDecodeError) as e:
             raise SplitError(f"low-data subset {path} cannot be read: {e}") from None
         outside = sorted(set(doc.get("train", [])) - set(split["train"]))
+        if doc.get("seed") != seed:  # another seed's draw would pass for this one's
+            raise SplitError(f"low-data subset {path} was drawn with seed {doc.get('seed')!r}, this run's seed is "
+                             f"{seed}; delete it to draw a new one on purpose")
         if doc.get("dataset") != split["dataset"] or doc.get("n") != n or outside:
             raise SplitError(f"low-data subset {path} does not belong to dataset {split['dataset']!r} with N={n} "
                              f"and its training part{f' (cases {outside[:3]} are not in it)' if outside else ''}; "

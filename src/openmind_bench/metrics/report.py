@@ -7,8 +7,9 @@ as JSON null and left out of every mean. Per-class values ride along under `per_
 aggregation ignores them. Classification runs carry balanced accuracy and AUROC in `summary` only
 (they are not per-case quantities); their cases hold label, prediction and probabilities.
 
-Two identity fields are written only when set, so files of earlier versions stay valid:
-`low_data_n` (a low-data run, name ending `__n{N}`, trained on N cases) and `external_checkpoint`
+Three identity fields are written only when set, so files of earlier versions stay valid:
+`low_data_n` (a low-data run, name ending `__n{N}`, trained on N cases), `seed` (a run of
+`finetune.seeds`, name ending `__s{S}`) and `external_checkpoint`
 (the provenance of an external checkpoint's run; its `method` is the checkpoint's name, its
 `architecture` the one its scratch baseline uses, its `selection` null).
 """
@@ -48,6 +49,7 @@ class RunIdentity:
     epochs: int | None = None
     low_data_n: int | None = None
     external_checkpoint: dict | None = None
+    seed: int | None = None  # a run of `finetune.seeds` (name ending `__s{S}`)
 
     def __post_init__(self):
         for key in ("dataset", "method", "architecture"):
@@ -60,6 +62,8 @@ class RunIdentity:
         if self.low_data_n is not None and (isinstance(self.low_data_n, bool) or not isinstance(self.low_data_n, int)
                                             or self.low_data_n < 1):
             raise ValueError(f"run identity: low_data_n must be a positive integer, got {self.low_data_n!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"run identity: seed must be a non-negative integer, got {self.seed!r}")
         if self.external_checkpoint is not None:
             self._check_external_checkpoint()
 

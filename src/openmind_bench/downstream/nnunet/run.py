@@ -146,6 +146,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     from openmind_bench.downstream.readers import read_dataset, restricted_to
     from openmind_bench.downstream.settings import run_record
     from openmind_bench.engine.record import prepare_run_dir
+    from openmind_bench.engine.step import seed_global_rngs
     from openmind_bench.names import parse_run
     from openmind_bench.registry import load_registry
 
@@ -188,6 +189,9 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
                      "(record digest %s); predicting and scoring again", fold_dir / CHECKPOINT, record.digest[:12])
         else:
             resume = (fold_dir / "checkpoint_latest.pth").exists()
+            # the run's seed: the new decoder's initialisation and nnU-Net's main-process draws
+            # (its background augmentation workers are not deterministic)
+            seed_global_rngs(settings.seed)
             trainer = nnUNetTrainer_OpenMind({**plans, "continue_training": resume}, nnplans.CONFIGURATION, fold,
                                              dataset_json, device)
             trainer.compute_ledger = ledger.with_workload(**_workload(plans, name, settings))
