@@ -33,7 +33,7 @@ def identity(dataset: str, name, fold, external_checkpoint: dict | None = None) 
                        epochs=name.epochs, low_data_n=name.low_data_n, external_checkpoint=external_checkpoint)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def classify(net: torch.nn.Module, spec, cases: list, run: RunIdentity, patch_size: Sequence[int],
              spacing: Sequence[float] | None, device: torch.device) -> dict:
     """The metrics document of `cases` (see metrics.report): each case's centre patch (the reference
