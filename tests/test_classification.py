@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,33 +280,6 @@ def test_segmentation_datasets_are_not_this_engines(downstream_root, tmp_path):
         classification.run(s)
 
 
-def test_preempted_run_resumes_and_finishes(downstream_root, tmp_path, monkeypatch):
-    import signal
-
-    s = _settings(downstream_root, tmp_path, CLS, "scratch__ResEncTiny__3", epochs=[3],
-                  classification_overrides={"steps_per_epoch": 2})
-    calls = {"n": 0}
-    real_step = classification.train_step
-
-    def step_then_stop(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop):
-        calls["n"] += 1
-        assert len(views) == 2 and views[0]["image"].shape[0] == 2  # 2 micro-batches of 2
-        if calls["n"] == 4:  # second step of the second epoch
-            stop.signal = signal.SIGTERM
-        return real_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
-
-    monkeypatch.setattr(classification, "train_step", step_then_stop)
-    assert classification.run(s) == "preempted"
-    out = tmp_path / "results" / "downstream" / CLS / "scratch__ResEncTiny__3" / "fold_test"
-    assert (out / classification.LATEST).exists() and not (out / "metrics.json").exists()
-    assert torch.load(out / classification.LATEST, weights_only=True)["current_epoch"] == 1
-    monkeypatch.setattr(classification, "train_step", real_step)
-    assert classification.run(s) == "finished"
-    assert (out / "metrics.json").exists() and not (out / classification.LATEST).exists()
-    epochs = [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]]
-    assert epochs == ["1", "2", "3"]
-
-
 def test_finetune_command_makes_the_split_and_runs_a_classification_job(downstream_root, tmp_path):
     import yaml
 
@@ -323,3 +297,187 @@ def test_finetune_command_makes_the_split_and_runs_a_classification_job(downstre
     assert "folds" not in json.loads(split.read_text())  # a test-role set: no folds
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["training"]["epochs"] == 1 and len(doc["cases"]) == len(json.loads(split.read_text())["test"])
+
+
+def _final(out):
+    return torch.load(out / classification.FINAL, weights_only=True)["network_weights"]
+
+
+def _losses(out):
+    return [line.split(",")[1] for line in (out / "progress.csv").read_text().splitlines()[1:]]
+
+
+def test_a_run_cut_in_mid_epoch_or_at_its_end_resumes_bit_for_bit_with_its_grad_scaler(downstream_root, tmp_path,
+                                                                                       monkeypatch):
+    """Cut by SIGTERM in step 1 of epoch 2, or in its last step, and resumed: the weights, the logged
+    losses and the GradScaler's scale are the uncut run's (the checkpoint holds the step, the partial
+    loss sums and the scaler; dropout and augmentation are functions of the step)."""
+    import signal
+
+    scalers = []
+
+    def cpu_scaler(*args):  # CPU runs have none: one that doubles its scale every step shows its state
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(classification, "make_grad_scaler", cpu_scaler)
+    real_step = classification.train_step
+
+    def run(label, stop_at=None):
+        s = _settings(downstream_root, tmp_path / label, CLS, "scratch__ResEncTiny__2", epochs=[2],
+                      classification_overrides={"steps_per_epoch": 2})
+        calls = {"n": 0}
+
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            views = args[1]
+            assert len(views) == 2 and views[0]["image"].shape[0] == 2  # 2 micro-batches of 2
+            if calls["n"] == stop_at:
+                args[7].signal = signal.SIGTERM
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(classification, "train_step", step)
+        outcomes = [classification.run(s)]
+        out = tmp_path / label / "results" / "downstream" / CLS / "scratch__ResEncTiny__2" / "fold_test"
+        if stop_at:
+            saved = torch.load(out / classification.LATEST, weights_only=True)
+            assert (saved["current_epoch"], saved["step_in_epoch"]) == (1, stop_at - 2)
+            assert saved["grad_scaler"]["scale"] == 16.0 * 2 ** stop_at
+            assert not (out / "metrics.json").exists()
+            outcomes.append(classification.run(s))
+            assert (out / "metrics.json").exists() and not (out / classification.LATEST).exists()
+            assert [line.split(",")[0] for line in (out / "progress.csv").read_text().splitlines()[1:]] == ["1", "2"]
+        return outcomes, out, scalers[-1].get_scale()
+
+    uncut, out, scale = run("uncut")
+    assert uncut == ["finished"] and scale == 16.0 * 2 ** 4
+    expected = _final(out)
+    assert not (out / classification.CASES).exists()  # the preprocessed cases go with the run
+    for label, stop_at in (("mid", 3), ("end", 4)):
+        outcomes, cut, cut_scale = run(label, stop_at)
+        assert outcomes == ["preempted", "finished"]
+        got = _final(cut)
+        assert [k for k in expected if not torch.equal(expected[k], got[k])] == [], label
+        assert _losses(cut) == _losses(out) and cut_scale == scale, label
+
+
+def _classification_rank(rank: int, world: int, tmp: str, settings: dict):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    assert classification.run(run_settings.FinetuneSettings.from_dict(settings)) == "finished"
+
+
+def test_two_gloo_ranks_share_the_protocols_batch_of_one_and_equal_one_process(downstream_root, tmp_path):
+    """Batch 1 with 3 accumulated micro-batches on 2 ranks (before: 'not divisible by 2 processes'):
+    rank 0 takes micro-batches 0 and 2, rank 1 takes 1, and a step of one micro-batch leaves rank 1 a
+    0-weighted one. The weights and losses are one process's: the effective batch is the protocol's,
+    and each micro-batch draws its own dropout masks (seeded by its place in the step, not the rank)."""
+    import torch.multiprocessing as mp
+
+    n_train = len(splits.read_split(_settings(downstream_root, tmp_path / "probe", CLS,
+                                              "scratch__ResEncTiny__2").split)["train"])
+    assert n_train % 3 == 1  # the last step of each pass has one micro-batch: rank 1 pads
+    runs = {}
+    for label in ("one", "two"):
+        s = _settings(downstream_root, tmp_path / label, CLS, "scratch__ResEncTiny__2",
+                      classification_overrides={"epochs": 1, "warmup_epochs": 0, "batch_size": 1, "accumulation_steps": 3,
+                                                "steps_per_epoch": None})
+        s.threads = 1
+        runs[label] = (s, Path(s.out_dir))
+    assert runs["one"][0].head_dropout > 0
+    assert classification.run(runs["one"][0]) == "finished"
+    mp.spawn(_classification_rank, args=(2, str(tmp_path), runs["two"][0].to_dict()), nprocs=2, join=True)
+    a, b = _final(runs["one"][1]), _final(runs["two"][1])
+    # a convolution's bias ahead of an instance norm has a zero gradient up to rounding, which AdamW
+    # turns into steps of ~lr: those differ by rounding alone; every other tensor agrees closely
+    rounding = {k for k in a if k.endswith(("conv.bias", "all_modules.0.bias"))}
+    assert rounding and len(rounding) < len(a) / 4
+    assert {k for k in a if k not in rounding and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)} == set()
+    assert [float(x) for x in _losses(runs["two"][1])] == pytest.approx([float(x) for x in _losses(runs["one"][1])],
+                                                                        rel=1e-6)
+    assert json.loads((runs["two"][1] / "metrics.json").read_text())["training"]["effective_batch"] == 3
+
+
+def test_rank_share_deals_micro_batches_and_pads_an_idle_rank():
+    step = [[4], [1], [7]]
+    assert classification.rank_share(step, 0, 2) == ([(0, [4]), (2, [7])], False)
+    assert classification.rank_share(step, 1, 2) == ([(1, [1])], False)
+    assert classification.rank_share(step[:1], 1, 2) == ([(0, [4])], True)
+    assert classification.rank_share(step, 0, 1) == ([(0, [4]), (1, [1]), (2, [7])], False)
+
+
+def test_dropout_masks_follow_the_micro_batch_seed_and_leave_the_process_rng_alone():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    objective = classification.Objective(net, label_smoothing=0.0).train()
+    view = {"image": torch.randn(4, 8), "target": torch.tensor([0, 1, 2, 0])}
+    state = torch.random.get_rng_state()
+    same = [objective({**view, "seed": 5}) for _ in range(2)]
+    other = objective({**view, "seed": 6})
+    assert torch.equal(same[0], same[1]) and not torch.equal(same[0], other)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert float(objective({**view, "seed": 5, "padding": True})) == 0.0
+
+
+def test_training_cases_are_preprocessed_once_over_the_ranks_and_memory_mapped(downstream_root, tmp_path,
+                                                                              monkeypatch):
+    import numpy as np
+
+    from openmind_bench.downstream import volumes
+
+    s = _settings(downstream_root, tmp_path, CLS, "scratch__ResEncTiny__2")
+    data = read_dataset(load_registry(REGISTRY, downstream_root).get(CLS), verify_files=False)
+    cases = splits.training_cases(s, data, names.parse_run(s.run))[0][:5]
+    loaded, real_load = [], volumes.load_case
+    monkeypatch.setattr(volumes, "load_case", lambda case, spacing: loaded.append(case.case_id) or
+                        real_load(case, spacing))
+
+    class RankOneStops(Exception):
+        pass
+
+    def stop_at_barrier(ctx):
+        raise RankOneStops
+
+    folder = tmp_path / "cases"
+    monkeypatch.setattr(distributed, "barrier", stop_at_barrier)
+    with pytest.raises(RankOneStops):  # rank 1 of 2 preprocesses cases 1 and 3, then waits for rank 0
+        classification.shared_volumes(cases, s.spacing, folder, distributed.Context(1, 2, 1, torch.device("cpu")))
+    assert loaded == [cases[1].case_id, cases[3].case_id]
+    monkeypatch.setattr(distributed, "barrier", lambda ctx: None)
+    got = classification.shared_volumes(cases, s.spacing, folder, distributed.Context(0, 2, 0, torch.device("cpu")))
+    assert sorted(loaded) == sorted(c.case_id for c in cases)  # each case read once over the ranks
+    for case, volume in zip(cases, got):
+        expected = real_load(case, s.spacing)
+        assert isinstance(volume.image, np.memmap) and not volume.image.flags.writeable
+        assert np.array_equal(volume.image, expected.image) and volume.target == case.target
+        assert (volume.native_shape, volume.native_spacing) == (expected.native_shape, expected.native_spacing)
+    with pytest.raises(ValueError, match="holds case"):
+        classification.shared_volumes(cases[1:], s.spacing, folder, distributed.Context(0, 1, 0, torch.device("cpu")))
+
+
+def test_evaluation_runs_in_inference_mode(downstream_root):
+    from openmind_bench.downstream import inference
+    from openmind_bench.downstream.worker import STATE
+
+    assert classification.CASES in STATE  # a run with other settings removes the cases it left
+    spec = load_registry(REGISTRY, downstream_root).get(CLS)
+    cases = read_dataset(spec, verify_files=False).cases[:2]
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 2)
+
+        def forward(self, image):
+            seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), self.training))
+            return self.head(image.mean(dim=(1, 2, 3, 4))[:, None])
+
+    identity = inference.identity(CLS, names.parse_run("scratch__ResEncTiny__2"), "test")
+    inference.classify(Probe().train(), spec, cases, identity, [16, 16, 16], [3.5, 3.5, 3.5], torch.device("cpu"))
+    assert seen == [(True, False, False)] * len(cases)

@@ -253,3 +253,28 @@ def test_models_genesis_corruptions():
     with pytest.raises(ValueError, match="intensity_space"):
         build("models_genesis", "ResEncTiny").__class__(nets.resolve("ResEncTiny").build(PATCH), PATCH,
                                                         anon_aware=False, **{**settings, "intensity_space": "hu"})
+
+
+@pytest.mark.parametrize("method, arch", [("mae_anon", "ResEncTiny"), ("spark3d_anon", "ResEncTiny"),
+                                          ("mae_anon", "PrimusTiny"), ("simmim_anon", "PrimusTiny")])
+def test_masked_views_are_built_on_the_batchs_device_from_a_block_grid_draw(method, arch):
+    """The masked methods build their views where the batch is (the training device): on a `meta`
+    batch every tensor of the view is on `meta`, so no full-size tensor was made on the CPU; the
+    masks are the CPU draws of the sample seeds (the same on every device)."""
+    model = build(method, arch)
+    assert model.views_on_device
+    batch = defaced_batch()
+    view = model.make_view({k: v.to("meta") for k, v in batch.items()}, [5, 6])
+    assert {key: value.device.type for key, value in view.items()} == {key: "meta" for key in view}
+    cpu_view = model.make_view(batch, [5, 6])
+    assert {key: tuple(value.shape) for key, value in view.items()} == \
+        {key: tuple(value.shape) for key, value in cpu_view.items()}
+
+
+def test_block_masks_expand_to_voxels_as_repeated_blocks():
+    grid_mask = masking.random_block_mask([3, 4], (2, 4, 5), [0.5, 0.3])
+    expected = grid_mask[:, None].float()
+    for axis, size in enumerate((8, 16, 10)):
+        expected = expected.repeat_interleave(size // grid_mask.shape[axis + 1], dim=axis + 2)
+    assert torch.equal(masking.upsample(grid_mask, (8, 16, 10)), expected)
+    assert [int(m.sum()) for m in grid_mask] == [20, 12]

@@ -12,6 +12,18 @@ cases in a seeded random order (the last step of a pass may accumulate fewer); n
 augmentation ending in a centre crop (`volumes.classification_augmentation`); fp16 autocast with a
 grad scaler on GPUs; the centre crop at test time.
 
+On several processes the effective batch stays the protocol's: each optimiser step's micro-batches
+are dealt out over the ranks (every world-th one from the rank's own index; a rank left without one
+runs the step's first with its loss weighted 0, since DDP needs every rank's backward), and the
+losses are divided by the step's micro-batch count over the world size, so DDP's mean over the
+ranks is the gradient of the whole step. Every random draw is a function of the run seed and the
+place in the run (epoch, step, micro-batch, sample): the augmentation, and the dropout / stochastic
+depth masks (drawn in a generator seeded per micro-batch), so ranks draw different masks and a
+preempted run resumed at its step continues exactly (the checkpoint holds the step inside the
+epoch, the partial loss sums and the GradScaler). The training cases are preprocessed once into the
+run folder (`cases/`, the ranks sharing the work) and memory-mapped: the ranks of a node share one
+copy in the page cache rather than each holding every case.
+
 The loop runs on the shared engine (`engine.step.train_step` with micro-batches: one collective for
 the non-finite loss and stop flags, clipping, AMP; `engine.distributed` under torchrun;
 `engine.logger.RunLogger`; atomic checkpoints with resume and SIGTERM/SIGUSR1 handling). Every
@@ -31,6 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, nets
 from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
+from openmind_bench.downstream.readers import Case
 from openmind_bench.downstream.settings import FinetuneSettings, checkpoint_architecture
 from openmind_bench.downstream.readers import read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
@@ -56,7 +70,8 @@ log = logging.getLogger(__name__)
 
 # The fine-tuned weights use the engine's checkpoint file names.
 LATEST, FINAL = checkpoint.LATEST, checkpoint.FINAL
-_TAG_INIT, _TAG_SAMPLE, _TAG_ORDER = 11, 12, 14
+CASES = "cases"  # the preprocessed training cases, memory-mapped by every rank
+_TAG_INIT, _TAG_SAMPLE, _TAG_ORDER, _TAG_DROPOUT = 11, 12, 14, 15
 
 
 class PooledEncoderClassifier(nn.Module):
@@ -84,7 +99,9 @@ class PooledEncoderClassifier(nn.Module):
 
 
 class Objective(nn.Module):
-    """model(view) -> label-smoothed cross-entropy, the interface `train_step` expects."""
+    """model(view) -> label-smoothed cross-entropy, the interface `train_step` expects. A view's
+    `seed` seeds the forward's random draws (dropout, stochastic depth) in a forked generator, the
+    process's own left as it was; a `padding` view's loss is weighted 0."""
 
     def __init__(self, net: nn.Module, label_smoothing: float):
         super().__init__()
@@ -92,7 +109,14 @@ class Objective(nn.Module):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def forward(self, view: dict) -> torch.Tensor:
-        return self.loss(self.net(view["image"]), view["target"])
+        image = view["image"]
+        if "seed" in view:
+            with torch.random.fork_rng(devices=[image.device] if image.device.type == "cuda" else []):
+                torch.manual_seed(int(view["seed"]))
+                loss = self.loss(self.net(image), view["target"])
+        else:
+            loss = self.loss(self.net(image), view["target"])
+        return loss * 0.0 if view.get("padding") else loss
 
 
 def _prefixed(keys: dict, prefix: str) -> dict:
@@ -220,10 +244,52 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, schedule: schedules.Sch
     return lrs
 
 
+def rank_share(step_batches: list[list[int]], rank: int, world: int) -> tuple[list[tuple[int, list[int]]], bool]:
+    """This rank's micro-batches of one optimiser step as (index in the step, case indices), and
+    whether they are padding: every `world`-th from `rank`; a rank left without one gets the step's
+    first, to be weighted 0."""
+    mine = [(j, m) for j, m in enumerate(step_batches) if j % world == rank]
+    return (mine, False) if mine else ([(0, step_batches[0])], True)
+
+
+def shared_volumes(cases: list[Case], spacing, folder: Path, ctx: distributed.Context) -> list[volumes.Volume]:
+    """The training cases, preprocessed (`volumes.load_case`) into `folder` once (case i by rank
+    i mod world; a case already there, written atomically by an earlier attempt, is kept), then
+    memory-mapped read-only by every rank (augmentation copies what it changes)."""
+    import json
+
+    for i, case in enumerate(cases):
+        image_path = folder / f"{i:05d}.npy"
+        if i % ctx.world_size != ctx.rank or image_path.exists():
+            continue
+        volume = volumes.load_case(case, spacing)
+        atomic.write_json(folder / f"{i:05d}.json", {"case": case.case_id, "native_shape": list(volume.native_shape),
+                                                     "native_spacing": list(volume.native_spacing)})
+        with atomic.atomic_path(image_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, volume.image)
+    distributed.barrier(ctx)
+    loaded = []
+    for i, case in enumerate(cases):
+        meta = json.loads((folder / f"{i:05d}.json").read_text())
+        if meta["case"] != case.case_id:
+            raise ValueError(f"{folder / f'{i:05d}.json'} holds case {meta['case']}, expected {case.case_id}: "
+                             f"remove {folder} (a run with other training cases left it)")
+        loaded.append(volumes.Volume(case.case_id, np.load(folder / f"{i:05d}.npy", mmap_mode="r"), case.target,
+                                     tuple(meta["native_shape"]), tuple(meta["native_spacing"])))
+    return loaded
+
+
 def _save(path: Path, net: nn.Module, optimizer, epochs_done: int, settings: FinetuneSettings, history: list,
-          schedule: schedules.Schedule, patch: list, spec, phase: str | None = None) -> None:
+          schedule: schedules.Schedule, patch: list, spec, phase: str | None = None, *, step_in_epoch: int = 0,
+          epoch_sums=None, epoch_samples: int = 0, grad_scaler=None) -> None:
+    """The run's state after `epochs_done` epochs and `step_in_epoch` steps of the next (with that
+    epoch's loss sums over all ranks so far and its sample count)."""
     state = {"phase": phase, "network_weights": net.state_dict(),
              "optimizer_state": optimizer.state_dict() if optimizer else None,
+             "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+             "step_in_epoch": int(step_in_epoch),
+             "epoch_sums": epoch_sums.detach().cpu() if epoch_sums is not None else None,
+             "epoch_samples": int(epoch_samples),
              "current_epoch": int(epochs_done), "settings": settings.to_dict(), "history": list(history),
              "schedule": schedule.to_dict(), "patch_size": list(patch), "task": spec.task,
              "input_channels": spec.channels}
@@ -240,12 +306,24 @@ def run(settings: FinetuneSettings) -> str:
         distributed.shutdown()
 
 
-def _views(micro_batches: list[list[int]], train_volumes: list, augment, seeds: list[list[int]], device) -> list[dict]:
+def _views(share: list[tuple[int, list[int]]], padding: bool, train_volumes: list, augment, seed: int, epoch: int,
+           step_in_epoch: int, device) -> list[dict]:
+    """The rank's micro-batches of one step, augmented with per-sample seeds and carrying their
+    dropout seed, all keyed by (epoch, step, micro-batch index in the step, sample)."""
     views = []
-    for indices, micro_seeds in zip(micro_batches, seeds):
-        samples = [volumes.augmented_sample(augment, train_volumes[i], seed) for i, seed in zip(indices, micro_seeds)]
-        views.append({"image": torch.stack([s["image"] for s in samples]).float().to(device),
-                      "target": torch.tensor([int(train_volumes[i].target) for i in indices], device=device)})
+    for j, indices in share:
+        samples = [volumes.augmented_sample(augment, train_volumes[c], derive_seed(seed, _TAG_SAMPLE, epoch,
+                                                                                     step_in_epoch, j, i))
+                   for i, c in enumerate(indices)]
+        image = torch.stack([s["image"] for s in samples]).float()
+        if device.type == "cuda":
+            image = image.pin_memory()
+        view = {"image": image.to(device, non_blocking=True),
+                "target": torch.tensor([int(train_volumes[c].target) for c in indices], device=device),
+                "seed": derive_seed(seed, _TAG_DROPOUT, epoch, step_in_epoch, j)}
+        if padding:
+            view["padding"] = True
+        views.append(view)
     return views
 
 
@@ -262,10 +340,6 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     cls = settings.classification
     batch_size, accumulation = int(cls["batch_size"]), int(cls["accumulation_steps"])
-    if batch_size % ctx.world_size:
-        raise ValueError(f"downstream.classification.batch_size {batch_size} is not divisible by "
-                         f"{ctx.world_size} processes")
-    local = batch_size // ctx.world_size
     epochs = training_length(settings, name)
     plan_of = functools.partial(epoch_plan, len(train_cases), batch_size, accumulation, cls["steps_per_epoch"],
                                 settings.seed)  # epoch -> that epoch's plan
@@ -298,17 +372,25 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
             _evaluate(net, spec, eval_cases, name, settings, patch, ctx, {**training, "reused": True})
         return "finished"
 
-    # Preprocessed training cases stay in memory (one z-scored float32 copy per case).
-    train_volumes = [volumes.load_case(c, settings.spacing) for c in train_cases]
+    train_volumes = shared_volumes(train_cases, settings.spacing, out / CASES, ctx)
     augment = volumes.classification_augmentation(patch)
 
-    start_epoch, history = 0, []
+    start_epoch, start_step, history = 0, 0, []
+    epoch_sums, epoch_samples = None, 0
+    amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
+    grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
     latest = out / LATEST
     phase, optimizer, model = None, None, objective
     if latest.exists():
         saved = torch.load(latest, map_location=ctx.device, weights_only=True)
         net.load_state_dict(saved["network_weights"])
         start_epoch, history = int(saved["current_epoch"]), list(saved["history"])
+        start_step = int(saved.get("step_in_epoch", 0))
+        if start_step and ctx.is_main and saved.get("epoch_sums") is not None:
+            epoch_sums = saved["epoch_sums"]  # the ranks' sums so far, counted once (rank 0's)
+        epoch_samples = int(saved.get("epoch_samples", 0)) if start_step else 0
+        if grad_scaler is not None and saved.get("grad_scaler"):
+            grad_scaler.load_state_dict(saved["grad_scaler"])
         if saved.get("optimizer_state"):
             # the optimiser as it was in the phase the checkpoint was written in (the phases up to it
             # replayed, so its groups are the same), then its state
@@ -319,10 +401,9 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                 phase = replayed
             optimizer.load_state_dict(saved["optimizer_state"])
             model = _wrapped(objective, ctx)
-        log.info("resuming %s at epoch %d", latest, start_epoch)
-    logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps_per_epoch)
-    amp_context = autocast(settings.amp, settings.amp_dtype, ctx.device)
-    grad_scaler = make_grad_scaler(settings.amp, settings.amp_dtype, ctx.device)
+        log.info("resuming %s at epoch %d, step %d", latest, start_epoch, start_step)
+    logger = RunLogger(out, enabled=ctx.is_main, history=history,
+                       global_step=start_epoch * steps_per_epoch + start_step)
     ledger = ComputeLedger(out, ctx, stage="finetune_classification", run=settings.run,
                            precision=precision_of(settings.amp, settings.amp_dtype, ctx.device),
                            workload={"task": "cls", "architecture": name.architecture, "patch_size": list(patch),
@@ -331,9 +412,13 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
             started = time.time()
+            first = start_step if epoch == start_epoch else 0
             sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-            n_samples = 0
-            for step_in_epoch, step_batches in enumerate(ledger.timed(plan_of(epoch))):
+            if first and epoch_sums is not None:
+                sums += epoch_sums.to(ctx.device)
+            n_samples = epoch_samples if first else 0
+            lrs = schedule.lrs(epoch * steps_per_epoch + steps_per_epoch - 1)  # an epoch resumed after its last step
+            for step_in_epoch, step_batches in enumerate(ledger.timed(plan_of(epoch)[first:]), first):
                 step = epoch * steps_per_epoch + step_in_epoch
                 current = schedule.phase_at(step)[0]
                 if current is not phase:
@@ -343,19 +428,22 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                     phase = current
                     log.info("epoch %d: phase %s, training %s", epoch + 1, phase.name, sorted(phase.trainable))
                 lrs = set_learning_rates(optimizer, schedule, step)
-                mine = [m[ctx.rank * local:(ctx.rank + 1) * local] for m in step_batches]
-                seeds = [[derive_seed(settings.seed, _TAG_SAMPLE, epoch, step_in_epoch, j, ctx.rank * local + i)
-                          for i in range(len(m))] for j, m in enumerate(mine)]
+                share, padding = rank_share(step_batches, ctx.rank, ctx.world_size)
                 with ledger.waiting():
-                    views = _views(mine, train_volumes, augment, seeds, ctx.device)
+                    views = _views(share, padding, train_volumes, augment, settings.seed, epoch, step_in_epoch,
+                                   ctx.device)
                 with ledger.step():
-                    loss, stop_now = train_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx, stop)
+                    loss, stop_now = train_step(model, views, optimizer, grad_scaler, grad_clip, amp_context, ctx,
+                                                stop, divisor=len(step_batches) / ctx.world_size)
                 sums += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=loss.device)])
                 n_samples += sum(len(m) for m in step_batches)
                 if stop_now:
                     ledger.finish("preempted")
+                    distributed.all_reduce_sum(sums, ctx)
+                    save_state = functools.partial(_save, step_in_epoch=step_in_epoch + 1, epoch_sums=sums,
+                                                    epoch_samples=n_samples, grad_scaler=grad_scaler)
                     return _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx,
-                                      phase.name)
+                                      phase.name, save_state)
             distributed.all_reduce_sum(sums, ctx)
             seconds = time.time() - started
             logger.epoch({"epoch": epoch + 1, "train_loss": float(sums[0] / sums[1]), "val_loss": math.nan,
@@ -366,7 +454,7 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
                          {k: f"{v:.3g}" for k, v in lrs.items()}, seconds)
                 if epoch + 1 < epochs:
                     _save(latest, net, optimizer, epoch + 1, settings, logger.history, schedule, patch, spec,
-                          phase.name)
+                          phase.name, grad_scaler=grad_scaler)
             distributed.barrier(ctx)
 
     ledger.finish("finished")  # before the evaluation, which rank 0 runs alone
@@ -376,6 +464,7 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
         _evaluate(net, spec, eval_cases, name, settings, patch, ctx, training)
         latest.unlink(missing_ok=True)
         (out / PREEMPTED).unlink(missing_ok=True)
+        shutil.rmtree(out / CASES, ignore_errors=True)
     # No barrier after the evaluation: the other ranks may exit while rank 0 scores the test set.
     logger.close()
     return "finished"
@@ -390,10 +479,10 @@ def _evaluate(net, spec, eval_cases, name, settings: FinetuneSettings, patch, ct
     inference.write(doc, settings.out_dir)
 
 
-def _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx, phase) -> str:
-    # Mid-epoch stops restart the epoch: classification epochs are short next to a job's lifetime.
+def _preempted(out, net, optimizer, epoch, settings, logger, schedule, patch, spec, ctx, phase, save) -> str:
+    # The state after the step just taken: the resumed run goes on from the next step of this epoch.
     if ctx.is_main:
-        _save(out / LATEST, net, optimizer, epoch, settings, logger.history, schedule, patch, spec, phase)
+        save(out / LATEST, net, optimizer, epoch, settings, logger.history, schedule, patch, spec, phase)
         atomic.write_json(out / PREEMPTED, {"epoch": epoch, "time": time.time()})
     distributed.barrier(ctx)
     logger.close()

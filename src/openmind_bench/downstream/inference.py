@@ -34,7 +34,7 @@ def identity(dataset: str, name, fold, external_checkpoint: dict | None = None) 
                        seed=name.seed)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def classify(net: torch.nn.Module, spec, cases: list, run: RunIdentity, patch_size: Sequence[int],
              spacing: Sequence[float] | None, device: torch.device) -> dict:
     """The metrics document of `cases` (see metrics.report): each case's centre patch (the reference

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 WORKER = "openmind_bench.downstream.worker"
 # What a classification run leaves in its folder (kept only for a run with the same record).
 STATE = (FINAL, LATEST, "progress.csv", "tensorboard", "settings.json", "schedule.json", "metrics.csv",
-         "compute.json")
+         "compute.json", "cases")  # cases: classification.CASES, the preprocessed training cases
 
 
 def is_segmentation(settings: FinetuneSettings) -> bool:

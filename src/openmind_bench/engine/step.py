@@ -138,9 +138,11 @@ class NonFiniteSteps:
 
 
 def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_context, ctx, stop: StopRequest | None,
-               nonfinite: NonFiniteSteps | None = None):
+               nonfinite: NonFiniteSteps | None = None, divisor: float | None = None):
     """Forward and backward of `view` (a dict; or a list of micro-batches whose gradients accumulate,
-    each loss weighted by 1 / their number, DDP syncing on the last only), one collective that agrees
+    each loss divided by `divisor`, by default their number, DDP syncing on the last only; a caller
+    that spreads one step's micro-batches unevenly over the ranks passes their total / world size,
+    so DDP's mean over ranks is the whole step's gradient), one collective that agrees
     on (loss not finite, stop requested) over all ranks, then clip and step. Returns (mean loss,
     stop_requested). A non-finite loss never reaches the optimiser: without `nonfinite` it raises;
     with it, every rank skips the step (`nonfinite.last_skipped`), the GradScaler's scale drops by its
@@ -156,7 +158,9 @@ def train_step(model, view, optimizer, grad_scaler, grad_clip: float, amp_contex
         with sync:
             with amp_context:
                 loss = model(part)
-            if len(micro) > 1:
+            if divisor is not None:
+                loss = loss / divisor
+            elif len(micro) > 1:
                 loss = loss / len(micro)
             (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()

@@ -130,7 +130,10 @@ class TemplateBatches:
                 for key, volume in (("image", image), ("anon", anon), ("anat", anat)):
                     crops[key].append(torch.from_numpy(np.ascontiguousarray(volume[box]))[None])
                 crops["image_id"].append("MNI152_template")
-            yield {k: v if k == "image_id" else torch.stack(v) for k, v in crops.items()}
+            # pinned on CUDA machines, as the DataLoader's (pin_memory): the copy to the device is asynchronous
+            pin = torch.cuda.is_available()
+            yield {k: v if k == "image_id" else (torch.stack(v).pin_memory() if pin else torch.stack(v))
+                   for k, v in crops.items()}
 
     def train(self, *, epoch, first_step, steps, rank, world_size, batch_size, seed):
         return self._batches(self.volumes, steps=steps, rank=rank, batch_size=batch_size, seed=seed,

@@ -9,7 +9,8 @@ A method is an `nn.Module` that holds the backbone as `self.backbone` (so the ch
 
 Optional, per implementation module or class:
 - `views_on_device = True` (class): `make_view` gets the batch already on the training device and
-  builds its views there in torch (heavy views: crops, mixing, rotations, corruption);
+  builds its views there in torch (heavy views: crops, mixing, rotations, corruption, full-size
+  masks expanded from a block grid);
 - `sizes(settings, patch_size) -> (loader patch, network patch)` (module): the loader delivers a
   region and the network sees crops of it (SimCLR-like methods, VoCo); the checkpoint's plan
   records the network patch;

@@ -19,6 +19,8 @@ DEFAULTS = {"mask_ratio": 0.75, "block_size": 16}
 
 
 class MaskedAutoencoderCNN(nn.Module):
+    views_on_device = True  # masks drawn at the block grid, expanded to voxels on the device (masking)
+
     def __init__(self, backbone: nn.Module, patch_size: Sequence[int], *, anon_aware: bool, mask_ratio: float,
                  block_size: int):
         super().__init__()
@@ -31,7 +33,8 @@ class MaskedAutoencoderCNN(nn.Module):
     def make_view(self, batch: dict, seeds: Sequence[int]) -> dict:
         image = batch["image"]
         masked = masking.upsample(
-            masking.random_block_mask(seeds, self.grid, [self.mask_ratio] * len(seeds)), self.patch_size
+            masking.random_block_mask(seeds, self.grid, [self.mask_ratio] * len(seeds), image.device),
+            self.patch_size
         )
         return {
             "input": image * (1.0 - masked),

@@ -29,6 +29,8 @@ DEFAULTS = {"mask_ratio": 0.75, "decoder_depth": 2, "decoder_heads": None}
 
 
 class MaskedAutoencoderPrimus(nn.Module):
+    views_on_device = True  # the token mask drawn at the token grid, expanded to voxels on the device (masking)
+
     def __init__(self, backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,
                  mask_ratio: float, decoder_depth: int, decoder_heads: int | None):
         super().__init__()
@@ -57,8 +59,8 @@ class MaskedAutoencoderPrimus(nn.Module):
         dropped = masking.random_block_mask(seeds, self.grid, [self.mask_ratio] * len(seeds))
         flat = dropped.flatten(1)
         # Same count per sample, so the kept indices stack; sorted to keep the raster order.
-        keep_index = torch.stack([torch.nonzero(~row).squeeze(1) for row in flat])
-        masked = masking.upsample(dropped, self.patch_size)
+        keep_index = torch.stack([torch.nonzero(~row).squeeze(1) for row in flat]).to(image.device, non_blocking=True)
+        masked = masking.upsample(dropped.to(image.device, non_blocking=True), self.patch_size)
         return {
             "input": image,
             "keep_index": keep_index,

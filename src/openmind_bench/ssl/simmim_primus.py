@@ -21,6 +21,8 @@ DEFAULTS = {"mask_ratio": 0.75}
 
 
 class SimMIMPrimus(nn.Module):
+    views_on_device = True  # the token mask drawn at the token grid, expanded to voxels on the device (masking)
+
     def __init__(self, backbone: nn.Module, arch_kwargs: dict, patch_size: Sequence[int], *, anon_aware: bool,
                  mask_ratio: float):
         super().__init__()
@@ -35,7 +37,7 @@ class SimMIMPrimus(nn.Module):
 
     def make_view(self, batch: dict, seeds: Sequence[int]) -> dict:
         image = batch["image"]
-        masked_tokens = masking.random_block_mask(seeds, self.grid, [self.mask_ratio] * len(seeds))
+        masked_tokens = masking.random_block_mask(seeds, self.grid, [self.mask_ratio] * len(seeds), image.device)
         masked = masking.upsample(masked_tokens, self.patch_size)
         return {
             "input": image,

@@ -113,6 +113,8 @@ def sparsify(encoder: nn.Module, sites: VisibleSites) -> int:
 
 
 class Spark3D(nn.Module):
+    views_on_device = True  # masks drawn at the block grid, expanded to voxels on the device (masking)
+
     def __init__(self, backbone: nn.Module, patch_size: Sequence[int], *, anon_aware: bool,
                  mask_ratio_range: Sequence[float], block_size: int):
         super().__init__()
@@ -142,7 +144,7 @@ class Spark3D(nn.Module):
         image = batch["image"]
         low, high = self.mask_ratio_range
         ratios = [float(np.random.default_rng([int(s), 1]).uniform(low, high)) for s in seeds]
-        masked = masking.upsample(masking.random_block_mask(seeds, self.grid, ratios), self.patch_size)
+        masked = masking.upsample(masking.random_block_mask(seeds, self.grid, ratios, image.device), self.patch_size)
         return {
             "input": image * (1.0 - masked),
             "visible": 1.0 - masked,
