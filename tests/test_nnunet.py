@@ -366,3 +366,23 @@ def test_a_killed_fine_tuning_job_resumes_from_nnunets_latest_checkpoint(lesion_
     assert started == [2]  # resumed, not started over
     assert (fold_dir / "checkpoint_final.pth").exists()
     assert json.loads((Path(s.out_dir) / "metrics.json").read_text())["training_reused"] is False
+
+
+def test_a_low_data_runs_subset_is_drawn_before_its_record(lesion_set, tmp_path):
+    """The record holds the subset's sha256, so the job draws the subset first (the first run of an N
+    and seed failed on the missing file)."""
+    import dataclasses
+
+    from openmind_bench.downstream.settings import run_record
+
+    subset = tmp_path / f"{DATASET}__n3__s2.json"
+    s = dataclasses.replace(settings_for(lesion_set, "scratch__ResEncTiny__1__n3__s2"), low_data_subset=str(subset))
+    assert s.seed == 2
+    with pytest.raises(FileNotFoundError, match="low_data_subset"):
+        run_record(s)
+    splits.ensure_run_subset(s)
+    doc = json.loads(subset.read_text())
+    assert doc["seed"] == 2 and doc["n"] == 3 and set(doc["train"]) <= set(lesion_set["split"]["train"])
+    assert run_record(s).summary()
+    full = settings_for(lesion_set, "scratch__ResEncTiny__1")
+    splits.ensure_run_subset(full)  # not a low-data run: nothing to draw

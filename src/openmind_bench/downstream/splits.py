@@ -425,6 +425,24 @@ def check_case_files(split: dict, split_path: str | Path, source: str | Path, ca
             f"Snakemake delete {split_path}")
 
 
+def ensure_run_subset(settings) -> None:
+    """Draw a low-data run's subset (`settings.low_data_subset`) if no run of its N and seed has yet:
+    the run's record holds the file's sha256, so it must exist before the record is taken (before
+    `training_cases` reads it back). Other runs: nothing."""
+    from openmind_bench.downstream.readers import case_table, read_dataset, restricted_to
+    from openmind_bench.names import parse_run
+    from openmind_bench.registry import load_registry
+
+    n = parse_run(settings.run).low_data_n
+    if not n or Path(settings.low_data_subset).exists():
+        return
+    split = read_split(settings.split)
+    spec = load_registry(settings.registry, settings.root).get(settings.dataset)
+    data = restricted_to(read_dataset(spec, verify_files=False), all_cases(split))
+    ensure_low_data_subset(settings.low_data_subset, case_table(data), split, n, seed=settings.seed,
+                           settings=SplitSettings(**settings.split_settings))
+
+
 def training_cases(settings, data, name) -> tuple[list, list]:
     """(training cases, evaluation cases) of one fine-tuning run (`settings`: FinetuneSettings, `data`:
     readers.DownstreamData, `name`: names.RunName): the split's fold, reduced to the low-data subset

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
     """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call):
     segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine."""
+    from openmind_bench.downstream.splits import ensure_run_subset
+
+    ensure_run_subset(settings)  # before the run's record, which holds its sha256
     if is_segmentation(settings):
         from openmind_bench.downstream.nnunet.run import finetune_segmentation
 
