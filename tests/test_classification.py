@@ -385,8 +385,8 @@ def test_two_gloo_ranks_share_the_protocols_batch_of_one_and_equal_one_process(d
     runs = {}
     for label in ("one", "two"):
         s = _settings(downstream_root, tmp_path / label, CLS, "scratch__ResEncTiny__2",
-                      classification_overrides={"epochs": 1, "warmup_epochs": 0, "batch_size": 1, "accumulation_steps": 3,
-                                                "steps_per_epoch": None})
+                      classification_overrides={"epochs": 1, "warmup_epochs": 0, "batch_size": 1,
+                                                "accumulation_steps": 3, "steps_per_epoch": None})
         s.threads = 1
         runs[label] = (s, Path(s.out_dir))
     assert runs["one"][0].head_dropout > 0

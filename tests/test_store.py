@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import blosc2
 import numpy as np
@@ -36,7 +37,7 @@ def test_layout_is_clipped_to_the_array():
     ({"codec": "snappy"}, "unknown blosc2 codec 'snappy'"),
     ({"clevel": 12}, "clevel must be in 0..9, got 12"),
     ({"chunk_shape": (64, 64)}, "chunk_shape must be three positive integers"),
-    ({"block_shape": (128, 32, 32)}, r"block_shape \(128, 32, 32\) exceeds chunk_shape"),
+    ({"block_shape": (256, 32, 32)}, r"block_shape \(256, 32, 32\) exceeds chunk_shape"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -62,6 +63,16 @@ def test_failed_write_leaves_nothing(tmp_path, volume, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_array(tmp_path / "img.b2nd", volume, StoreSettings())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_arrays_are_read_memory_mapped_as_nnunet_reads_its_cases(tmp_path, volume):
+    path = tmp_path / "mapped.b2nd"
+    write_array(path, volume, StoreSettings(chunk_shape=(16, 16, 16), block_shape=(8, 8, 8)))
+    arr = open_array(path)
+    assert np.array_equal(read_region(arr, (0, 0, 0), (8, 8, 8)), volume[0, :8, :8, :8])
+    assert str(path) in Path("/proc/self/maps").read_text()
+    assert StoreSettings().chunk_shape == (128, 128, 128) and StoreSettings().block_shape == (32, 32, 32)
 
 
 def test_open_missing_file_names_it(tmp_path):

@@ -41,6 +41,7 @@ the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progr
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
@@ -54,9 +55,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, nets
 from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
-from openmind_bench.downstream.readers import Case
 from openmind_bench.downstream.settings import FinetuneSettings, checkpoint_architecture
-from openmind_bench.downstream.readers import read_dataset
+from openmind_bench.downstream.readers import Case, read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
 from openmind_bench.engine.checkpoint import PREEMPTED
 from openmind_bench.engine.ledger import ComputeLedger, precision_of
@@ -256,8 +256,6 @@ def shared_volumes(cases: list[Case], spacing, folder: Path, ctx: distributed.Co
     """The training cases, preprocessed (`volumes.load_case`) into `folder` once (case i by rank
     i mod world; a case already there, written atomically by an earlier attempt, is kept), then
     memory-mapped read-only by every rank (augmentation copies what it changes)."""
-    import json
-
     for i, case in enumerate(cases):
         image_path = folder / f"{i:05d}.npy"
         if i % ctx.world_size != ctx.rank or image_path.exists():

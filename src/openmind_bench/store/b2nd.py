@@ -2,12 +2,14 @@
 
 A b2nd array is split into chunks (the unit of storage) and chunks into blocks (the unit of
 compression). A patch read decompresses only the blocks it touches, so blocks are kept small
-(32^3 float32 = 128 KiB, about one core's L2 cache) and chunks a few blocks wide (64^3 = 1 MiB);
-`benchmarks/patch_reads.py` measures the choice. nnssl sizes blocks for a 32 KiB L1 cache and
-compresses with ZSTD level 8. The default codec is nnU-Net 2.8.1's (LZ4HC level 5): a random 160^3
-patch of a 1 mm head costs 7.5-7.8 CPU-ms against 12.7-13.3 with ZSTD level 3 and 8.0-9.8 with
-nnU-Net's own chunking (96x128x128), for 9% more disk than ZSTD (the codec and level are config
-values).
+(32^3 float32 = 128 KiB, about one core's L2 cache, nnU-Net 2.8.1's block cap) and chunks 128^3
+(8 MiB), as wide as nnU-Net's `comp_blosc2_params` makes them for a 160^3 patch (96x128x128 on a
+1 mm head). Arrays are opened memory-mapped, as nnU-Net's `nnUNetDatasetBlosc2.load_case` opens
+them: a read maps the blocks it needs instead of reading them through file calls. nnssl sizes
+blocks for a 32 KiB L1 cache and compresses with ZSTD level 8; the default codec is nnU-Net
+2.8.1's (LZ4HC level 5). `benchmarks/patch_reads.py` times our layout with our reader against
+nnU-Net's layout with nnU-Net's reader (docs/benchmarks.md has the figures; the codec, level and
+shapes are config values).
 """
 
 from __future__ import annotations
@@ -79,12 +81,17 @@ def write_array(path: str | os.PathLike, array: np.ndarray, settings: StoreSetti
         blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
 
 
+# Memory-mapped reads, as nnU-Net 2.8.1 (not on Windows, where it found mmap broken: nnU-Net #2723).
+_MMAP = {} if os.name == "nt" else {"mmap_mode": "r"}
+
+
 def open_array(path: str | os.PathLike) -> blosc2.NDArray:
-    """Open a .b2nd read-only, one decompression thread (loader workers are the parallelism)."""
+    """Open a .b2nd read-only and memory-mapped, one decompression thread (loader workers are the
+    parallelism)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .b2nd file")
-    return blosc2.open(str(path), mode="r", dparams={"nthreads": 1})
+    return blosc2.open(str(path), mode="r", dparams={"nthreads": 1}, **_MMAP)
 
 
 def spatial_shape(array) -> tuple[int, int, int]:
