@@ -66,7 +66,8 @@ MpiDefault=none
 PartitionName=cpu Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={node_names} Default=NO MaxTime=INFINITE State=UP
 """
-NODE = "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory={mem} State=UNKNOWN"
+NODE = ("NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory={mem} "
+        "State=UNKNOWN")
 
 
 class SlurmCluster:

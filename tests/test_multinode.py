@@ -83,6 +83,12 @@ def test_launch_commands_one_node_standalone_several_through_srun():
     assert step[0] == "srun" and {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                                   "--cpus-per-task=32", "--gres=gpu:4"} <= set(step)
     assert run[:2] == ["-m", "torch.distributed.run"]
+    # each node's task: node 0 hosts the rendezvous store (torchrun reads PET_RDZV_CONF), then torchrun
+    shell = step[step.index("sh"):step.index("sh") + 3]
+    for node, is_host in (("0", "is_host=1"), ("1", "is_host=0")):
+        echo = subprocess.run([*shell, "sh", "-c", 'echo "$PET_RDZV_CONF $0 $*"', "torchrun", "--nnodes=2"],
+                              env={"SLURM_NODEID": node, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        assert echo.stdout.strip() == f"{is_host} torchrun --nnodes=2", echo
     assert {"--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29411",
             "--rdzv-id=11"} <= set(run) and "--standalone" not in run
     assert run[-3:] == ["-m", "w", "s.json"]

@@ -198,7 +198,8 @@ def test_a_dead_process_fails_the_job_with_torchruns_message_and_the_retry_resum
     assert proc.returncode == 0, out[-4000:] + two_nodes.logs()
     jobs = re.findall(r"submitted with SLURM jobid (\d+)", out)
     assert len(jobs) == 2, out[-3000:]  # the failed job and its retry
-    failed = (work / ".snakemake" / "slurm_logs" / "rule_pretrain" / "mae_ResEncTiny_demo" / f"{jobs[0]}.log").read_text()
+    slurm_logs = work / ".snakemake" / "slurm_logs" / "rule_pretrain" / "mae_ResEncTiny_demo"
+    failed = (slurm_logs / f"{jobs[0]}.log").read_text()
     assert "ChildFailedError" in failed and re.search(r"exitcode\s*:\s*-9", failed), failed[-4000:]
     assert re.search(r"pre-training into \S+ failed \(torchrun exit code \d+\)", failed), failed[-3000:]
     log = (work / "logs" / "pretrain" / f"{RUN}.log").read_text()

@@ -12,7 +12,8 @@ PRETRAIN_JOB_RESOURCES = omb_pretrain.job_resources(PRETRAIN["resources"])
 onstart:
     # The executor is known only once the workflow starts (not while the Snakefile is read): several
     # nodes without SLURM stop here, before any job. Dry runs skip onstart.
-    omb_pretrain.check_executor(PRETRAIN["resources"], workflow.executor_plugin.name if PRETRAIN_RUNS else "slurm")
+    if PRETRAIN_RUNS:
+        omb_pretrain.check_executor(PRETRAIN["resources"], workflow.executor_plugin.name)
 
 
 def pretrain_targets():

@@ -68,8 +68,12 @@ def torchrun_command(settings_path: str | Path, nproc: int, worker: str, *, node
         step.append(f"--cpus-per-task={int(threads)}")
     if gpus:
         step.append(f"--gres=gpu:{int(nproc)}")
-    return [*step, *run, f"--nnodes={int(nodes)}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}",
-            f"--rdzv-id={job_id}", *tail]
+    # Node 0 of the step (the job's first node, the endpoint's) hosts the rendezvous store, the others
+    # join it: torchrun's own guess compares the endpoint with the machine's names and addresses and
+    # misses addresses of secondary network interfaces (then no node hosts, and all wait).
+    host_is_node0 = 'PET_RDZV_CONF=is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0) exec "$0" "$@"'
+    return [*step, "sh", "-c", host_is_node0, *run, f"--nnodes={int(nodes)}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={job_id}", *tail]
 
 
 RDZV_PORT_ENV = "OMB_RDZV_PORT"
