@@ -15,10 +15,8 @@ rule pretrain:
         settings=pretrain_settings,
     threads: pretrain_threads
     resources:
-        gpu=PRETRAIN["resources"]["gpu"],
-        cpus_per_gpu=PRETRAIN["resources"]["cpus_per_gpu"],
-        mem_mb=PRETRAIN["resources"]["mem_mb"],
-        runtime=PRETRAIN["resources"]["runtime"],
+        # gpu, cpus_per_gpu, mem_mb, runtime; on several nodes the SLURM plugin's nodes / mpi / tasks / gres
+        **PRETRAIN_JOB_RESOURCES,
     log:
         "logs/pretrain/{method}__{arch}__{selection}.log",
     benchmark:

@@ -2,7 +2,6 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -11,23 +10,17 @@ import pytest
 import yaml
 
 from conftest import run_snakemake
-from slurm_cluster import SlurmCluster, available
+from slurm_cluster import SlurmCluster, available, free_port
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(not available(), reason="slurm-wlm and munge are not installed")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # short path: the munge socket path must fit in a sockaddr_un
     root = tmp_path_factory.mktemp("slurm")
-    c = SlurmCluster(root, _free_port(), _free_port()).start()
+    c = SlurmCluster(root, free_port(), free_port()).start()
     yield c
     c.stop()
 

@@ -5,6 +5,15 @@ from openmind_bench.pretrain import settings as omb_pretrain  # noqa: E402  (tor
 PRETRAIN = config["pretrain"]
 # stages.pretrain off (config/evaluate.yaml): nothing is pre-trained, nor fine-tuned from this config's runs
 PRETRAIN_RUNS = omb_pretrain.run_names(PRETRAIN, list(SELECTIONS)) if config["stages"]["pretrain"] else []
+# The job's resources (one node, or several through the SLURM plugin); a bad shape is a ConfigError here.
+PRETRAIN_JOB_RESOURCES = omb_pretrain.job_resources(PRETRAIN["resources"])
+
+
+onstart:
+    # The executor is known only once the workflow starts (not while the Snakefile is read): several
+    # nodes without SLURM stop here, before any job. Dry runs skip onstart.
+    if PRETRAIN_RUNS:
+        omb_pretrain.check_executor(PRETRAIN["resources"], workflow.executor_plugin.name)
 
 
 def pretrain_targets():

@@ -1,5 +1,6 @@
-"""Start a training stage under torchrun (`--standalone --nproc-per-node N`; one process on a CPU) and
-stand between it and the scheduler: SIGTERM / SIGUSR1 / SIGINT reach the workers as SIGTERM (torchrun
+"""Start a training stage under torchrun (`--standalone --nproc-per-node N`; one process on a CPU; on
+several nodes of a SLURM job one torchrun per node through `srun`, with c10d rendezvous on the job's
+first node) and stand between it and the scheduler: SIGTERM / SIGUSR1 / SIGINT reach the workers as SIGTERM (torchrun
 by default does not handle SIGUSR1, whose default action would kill it), worker output is relayed
 into the job's log, and the exit code says whether the run finished (0), was preempted after a
 checkpoint (`preemption_exit_code`) or failed (RuntimeError).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,9 +52,65 @@ def threads_per_process(threads: int, nproc: int, num_workers: int = 0) -> int:
     return max(1, int(threads) // max(1, int(nproc)) - max(0, int(num_workers)))
 
 
-def torchrun_command(settings_path: str | Path, nproc: int, worker: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
-            "-m", worker, str(settings_path)]
+def torchrun_command(settings_path: str | Path, nproc: int, worker: str, *, nodes: int = 1,
+                     rendezvous: str = "", job_id: str = "", threads: int = 0, gpus: bool = False) -> list[str]:
+    """One node: torchrun --standalone. Several: `srun` starts one torchrun per node of the job, which
+    meet at `rendezvous` (host:port, c10d) under the job's id; `threads` CPUs and `nproc` GPUs
+    (`gpus`) per node's task."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    tail = [f"--nproc-per-node={int(nproc)}", "-m", worker, str(settings_path)]
+    if nodes <= 1:
+        return [*run, "--standalone", *tail]
+    step = ["srun", f"--nodes={int(nodes)}", f"--ntasks={int(nodes)}", "--ntasks-per-node=1",
+            # one node's torchrun failing (a dead node, a lost rendezvous) ends the others' too
+            "--kill-on-bad-exit=1", "--export=ALL"]
+    if threads:
+        step.append(f"--cpus-per-task={int(threads)}")
+    if gpus:
+        step.append(f"--gres=gpu:{int(nproc)}")
+    # Node 0 of the step (the job's first node, the endpoint's) hosts the rendezvous store, the others
+    # join it: torchrun's own guess compares the endpoint with the machine's names and addresses and
+    # misses addresses of secondary network interfaces (then no node hosts, and all wait).
+    host_is_node0 = 'PET_RDZV_CONF=is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0) exec "$0" "$@"'
+    return [*step, "sh", "-c", host_is_node0, *run, f"--nnodes={int(nodes)}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={job_id}", *tail]
+
+
+RDZV_PORT_ENV = "OMB_RDZV_PORT"
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"scontrol {' '.join(args)} failed: {e}") from None
+    if out.returncode:
+        raise RuntimeError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def slurm_rendezvous(env: dict | None = None) -> tuple[str, str]:
+    """("host:port", job id) of a multi-node job's c10d rendezvous: the first host of the job's node
+    list (`scontrol show hostnames`), at the address SLURM reaches it by (its NodeAddr), and a port
+    from OMB_RDZV_PORT or, by default, one of 29400-30399 picked by the job id (two jobs sharing a
+    first node do not meet; a requeued job keeps its port)."""
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_JOB_ID", "")
+    if not job_id:
+        raise RuntimeError("pre-training on several nodes (config key 'pretrain.resources.nodes') runs inside "
+                           "a SLURM job (snakemake --profile slurm); SLURM_JOB_ID is not set")
+    # The executor plugin's job step drops SLURM_JOB_NODELIST (it keeps SLURM_JOB_ID): ask slurmctld.
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        found = re.search(r"(?:^|\s)NodeList=(\S+)", _scontrol("show", "job", "-o", job_id))
+        if not found or found.group(1) in ("", "(null)"):
+            raise RuntimeError(f"SLURM job {job_id} has no node list (scontrol show job)")
+        nodelist = found.group(1)
+    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    found = re.search(r"(?:^|\s)NodeAddr=(\S+)", _scontrol("show", "node", "-o", first))
+    host = found.group(1) if found else first
+    port = env.get(RDZV_PORT_ENV) or str(29400 + int(re.sub(r"\D", "", job_id) or 0) % 1000)
+    return f"{host}:{port}", job_id
 
 
 def torchrun_env(threads: int) -> dict:
@@ -190,13 +248,17 @@ def worker_main(argv: list[str] | None, worker: str, read_settings, run) -> int:
 
 
 def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, record: RunRecord,
-           state: tuple[str, ...], nproc: int = 1, threads: int = 0, label: str = "training") -> int:
-    """Run `worker` to the end (or to a preemption) in `nproc` torchrun processes.
+           state: tuple[str, ...], nproc: int = 1, threads: int = 0, label: str = "training", nodes: int = 1,
+           gpus: bool = False) -> int:
+    """Run `worker` to the end (or to a preemption) in `nproc` torchrun processes on each of `nodes`
+    nodes (several: inside a SLURM job, `slurm_rendezvous`).
 
     `done` / `preempted`: file names in `settings.out_dir`; `record` / `state`: the run's record and
     the names of its state in that folder (`engine.record.prepare_run_dir`); `threads`: CPU threads
-    for the whole job, split over the processes and their data-loading workers (torch and OpenMP)."""
-    nproc = max(1, int(nproc))
+    of each node, split over its processes and their data-loading workers (torch and OpenMP);
+    `gpus`: the processes use GPUs (the step asks for `nproc` per node)."""
+    nproc, nodes = max(1, int(nproc)), max(1, int(nodes))
+    rendezvous, job_id = slurm_rendezvous() if nodes > 1 else ("", "")
     out = Path(settings.out_dir)
     done_path, marker = out / done, out / preempted
     # an orphaned worker of a killed launch stops within its grace period: never share the folder with it
@@ -213,7 +275,8 @@ def launch(settings: LaunchSettings, *, worker: str, done: str, preempted: str, 
     env = torchrun_env(settings.threads)
     relay = not sys.stderr.isatty()
     started = time.time()
-    cmd = torchrun_command(settings_path, nproc, worker)
+    cmd = torchrun_command(settings_path, nproc, worker, nodes=nodes, rendezvous=rendezvous, job_id=job_id,
+                           threads=threads, gpus=gpus)
     log.info("starting %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if relay else None,
                             stderr=subprocess.STDOUT if relay else None, text=True, bufsize=1,

@@ -140,3 +140,60 @@ def run_names(section: dict, selections: list[str]) -> list[str]:
                                      "from-scratch baselines, not a method")
     return [names.pretrain_run(m, a, s) for s in section["selections"] for a in section["architectures"]
             for m in section["methods"] if ssl.compatible(m, families[a])]
+
+
+# ---- the job's shape: nodes x processes (pretrain.resources)
+# snakemake-executor-plugin-slurm (2.8) runs a job that is not an "mpi" job inside `srun -n1`, one task
+# on one node, and maps `gpu` to sbatch's `--gpus` (the job's total). A multi-node job is the plugin's
+# "mpi" job instead: the batch script runs the rule, whose launcher starts the job's step itself
+# (`srun --ntasks-per-node=1 ... torchrun`). `tasks` = nodes gives one task per node (`--ntasks`;
+# the plugin refuses `tasks_per_node` 1 for mpi jobs), `gres` gpu:G gives G GPUs on every node
+# (`--gpus` would be the total, spread as SLURM likes), `tasks_per_gpu` 0 keeps the plugin from
+# turning `tasks` into `--ntasks-per-gpu`, and `cpus_per_task` is the node's CPUs (one task per node).
+SLURM_EXECUTORS = ("slurm", "slurm-jobstep")
+
+
+def check_resources(resources: dict) -> None:
+    """ConfigError naming the key for a job shape that cannot run: several CPU nodes not opted in."""
+    if resources["nodes"] > 1 and resources["gpu"] == 0 and not resources["cpu_multinode"]:
+        raise config.ConfigError(
+            f"config key 'pretrain.resources.nodes': {resources['nodes']} nodes with pretrain.resources.gpu 0 "
+            "would train one CPU process per node; give each node GPUs (pretrain.resources.gpu), use one node, "
+            "or set pretrain.resources.cpu_multinode: true to run gloo over CPU nodes on purpose")
+
+
+def check_executor(resources: dict, executor: str | None) -> None:
+    """ConfigError naming the key when a multi-node job would run outside SLURM (`executor`: the
+    Snakemake executor plugin's name)."""
+    if resources["nodes"] > 1 and executor not in SLURM_EXECUTORS:
+        raise config.ConfigError(
+            f"config key 'pretrain.resources.nodes': {resources['nodes']} nodes need the SLURM executor "
+            f"(snakemake --profile slurm), not {executor or 'the local executor'!r}; set it to 1 to pre-train "
+            "on this machine")
+
+
+def job_resources(resources: dict) -> dict:
+    """The pretrain rule's resources for Snakemake and snakemake-executor-plugin-slurm, from the portable
+    `pretrain.resources` (only the resources the job has)."""
+    check_resources(resources)
+    gpu, nodes = resources["gpu"], resources["nodes"]
+    threads = max(1, gpu) * resources["cpus_per_gpu"]  # per node
+    job = {"mem_mb": resources["mem_mb"], "runtime": resources["runtime"], "gpu": None, "cpus_per_gpu": None,
+           "nodes": None, "mpi": None, "tasks": None, "tasks_per_gpu": None, "gres": None, "cpus_per_task": None}
+    if nodes == 1:
+        job.update(gpu=gpu, cpus_per_gpu=resources["cpus_per_gpu"])
+    else:
+        job.update(nodes=nodes, mpi="srun", tasks=nodes, tasks_per_gpu=0 if gpu else None,
+                   gres=f"gpu:{gpu}" if gpu else None, cpus_per_task=threads)
+    return {key: value for key, value in job.items() if value is not None}
+
+
+def job_shape(resources) -> tuple[int, int, bool]:
+    """(nodes, processes per node, on GPUs) of a job from its resources (`job_resources`, as the job sees them)."""
+    nodes = int(resources.get("nodes") or 1)
+    if nodes == 1:
+        gpu = int(resources.get("gpu") or 0)
+        return 1, max(1, gpu), gpu > 0
+    gres = resources.get("gres") or ""
+    gpu = int(gres.rsplit(":", 1)[-1]) if gres.startswith("gpu:") else 0
+    return nodes, max(1, gpu), gpu > 0

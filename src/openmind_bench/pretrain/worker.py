@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     return engine_launch.worker_main(argv, WORKER, PretrainSettings.read, _run)
 
 
-def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0) -> int:
-    """Pre-train into `settings.out_dir` under torchrun (what the rule and `openmind-bench pretrain` call)."""
+def launch(settings: PretrainSettings, nproc: int = 1, *, threads: int = 0, nodes: int = 1, gpus: bool = False) -> int:
+    """Pre-train into `settings.out_dir` under torchrun (what the rule and `openmind-bench pretrain` call):
+    `nproc` processes on each of `nodes` nodes (several: inside a SLURM job)."""
     return engine_launch.launch(settings, worker=WORKER, done=checkpoint.FINAL, preempted=checkpoint.PREEMPTED,
                                 record=run_record(settings), state=STATE, nproc=nproc, threads=threads,
-                                label="pre-training")
+                                label="pre-training", nodes=nodes, gpus=gpus)
 
 
 if __name__ == "__main__":
