@@ -419,7 +419,7 @@ def test_lora_run_leaves_a_plain_model_that_predicts_without_peft(lesion_set, tm
     assert set(weights) == set(plain.state_dict())  # a plain network: no lora_A / base_layer keys
     # nnU-Net's predictor on the folder, with peft unimportable, gives the stored predictions
     monkeypatch.setitem(sys.modules, "peft", None)
-    test_cases = [c for c in lesion_set["data"].cases if c.case_id in lesion_set["split"]["test"]]
+    test_cases = [c for c in lesion_set["data"].cases if c.case_id in lesion_set["split"]["test"]][:1]
     with nndata.environment(None, None, out / "nnunet", 1):
         again = nnrun.predict(model, fold, test_cases, tmp_path / "again", torch.device("cpu"), 1.0)
     import nibabel as nib
@@ -427,3 +427,32 @@ def test_lora_run_leaves_a_plain_model_that_predicts_without_peft(lesion_set, tm
     for case in test_cases:
         ours = np.asarray(nib.load(str(out / "predictions" / f"{case.case_id}.nii.gz")).dataobj)
         assert np.array_equal(ours, np.asarray(nib.load(str(again[case.case_id])).dataobj)), case.case_id
+
+
+def test_a_killed_lora_run_resumes_with_its_adapters(lesion_set, tmp_path, monkeypatch):
+    """nnU-Net's checkpoint_latest.pth of a lora run holds the adapters unmerged; the job run again
+    attaches them before loading it, trains the last epoch and merges."""
+    pytest.importorskip("peft")
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, "PrimusTiny")
+    run = "mae__PrimusTiny__demo__lora__2"
+    options = {"nnunet": {"val_iterations_per_epoch": 1, "save_every": 1}}
+    real_end = nnUNetTrainer_OpenMind.on_epoch_end
+
+    def killed_after_epoch_1(self):
+        real_end(self)
+        if self.current_epoch == 1:
+            raise _Killed
+
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", killed_after_epoch_1)
+    s = settings_for(lesion_set, run, ckpt, **options)
+    with pytest.raises(_Killed):
+        nnrun.finetune_segmentation(s, threads=1)
+    fold_dir = nnrun.model_folder(Path(s.out_dir) / "nnunet", lesion_set["prepared"]["dataset_name"]) / \
+        f"fold_{nndata.nnunet_fold(lesion_set['split'], 'test')}"
+    latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert any(".lora_A." in k for k in latest["network_weights"])
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", real_end)
+    assert nnrun.finetune_segmentation(settings_for(lesion_set, run, ckpt, **options), threads=1) == "finished"
+    final = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and not any("lora" in k or "base_layer" in k for k in final["network_weights"])

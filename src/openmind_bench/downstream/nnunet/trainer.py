@@ -35,6 +35,7 @@ package's folder; see `predict.ext_trainer_path`).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -225,7 +226,7 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
     def on_train_start(self):
         super().on_train_start()
         if self.trained_parameters is not None and self.local_rank == 0:
-            atomic.write_json(f"{self.output_folder}/{TRAINED_PARAMETERS}", self.trained_parameters)
+            atomic.write_json(Path(self.output_folder, TRAINED_PARAMETERS), self.trained_parameters)
 
     def on_train_end(self):
         # nnU-Net shuts its augmenter down only when it sees the augmenter itself
@@ -235,8 +236,6 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
             self.print_to_log_file("LoRA adapters merged into the encoder's weights")
         super().on_train_end()
         if self.adapters is not None and self.local_rank == 0:
-            from pathlib import Path
-
             Path(self.output_folder, "checkpoint_best.pth").unlink(missing_ok=True)  # unmerged: not a plain net
 
     def train_step(self, batch: dict) -> dict:
