@@ -296,8 +296,8 @@ def test_cli_writes_every_output_and_readable_figures(tmp_path):
     assert not table.external.any()  # no external checkpoint: the column is there, all false
     assert "External checkpoints" not in (out / "benchmark_table.md").read_text()
     assert r"\dagger" not in (out / "benchmark_table.tex").read_text()
-    assert list(table.columns[-7:]) == ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch", "delta_scratch_ci_low",
-                                        "delta_scratch_ci_high"]
+    assert list(table.columns[-8:]) == ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch", "delta_scratch_ci_low",
+                                        "delta_scratch_ci_high", "trained_share"]
 
 
 # ------------------------------------------------------------------------------- input errors

@@ -99,3 +99,11 @@ def test_command_prints_stages_sources_and_the_total(tmp_path, capsys):
     total = next(line for line in printed.splitlines() if line.startswith("all "))
     saved = json.loads((tmp_path / "estimate.json").read_text())
     assert float(total.split()[1].replace(",", "")) == pytest.approx(sum(ln["gpu_hours"] for ln in saved), abs=0.5)
+
+
+def test_a_lora_run_is_estimated_where_its_scope_runs_it():
+    config = json.loads(json.dumps(SMALL))
+    config["downstream"].update(schedules=["default", "lora"], lora={"datasets": ["DemoPatientCls"]})
+    listed = {(j.stage, j.run, j.dataset) for j in jobs(omb_config.validate(config, omb_config.SCHEMA_PATH))}
+    assert ("finetune_classification", "mae__ResEncTiny__demo__lora__3", "DemoPatientCls") in listed
+    assert not any(run.endswith("__lora__3") and dataset == "DemoLesionT1" for _, run, dataset in listed)

@@ -386,3 +386,93 @@ def test_a_low_data_runs_subset_is_drawn_before_its_record(lesion_set, tmp_path)
     assert run_record(s).summary()
     full = settings_for(lesion_set, "scratch__ResEncTiny__1")
     splits.ensure_run_subset(full)  # not a low-data run: nothing to draw
+
+
+@pytest.mark.parametrize("arch", ["ResEncTiny", "PrimusTiny"])
+def test_lora_trains_only_adapters_decoder_and_stem(lesion_set, tmp_path, arch):
+    pytest.importorskip("peft")
+    from openmind_bench.downstream import lora
+
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, arch)
+    trainer, _ = make_trainer(lesion_set, f"mae__{arch}__demo__lora__150", ckpt)
+    net = trainer.network
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainer.apply_epoch(3)
+    assert {g["name"] for g in trainer.optimizer.param_groups} == {"decoder", "stem", "encoder"}
+    for _ in range(2):  # lora_B starts at zero, so lora_A gets a gradient from the second step on
+        trainer.train_step(_batch())
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    adapters = {n for n in before if lora.is_adapter(n)}
+    stem_names, decoder_names = ({n for n, _ in trainer.groups[g]} for g in ("stem", "decoder"))
+    assert {n for n, _ in trainer.groups["encoder"]} == adapters
+    assert changed <= adapters | stem_names | decoder_names and stem_names & changed and decoder_names & changed
+    assert {n for n in adapters if ".lora_B." in n} <= changed
+    # (SGD's second step moves lora_A by lr * B-sized gradients: below float32 resolution for ResEnc)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if ".lora_A." in n)
+    frozen = [n for n in before if n not in adapters | stem_names | decoder_names]
+    assert frozen and not any(p.requires_grad for n, p in net.named_parameters() if n in frozen)
+    share = trainer.trained_parameters
+    assert share["count"] == sum(p.numel() for g in ("stem", "encoder", "decoder") for _, p in trainer.groups[g])
+
+
+@pytest.mark.parametrize("arch", ["ResEncTiny", "PrimusTiny"])
+def test_lora_run_leaves_a_plain_model_that_predicts_without_peft(lesion_set, tmp_path, arch, monkeypatch):
+    pytest.importorskip("peft")
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, arch)
+    s = settings_for(lesion_set, f"mae__{arch}__demo__lora__1", ckpt, epochs_steps=1)
+    assert nnrun.finetune_segmentation(s, threads=1) == "finished"
+    out = Path(s.out_dir)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["schedule"] == "lora" and 0 < doc["trained_parameters"]["share"] < 1
+    model = nnrun.model_folder(out / "nnunet", lesion_set["prepared"]["dataset_name"])
+    fold = nndata.nnunet_fold(lesion_set["split"], "test")
+    assert not (model / f"fold_{fold}" / "checkpoint_best.pth").exists()  # it held the unmerged adapters
+    weights = torch.load(model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
+                         weights_only=False)["network_weights"]
+    plans = json.loads((model / "plans.json").read_text())
+    arch_plan = plans["configurations"][nnplans.CONFIGURATION]["architecture"]
+    plain = get_network_from_plans(arch_plan["network_class_name"], arch_plan["arch_kwargs"],
+                                   arch_plan["_kw_requires_import"], 1, 3, allow_init=True,
+                                   deep_supervision=None if arch == "PrimusTiny" else False)
+    assert set(weights) == set(plain.state_dict())  # a plain network: no lora_A / base_layer keys
+    # nnU-Net's predictor on the folder, with peft unimportable, gives the stored predictions
+    monkeypatch.setitem(sys.modules, "peft", None)
+    test_cases = [c for c in lesion_set["data"].cases if c.case_id in lesion_set["split"]["test"]][:1]
+    with nndata.environment(None, None, out / "nnunet", 1):
+        again = nnrun.predict(model, fold, test_cases, tmp_path / "again", torch.device("cpu"), 1.0)
+    import nibabel as nib
+
+    for case in test_cases:
+        ours = np.asarray(nib.load(str(out / "predictions" / f"{case.case_id}.nii.gz")).dataobj)
+        assert np.array_equal(ours, np.asarray(nib.load(str(again[case.case_id])).dataobj)), case.case_id
+
+
+def test_a_killed_lora_run_resumes_with_its_adapters(lesion_set, tmp_path, monkeypatch):
+    """nnU-Net's checkpoint_latest.pth of a lora run holds the adapters unmerged; the job run again
+    attaches them before loading it, trains the last epoch and merges."""
+    pytest.importorskip("peft")
+    ckpt = tmp_path / "ckpt.pt"
+    pretrained_checkpoint(ckpt, "PrimusTiny")
+    run = "mae__PrimusTiny__demo__lora__2"
+    options = {"nnunet": {"val_iterations_per_epoch": 1, "save_every": 1}}
+    real_end = nnUNetTrainer_OpenMind.on_epoch_end
+
+    def killed_after_epoch_1(self):
+        real_end(self)
+        if self.current_epoch == 1:
+            raise _Killed
+
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", killed_after_epoch_1)
+    s = settings_for(lesion_set, run, ckpt, **options)
+    with pytest.raises(_Killed):
+        nnrun.finetune_segmentation(s, threads=1)
+    fold_dir = nnrun.model_folder(Path(s.out_dir) / "nnunet", lesion_set["prepared"]["dataset_name"]) / \
+        f"fold_{nndata.nnunet_fold(lesion_set['split'], 'test')}"
+    latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert any(".lora_A." in k for k in latest["network_weights"])
+    monkeypatch.setattr(nnUNetTrainer_OpenMind, "on_epoch_end", real_end)
+    assert nnrun.finetune_segmentation(settings_for(lesion_set, run, ckpt, **options), threads=1) == "finished"
+    final = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and not any("lora" in k or "base_layer" in k for k in final["network_weights"])

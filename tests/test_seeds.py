@@ -45,7 +45,8 @@ def test_a_seed_comes_after_the_low_data_size():
 
 
 def test_seeds_repeat_every_run_and_low_data_only_drops_the_full_runs():
-    config = _config(downstream={"low_data_n": [3], "low_data_only": True, "schedules": ["default"]},
+    config = _config(downstream={"low_data_n": [3], "low_data_only": True, "schedules": ["default"],
+                                 "lora": {"pretrained_runs": None}},
                      finetune={"seeds": [0, 1, 2], "pretrained_runs": ["mae__PrimusTiny__demo"],
                                "scratch_architectures": ["ResEncTiny"]}, checkpoints=[])
     runs = ft_settings.run_names(config, ["mae__PrimusTiny__demo"])

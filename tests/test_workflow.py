@@ -14,7 +14,7 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 24,
+    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 25,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
     "fingerprint_shard": 6, "downstream_fingerprints": 3, "curate_content": 1,
     # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
@@ -75,7 +75,7 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
     table = pd.read_csv(repo / "config" / "openneuro_datasets.tsv", sep="\t", comment="#").set_index("dataset_id")
     shards = sum(-(-int(table.loc[d, "expected_images"]) // 200) for d in NAMES_CONFIG["datasets"])
     pretrain_runs = 3 * 3  # selections x (mae on ResEncL and PrimusM, spark3d on ResEncL)
-    schedules, epochs = 2, 1  # sawtooth, warmup at 150 epochs
+    schedules, epochs = 3, 1  # sawtooth, warmup, lora at 150 epochs
     runs = pretrain_runs * schedules * epochs + 2  # + scratch ResEncL and PrimusM
     assert _job_counts(proc) == {
         "all": 1, "fetch_dataset": 2, "index_dataset": 2, "gather_index": 1, "dwi_shard": shards, "dwi_gather": 1,
@@ -416,9 +416,10 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
     configs = ["--configfile", str(repo / "config/demo.yaml"), str(work / "overlay.yaml")]
     counts = _job_counts(run_snakemake(work, *configs, "-n", "all"))
     assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2 and counts["checkpoint_scores"] == 2
-    # each checkpoint x 2 schedules x 3 dataset-folds (the demo's own external entry is replaced: no hub)
+    # each checkpoint x 2 schedules x 3 dataset-folds (the demo's own external entry is replaced: no hub; the
+    # demo's one lora row stays)
     demo = {k: v for k, v in DEMO_JOBS.items() if "checkpoint" not in k and k != "demo_hub"}
-    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 18 + 2 * 2 * 3}
+    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 18 + 1 + 2 * 2 * 3}
 
     targets = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
     proc = run_snakemake(work, *configs, "-c2", "--keep-going", *targets)

@@ -126,6 +126,8 @@ def jobs(config: dict) -> list[Job]:
         patch = fine["patch_size"] or (pre["recommended_downstream_patch_size"] if name.pretrained
                                        else fine["scratch_patch_size"])
         for dataset, folds in _folds(config, registry).items():
+            if not downstream_settings.runs_on(config, run, dataset):
+                continue
             spec = registry.get(dataset)
             for fold in folds:
                 if spec.task == "seg":

@@ -2,7 +2,8 @@
 
 `run` is the whole stage (what `openmind-bench aggregate` calls). It writes into `out`:
 
-- `benchmark_table.csv` (unrounded; `external` marks external checkpoints' rows),
+- `benchmark_table.csv` (unrounded; `external` marks external checkpoints' rows; `trained_share`
+  the share of the network the row's runs trained, from their metrics.json),
   `benchmark_table.md`, `benchmark_table.tex` (external rows with a dagger, their sources below)
 - `ranks_bootstrap.csv`: per run and metric, how many datasets were resampled or held fixed, the
   observed leaderboard position, its bootstrap mean, std and 95% interval, and the share of
@@ -77,11 +78,14 @@ def run(
     external: dict[str, dict] | None = None,
     compute=None,
     leakage: str | Path | None = None,
+    trained: dict[tuple[str, str, str], float] | None = None,
 ) -> Outputs:
     """Read RESULTS.csv and write every aggregation output into `out`; `external`: {method label:
     provenance} of the external checkpoints among the runs (`collect.Collected.external`); `compute`:
     the runs' compute ledgers (`compute.ledger_table`; None: an empty compute.csv, no Cost column);
-    with `leakage` (results/curation/leakage.tsv) the tables get a footnote counting the excluded images."""
+    with `leakage` (results/curation/leakage.tsv) the tables get a footnote counting the excluded images;
+    `trained`: {(method, architecture, schedule): share of the network trained} (`collect.Collected.trained`),
+    the tables' trained_share / Trained column."""
     from openmind_bench.aggregate import compute as run_cost
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
@@ -104,7 +108,7 @@ def run(
         sorted(frame.metric.unique(), key=METRICS.index),
     )
 
-    table = build_table(frame, datasets_registry, external)
+    table = build_table(frame, datasets_registry, external, trained)
     dataset_order = dataset_columns(table)
     log.info("bootstrap: %d samples, seed %d", bootstrap_samples, seed)
     boot = bootstrap(frame, bootstrap_samples, seed, dataset_order=dataset_order)
@@ -146,4 +150,5 @@ def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bo
     metrics = list(metrics)
     collected = write_results(metrics, results_csv)
     return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed,
-               external=collected.external, compute=ledger_table(metrics, collected.run_labels), leakage=leakage)
+               external=collected.external, compute=ledger_table(metrics, collected.run_labels), leakage=leakage,
+               trained=collected.trained)

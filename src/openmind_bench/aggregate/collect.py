@@ -55,6 +55,13 @@ their `architecture` the one their scratch baseline uses, and they carry their p
       "check": {"moved": 310, "left_new": 48, ...}     # optional object (the check.json summary)
     }
 
+Every run may record what it trained (the fine-tuning engines write it; optional)::
+
+    "trained_parameters": {"count": 1234, "total": 5678, "share": 0.217}
+
+`Collected.trained` maps a row's labels to the mean share over its files (datasets differ a little:
+the decoder's last layer has as many outputs as classes); the tables show it beside the score.
+
 Every run of one method label must name the same checkpoint (the fields `PROVENANCE_FIELDS`): two
 files of one checkpoint name with different sha256, say, are refused rather than averaged. Such a
 label is never tagged with a selection. `Collected.external` maps the method label to the provenance
@@ -148,6 +155,17 @@ def _seed(doc: dict, run: str | None, path: Path) -> int | None:
     return value if value is not None else from_name
 
 
+def _trained_share(value, path: Path) -> float | None:
+    """The share of the network a run trained (field `trained_parameters`), or None when absent."""
+    if value is None:
+        return None
+    share = value.get("share") if isinstance(value, dict) else None
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise CollectError(f"{path}: field 'trained_parameters' must be an object whose 'share' is a number in "
+                           f"[0, 1], got {value!r}")
+    return float(share)
+
+
 def _external_checkpoint(value, method: str, where: str) -> dict | None:
     """The validated provenance of an external checkpoint's run, or None for our own runs; `where`
     starts every error message (the file and the field)."""
@@ -206,6 +224,7 @@ def read_metrics_json(path: str | Path) -> dict:
     fields["seed"] = _seed(doc, fields["run"], path)
     fields["external_checkpoint"] = _external_checkpoint(doc.get("external_checkpoint"), fields["method"],
                                                          f"{path}: field 'external_checkpoint'")
+    fields["trained_share"] = _trained_share(doc.get("trained_parameters"), path)
 
     cases = doc.get("cases") or []
     summary = doc.get("summary") or {}
@@ -249,6 +268,7 @@ class Collected:
     runs: pd.DataFrame  # RUN_COLUMNS, one row per labelled run (method, architecture, schedule)
     external: dict[str, dict]  # method label -> provenance (PROVENANCE_FIELDS + "architecture")
     run_labels: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # metrics.json path -> its labels
+    trained: dict[tuple[str, str, str], float] = field(default_factory=dict)  # labels -> mean trained share
 
 
 def gather(paths) -> Collected:
@@ -268,7 +288,7 @@ def gather(paths) -> Collected:
     if tag_epochs:
         log.info("runs use several epoch counts %s: appended to the architecture label", sorted(epochs, key=str))
 
-    records, owner, labelled, run_labels = [], {}, {}, {}
+    records, owner, labelled, run_labels, shares = [], {}, {}, {}, {}
     external, external_owner = {}, {}
     skipped = 0
     for path, doc in parsed:
@@ -286,6 +306,8 @@ def gather(paths) -> Collected:
             )
         owner[key] = path
         run_labels[str(path)] = key[:3]
+        if r["trained_share"] is not None:
+            shares.setdefault(key[:3], []).append(r["trained_share"])
         labelled.setdefault(key[:3], (r["method"], r["architecture"], r["selection"], r["epochs"], r["low_data_n"],
                                       r["external_checkpoint"] is not None))
         skipped += doc["skipped"]
@@ -302,7 +324,7 @@ def gather(paths) -> Collected:
     long = long.drop(columns="_metric_order").reset_index(drop=True)
     run_table = pd.DataFrame([(*label, *made_of) for label, made_of in sorted(labelled.items())], columns=RUN_COLUMNS)
     return Collected(long, run_table, {label: external[label] for label in sorted(external) if external[label]},
-                     run_labels)
+                     run_labels, {label: sum(v) / len(v) for label, v in shares.items()})
 
 
 def _architecture_label(architecture: str, epochs: str | None, tag_epochs: bool, low_data_n: int | None) -> str:

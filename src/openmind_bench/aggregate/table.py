@@ -27,7 +27,7 @@ from openmind_bench.registry import DatasetSpec, ordered_datasets
 log = logging.getLogger(__name__)
 
 STAT_COLUMNS = ["mean", "mean_id", "mean_ood", "avg_rank", "delta_scratch", "delta_scratch_ci_low",
-                "delta_scratch_ci_high"]
+                "delta_scratch_ci_high", "trained_share"]
 # The columns before the datasets: the run, whether it is an external checkpoint's, the metric.
 ROW_COLUMNS = [*RUN_KEY, "external", "metric"]
 SHA256_SHOWN = 12  # hex digits of a checkpoint's sha256 shown below the tables
@@ -57,9 +57,11 @@ def dataset_columns(table: pd.DataFrame) -> list[str]:
 
 
 def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec],
-                external: Mapping[str, dict] | None = None) -> pd.DataFrame:
+                external: Mapping[str, dict] | None = None,
+                trained: Mapping[tuple, float] | None = None) -> pd.DataFrame:
     """The benchmark table from a validated results frame (see `results.validate`); `external`: the
-    external checkpoints' method labels (their rows get `external` True)."""
+    external checkpoints' method labels (their rows get `external` True); `trained`: (method,
+    architecture, schedule) -> share of the network its runs trained (`trained_share`; NaN where unknown)."""
     values = dataset_values(frame)
     datasets = ordered_datasets(frame.dataset.unique(), registry)
     clash = sorted(set(datasets) & {*ROW_COLUMNS, *STAT_COLUMNS})
@@ -82,6 +84,7 @@ def build_table(frame: pd.DataFrame, registry: dict[str, DatasetSpec],
         blocks.append(block.reset_index())
     table = pd.concat(blocks, ignore_index=True)
     table["external"] = table.method.isin(list(external or {}))
+    table["trained_share"] = [(trained or {}).get(tuple(r), np.nan) for r in table[RUN_KEY].itertuples(index=False)]
     return table.reindex(columns=[*ROW_COLUMNS, *datasets, *STAT_COLUMNS])
 
 
@@ -122,7 +125,7 @@ def with_delta_intervals(table: pd.DataFrame, deltas: pd.DataFrame) -> pd.DataFr
         columns={"ci_low": "delta_scratch_ci_low", "ci_high": "delta_scratch_ci_high"})
     out = table.drop(columns=["delta_scratch_ci_low", "delta_scratch_ci_high"], errors="ignore")
     out = out.merge(bounds, on=[*RUN_KEY, "metric"], how="left", validate="one_to_one")
-    return out
+    return out.reindex(columns=list(table.columns))
 
 
 def scratch_references(run: tuple, runs) -> list[tuple]:
@@ -167,7 +170,7 @@ def _delta_scratch(metric: str, means: pd.Series) -> pd.Series:
 class _Column:
     key: str
     header: str
-    kind: str  # text | value | rank | delta
+    kind: str  # text | value | rank | delta | share (a percentage, never bold)
 
 
 @dataclass
@@ -189,6 +192,8 @@ def format_value(value, kind: str) -> str:
         return f"{value:.2f}"
     if kind == "delta":
         return f"{100 * value:+.2f}"
+    if kind == "share":
+        return f"{100 * value:.3g}"
     return f"{100 * value:.2f}"
 
 
@@ -201,6 +206,8 @@ def _blocks(table: pd.DataFrame, external: Mapping[str, dict], cost: Mapping[tup
                    _Column("schedule", "Schedule", "text")]
         columns += [_Column(d, d, "value") for d in dataset_cols if rows[d].notna().any()]
         columns.append(_Column("mean", "Mean", "value"))
+        if rows["trained_share"].notna().any():
+            columns.append(_Column("trained_share", "Trained (%)", "share"))
         columns += [_Column(c, h, "value") for c, h in (("mean_id", "ID mean"), ("mean_ood", "OOD mean"))
                     if rows[c].notna().any()]
         columns.append(_Column("avg_rank", "Avg. rank", "rank"))
@@ -214,7 +221,7 @@ def _blocks(table: pd.DataFrame, external: Mapping[str, dict], cost: Mapping[tup
         cells = [[format_value(row[c.key], c.kind) for c in columns] for _, row in rows.iterrows()]
         bold = [[False] * len(columns) for _ in range(len(rows))]
         for j, col in enumerate(columns):
-            if col.kind == "text" or rows[col.key].isna().all():
+            if col.kind in ("text", "share") or rows[col.key].isna().all():
                 continue
             best = rows[col.key].min() if col.kind == "rank" else rows[col.key].max()
             # Bold every cell that reads the same as the best at two decimals.
@@ -285,7 +292,8 @@ def render_markdown(table: pd.DataFrame, external: Mapping[str, dict] | None = N
         "(ties at two decimals all bold). Avg. rank: mean over datasets of the rank within each "
         "dataset (1 = best, ties share the mean rank; lower is better). Δ scratch: Mean minus the "
         "from-scratch Mean of the same architecture, in percentage points, with its 95% bootstrap interval "
-        "[low, high] (test cases, and seeds where runs have several). –: missing."
+        "[low, high] (test cases, and seeds where runs have several). Trained: the share of the "
+        "network's parameters the row's runs trained (LoRA: the adapters, stem and decoder). –: missing."
         + (" Cost: GPU-hours of the row's fine-tuning runs (every dataset and fold) and of the pre-training "
            "they start from, from the runs' compute.json (CPU-hours for runs without a GPU); "
            "compute.csv lists every run." if cost else ""),

@@ -34,6 +34,10 @@ phase change (groups that start training added) unless the phase starts a new on
 (`fresh_optimizer`), as in the segmentation trainer (the protocol's warm-start and cosine share one
 optimiser, as its single AdamW under a Lightning scheduler).
 
+The `lora` schedule (`downstream.lora`) attaches low-rank adapters to the backbone's encoder after
+the checkpoint is loaded and trains them with stem and head; the adapters are merged into the
+weights before the evaluation and before `checkpoint_final.pt` is written (a plain network).
+
 Output: per-case probabilities and balanced accuracy / AUROC (`metrics.json` + `metrics.csv`) in
 the aggregation shape, the fine-tuned weights (`checkpoint_final.pt`) and `progress.csv`.
 """
@@ -54,7 +58,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from openmind_bench import atomic, nets
-from openmind_bench.downstream import inference, schedules, splits, transfer, volumes
+from openmind_bench.downstream import inference, lora, schedules, splits, transfer, volumes
 from openmind_bench.downstream.settings import FinetuneSettings, checkpoint_architecture
 from openmind_bench.downstream.readers import Case, read_dataset
 from openmind_bench.engine import checkpoint, distributed, optimisation
@@ -345,10 +349,17 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
 
     torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))  # the same new head on every rank
     net, keys, patch, loaded = build_model(settings, spec, name)
-    net = net.to(ctx.device)
     family = family_of(net)
+    adapters = None
+    if lora.uses_lora(name.schedule):
+        adapters = lora.attach(net.backbone, family, settings.schedule_config["lora"],
+                               nets.adaptation_keys(net.backbone)["key_to_encoder"])
+    net = net.to(ctx.device)
     groups = transfer.parameter_groups(net, keys)
+    if adapters is not None:
+        groups = lora.adapter_groups(groups)
     schedule = build_schedule(settings, name, family, epochs, steps_per_epoch)
+    trained = transfer.trained_parameters(net, groups, frozenset().union(*(p.trainable for p in schedule.phases)))
     opt_cfg = optimiser_config(settings)
     grad_clip = math.inf if opt_cfg["grad_clip"] is None else float(opt_cfg["grad_clip"])
     objective = Objective(net, settings.label_smoothing).to(ctx.device)
@@ -357,7 +368,8 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     if ctx.is_main:
         settings.write(out / "settings.json")
         atomic.write_json(out / "schedule.json", {**schedule.to_dict(), "patch_size": patch,
-                                                  "transferred_tensors": len(loaded), "family": family, **training})
+                                                  "transferred_tensors": len(loaded), "family": family, **training,
+                                                  "trained_parameters": trained})
     log.info("dataset %s fold %s run %s: %d training / %d evaluation cases, patch %s, %s schedule over %d epochs "
              "of %d steps (batch %d x %d accumulated)", spec.name, settings.fold, name, len(train_cases),
              len(eval_cases), patch, schedule.name, epochs, steps_per_epoch, batch_size, accumulation)
@@ -365,9 +377,11 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     if (out / FINAL).exists():
         # kept by the launcher only for a run with this exact record (engine.record): evaluate it again
         log.info("reusing the trained model %s: its run's settings and inputs equal this job's", out / FINAL)
+        if adapters is not None:
+            adapters.merge()  # the saved model is the merged, plain network
         net.load_state_dict(torch.load(out / FINAL, map_location=ctx.device, weights_only=True)["network_weights"])
         if ctx.is_main:
-            _evaluate(net, spec, eval_cases, name, settings, patch, ctx, {**training, "reused": True})
+            _evaluate(net, spec, eval_cases, name, settings, patch, ctx, {**training, "reused": True}, trained)
         return "finished"
 
     train_volumes = shared_volumes(train_cases, settings.spacing, out / CASES, ctx)
@@ -456,10 +470,12 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
             distributed.barrier(ctx)
 
     ledger.finish("finished")  # before the evaluation, which rank 0 runs alone
+    if adapters is not None:
+        adapters.merge()
     if ctx.is_main:
         if settings.keep_checkpoint:
             _save(out / FINAL, net, None, epochs, settings, logger.history, schedule, patch, spec)
-        _evaluate(net, spec, eval_cases, name, settings, patch, ctx, training)
+        _evaluate(net, spec, eval_cases, name, settings, patch, ctx, training, trained)
         latest.unlink(missing_ok=True)
         (out / PREEMPTED).unlink(missing_ok=True)
         shutil.rmtree(out / CASES, ignore_errors=True)
@@ -468,12 +484,14 @@ def _run(settings: FinetuneSettings, ctx: distributed.Context) -> str:
     return "finished"
 
 
-def _evaluate(net, spec, eval_cases, name, settings: FinetuneSettings, patch, ctx, training: dict) -> None:
+def _evaluate(net, spec, eval_cases, name, settings: FinetuneSettings, patch, ctx, training: dict,
+              trained: dict) -> None:
     record = RunRecord.read(settings.out_dir)  # written by the launcher
     doc = inference.classify(net, spec, eval_cases, inference.identity(spec.name, name, settings.fold,
                                                                           settings.external_checkpoint),
                              patch, settings.spacing, ctx.device)
-    doc.update(training=training, run_record=record.summary() if record else None)
+    doc.update(training=training, run_record=record.summary() if record else None,
+               trained_parameters=trained)
     inference.write(doc, settings.out_dir)
 
 

@@ -34,6 +34,12 @@ whole-network warm-up length from config:
   it (the public Primus Sawtooth-150 trainer: 50), else W. Every warm-up ends at its peak, as on
   the fine-tuning branch (nnU-Net master's `Lin_incr_offset_LRScheduler` stops at half the peak).
 
+and one beyond the paper's five:
+
+- lora: the `warmup` schedule's phases (linear warm-up over W, then poly, at the pre-trained peak)
+  with the encoder's weights frozen and low-rank adapters trained on them (`downstream.lora`): there
+  the `encoder` group is the adapters alone; stem and decoder train fully.
+
 and the classification protocol's, which a classification run trains where its name says
 `default` (scratch runs included):
 
@@ -89,6 +95,11 @@ TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None, bool], ..
     "valley": (
         ("decoder", DECODER, "poly", "decoder", "decoder", False),
         ("warmup", ALL, "linear_warmup", "whole", None, True),
+        ("train", ALL, "poly", REST, None, False),
+    ),
+    # the encoder trains through LoRA adapters only (downstream.lora narrows its group to them)
+    "lora": (
+        ("warmup", ALL, "linear_warmup", "whole", None, False),
         ("train", ALL, "poly", REST, None, False),
     ),
     # classification (not a segmentation schedule): the `whole` warm-up is the classification config's

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from openmind_bench import names, nets
+from openmind_bench.downstream import lora
 from openmind_bench.config import ConfigError
 from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.settings import JsonSettings
@@ -42,7 +43,7 @@ class FinetuneSettings(JsonSettings):
     sliding_window_overlap: float | None
     label_smoothing: float | None
     head_dropout: float | None
-    schedule_config: dict  # peak_lr / warmup_epochs / poly_exponent / custom_schedules
+    schedule_config: dict  # peak_lr / warmup_epochs / poly_exponent / custom_schedules (+ lora: lora runs)
     architecture_presets: dict  # this run's architecture's entry of `pretrain.architecture_presets`, if any
     low_data_subset: str | None  # JSON path of the low-data subset (written once)
     split_settings: dict
@@ -179,6 +180,8 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
     schedule_config = {k: downstream[k] for k in _SCHEDULE_KEYS}
     schedule_config["custom_schedules"] = {k: v for k, v in (downstream["custom_schedules"] or {}).items()
                                            if k == name.schedule}
+    if lora.uses_lora(name.schedule):  # the adapters' settings, in the records of lora runs only
+        schedule_config["lora"] = lora.adapter_config(downstream)
     values = dict(
         dataset=dataset, fold=str(fold), run=run, out_dir=out_dir,
         registry=registry_path(config), root=downstream["root"], registry_entries=entries,
@@ -217,13 +220,19 @@ def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dic
             raise ConfigError(f"config key 'checkpoints[{i}].name': {name!r} is also a pre-training method of this "
                               "config; name the checkpoint apart")
     check_schedules(config, chosen, checkpoints)
+    unknown = sorted(set(downstream["lora"]["pretrained_runs"] or []) - {*chosen, *checkpoints})
+    if unknown:
+        raise ConfigError(f"config key 'downstream.lora.pretrained_runs': {unknown} are neither pre-training runs "
+                          f"this config fine-tunes ({chosen}) nor its checkpoints ({sorted(checkpoints)})")
     for i, arch in enumerate(section["scratch_architectures"]):
         try:
             nets.resolve(arch, config["pretrain"]["architecture_presets"])
         except ValueError as e:
             raise ConfigError(f"config key 'finetune.scratch_architectures[{i}]': {e}") from None
     epochs = [int(e) for e in downstream["epochs"]]
-    runs = [f"{p}__{s}__{e}" for p in [*chosen, *checkpoints] for s in downstream["schedules"] for e in epochs]
+    lora_sources = downstream["lora"]["pretrained_runs"]
+    runs = [f"{p}__{s}__{e}" for p in [*chosen, *checkpoints] for s in downstream["schedules"] for e in epochs
+            if not lora.uses_lora(s) or lora_sources is None or p in lora_sources]
     runs = _with_low_data(config, runs) + scratch_runs(config, section["scratch_architectures"])
     for r in runs:
         parse_run(r)  # fails early on a name the rules could not take apart
@@ -274,6 +283,8 @@ def check_schedules(config: dict, pretrain_runs: list[str], checkpoints: dict[st
     for i, schedule in enumerate(downstream["schedules"]):
         key = f"downstream.schedules[{i}]"
         names.check_name(schedule, key)
+        if lora.uses_lora(schedule):
+            lora.check_config(downstream["lora"])
         if schedule not in schedules.SCHEDULE_NAMES and schedule not in custom:
             raise ConfigError(f"config key '{key}': unknown schedule {schedule!r} (built-in: "
                               f"{list(schedules.SCHEDULE_NAMES)}; custom: {sorted(custom)})")
@@ -312,4 +323,18 @@ def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] 
     when not given)."""
     runs = run_names(config, pretrain_runs, checkpoints) if runs is None else runs
     folds = dataset_folds(config) if folds is None else folds
-    return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs]
+    lora_datasets = config["downstream"]["lora"]["datasets"]
+    if lora_datasets is not None:
+        unknown = sorted(set(lora_datasets) - set(folds))
+        if unknown:
+            raise ConfigError(f"config key 'downstream.lora.datasets': {unknown} are not datasets this config "
+                              f"fine-tunes on ({sorted(folds)})")
+    return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs
+            if runs_on(config, r, d)]
+
+
+def runs_on(config: dict, run: str, dataset: str) -> bool:
+    """Whether `run` is fine-tuned on `dataset`: everywhere, but a `lora` run only on the datasets of
+    `downstream.lora.datasets` (null = everywhere)."""
+    chosen = config["downstream"]["lora"]["datasets"]
+    return chosen is None or not lora.uses_lora(parse_run(run).schedule) or dataset in chosen

@@ -384,3 +384,13 @@ def add_starting_groups(optimizer, groups: dict, names) -> None:
     present = {g["name"] for g in optimizer.param_groups}
     for group in optimiser_groups(groups, [n for n in names if n not in present]):
         optimizer.add_param_group(group)
+
+
+def trained_parameters(net: nn.Module, groups: dict, trained) -> dict:
+    """How much of `net` the run trains: `count`, the parameters of the groups in `trained` (every
+    group some phase trains; under `lora`, the encoder group is its adapters), `total`, the
+    network's parameters as trained (adapters included, as peft counts), and `share` = count / total.
+    The groups hold each parameter once (`parameter_groups`)."""
+    count = sum(p.numel() for g in set(trained) for _, p in groups.get(g, []))
+    total = sum(p.numel() for p in net.parameters())
+    return {"count": int(count), "total": int(total), "share": count / total if total else 0.0}

@@ -10,7 +10,8 @@
    (resumes from its `checkpoint_latest.pth`; skips training when `checkpoint_final.pth` exists);
 4. nnU-Net's predictor (sliding window, Gaussian weighting, mirroring on all axes) writes the
    evaluation cases' label maps to `{out}/predictions/`;
-5. our per-case DSC / NSD (`openmind_bench.metrics`) on them -> `{out}/metrics.json` + `metrics.csv`.
+5. our per-case DSC / NSD (`openmind_bench.metrics`) on them -> `{out}/metrics.json` + `metrics.csv`,
+   with the trainer's count of what it trained (`trained_parameters`).
 
 nnU-Net's path variables and `nnUNet_n_proc_DA` (from the job's threads, >= 1) are set here for
 the job; `nnUNet_extTrainer` is set too, so any nnU-Net command started from the job finds the trainer.
@@ -22,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from openmind_bench.downstream import schedules, splits
+from openmind_bench.downstream import lora, schedules, splits
 from openmind_bench.names import METRICS_FILE
 from openmind_bench.downstream.nnunet import dataset as nndata
 from openmind_bench.downstream.nnunet import plans as nnplans
@@ -80,6 +81,8 @@ def build_plans(settings, name, spec, default_plans: dict, train_ids: list, val_
         "decoder_stage": options.get("decoder_stage", "published"),
         "train_cases": list(train_ids), "val_cases": list(val_ids),
     }
+    if lora.uses_lora(schedule.name):
+        run["lora"] = dict(settings.schedule_config["lora"])
     return nnplans.like_nnssl(default_plans, spacing=spacing_of(settings, pretrained), patch_size=patch,
                               batch_size=settings.batch_size, architecture_entry=entry,
                               channels=len(spec.modalities), run=run)
@@ -180,7 +183,7 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     dataset_json = _json(Path(prepared["raw"]) / prepared["dataset_name"] / "dataset.json")
     os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
     with nndata.environment(prepared["raw"], prepared["preprocessed"], results, threads):
-        from openmind_bench.downstream.nnunet.trainer import nnUNetTrainer_OpenMind
+        from openmind_bench.downstream.nnunet.trainer import TRAINED_PARAMETERS, nnUNetTrainer_OpenMind
 
         fold_dir = folder / f"fold_{fold}"
         reused = (fold_dir / CHECKPOINT).exists()
@@ -204,6 +207,9 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
     doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold,
                                                                             settings.external_checkpoint))
     doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused)
+    trained = fold_dir / TRAINED_PARAMETERS
+    if trained.is_file():  # written by the trainer (models of earlier versions have none)
+        doc["trained_parameters"] = _json(trained)
     inference.write(doc, out)
     ledger.finish("finished")
     return "finished"

@@ -19,7 +19,13 @@ public fine-tuning trainers add, read from the plans' `openmind_bench` section:
   decoder references the encoder), the decoder (+ the input projection when channels were repeated)
   for Primus; `decoder_only` freezes stem and encoder as the papers' text says. `frozen` always
   keeps them bit-identical;
-- gradient clipping 12 (CNN) / 1 (Primus), as nnU-Net's trainers.
+- gradient clipping 12 (CNN) / 1 (Primus), as nnU-Net's trainers;
+- the `lora` schedule (`downstream.lora`): adapters attached to the encoder after the checkpoint is
+  loaded, the encoder group narrowed to them; at the end of training they are merged into the
+  weights before `checkpoint_final.pth` is written, so the model folder holds a plain network
+  (`checkpoint_best.pth`, written with the adapters unmerged, is removed);
+- `trained_parameters.json` in the fold folder: the parameters some phase trains, the network's
+  total and their share (`transfer.trained_parameters`), for metrics.json and the table.
 
 Without an `openmind_bench` section (another nnU-Net plans file) it behaves as nnU-Net's default
 trainer minus deep supervision. `nnUNetv2_predict` finds it through `nnUNet_extTrainer` (this
@@ -29,6 +35,7 @@ package's folder; see `predict.ext_trainer_path`).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,9 +45,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 
-from openmind_bench.downstream import schedules, transfer
+from openmind_bench import atomic
+from openmind_bench.downstream import lora, schedules, transfer
 
 CNN_CLIP, TRANSFORMER_CLIP = 12.0, 1.0
+TRAINED_PARAMETERS = "trained_parameters.json"  # in the fold folder (transfer.trained_parameters)
 DECODER_STAGES = ("published", "decoder_only")
 
 
@@ -103,6 +112,8 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         self.current_trainable: frozenset | None = None
         self.current_phase: schedules.Phase | None = None
         self.compute_ledger = None  # engine.ledger.ComputeLedger, set by downstream.nnunet.run
+        self.adapters: lora.Adapters | None = None  # the lora schedule's, attached in configure_optimizers
+        self.trained_parameters: dict | None = None
 
     # ---------------------------------------------------------------- network
     @staticmethod
@@ -137,7 +148,15 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
             self.loaded_keys, self.channels_repeated = weights.load_pretrained(
                 net, checkpoint, self.configuration_manager.patch_size)
             self.print_to_log_file(f"loaded {len(self.loaded_keys)} encoder/stem tensors from {checkpoint}")
-        self.groups = transfer.parameter_groups(net, nets.adaptation_keys(net))
+        keys = nets.adaptation_keys(net)
+        if self.run_settings.get("lora") and self.adapters is None:
+            self.adapters = lora.attach(net, self.run_settings["family"], self.run_settings["lora"],
+                                        keys["key_to_encoder"])
+        self.groups = transfer.parameter_groups(net, keys)
+        if self.adapters is not None:
+            self.groups = lora.adapter_groups(self.groups)
+        trained = frozenset().union(*(self.phase_at(e)[2] for e in range(self.schedule.epochs)))
+        self.trained_parameters = transfer.trained_parameters(net, self.groups, trained)
         _, _, groups, _ = self.phase_at(self.current_epoch)
         self.optimizer = self.new_optimizer(groups)
         self.current_trainable, self.current_phase = None, None
@@ -204,10 +223,20 @@ class nnUNetTrainer_OpenMind(nnUNetTrainer):
         train, val = super().get_dataloaders()
         return (train if self.compute_ledger is None else self.compute_ledger.timed_loader(train)), val
 
+    def on_train_start(self):
+        super().on_train_start()
+        if self.trained_parameters is not None and self.local_rank == 0:
+            atomic.write_json(Path(self.output_folder, TRAINED_PARAMETERS), self.trained_parameters)
+
     def on_train_end(self):
         # nnU-Net shuts its augmenter down only when it sees the augmenter itself
         self.dataloader_train = getattr(self.dataloader_train, "loader", self.dataloader_train)
+        if self.adapters is not None:
+            self.adapters.merge()
+            self.print_to_log_file("LoRA adapters merged into the encoder's weights")
         super().on_train_end()
+        if self.adapters is not None and self.local_rank == 0:
+            Path(self.output_folder, "checkpoint_best.pth").unlink(missing_ok=True)  # unmerged: not a plain net
 
     def train_step(self, batch: dict) -> dict:
         with contextlib.nullcontext() if self.compute_ledger is None else self.compute_ledger.step():
