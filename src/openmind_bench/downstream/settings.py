@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from openmind_bench import names, nets
 from openmind_bench.config import ConfigError
+from openmind_bench.downstream import probes
 from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.settings import JsonSettings
 from openmind_bench.names import SCRATCH, parse_run
@@ -55,6 +56,7 @@ class FinetuneSettings(JsonSettings):
     # an external checkpoint's provenance and check summary (checkpoints.settings.provenance): the
     # source, sha256 and architecture this run fine-tunes, recorded in its metrics.json; None otherwise
     external_checkpoint: dict | None
+    probes: dict | None  # config downstream.probes (linear_probe / knn runs only; None otherwise)
     threads: int = 0  # set by the launcher
 
 
@@ -122,6 +124,9 @@ def split_path(config: dict, dataset: str, low_data_n: int | None = None) -> str
 # jobs that use them (Snakemake's params trigger compares these settings).
 _SEGMENTATION_ONLY = ("steps_per_epoch", "batch_size", "nnunet", "sliding_window_overlap")
 _CLASSIFICATION_ONLY = ("classification", "label_smoothing", "head_dropout", "amp", "amp_dtype", "keep_checkpoint")
+# What a probe run (linear_probe, knn) never reads: a change of the training protocol re-runs no probe.
+_PROBE_UNUSED = (*_SEGMENTATION_ONLY, "classification", "label_smoothing", "amp", "amp_dtype", "keep_checkpoint",
+                 "schedule_config")
 
 
 def dataset_entries(config: dict, dataset: str) -> dict:
@@ -185,11 +190,13 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         architecture_presets={k: v for k, v in pretrain["architecture_presets"].items() if k == architecture},
         external_checkpoint=external_checkpoint,
         low_data_subset=low_data_subset, split_settings=split_settings(config),
-        nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
+        nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]), probes=None,
         **{k: section[k] for k in _SETTING_KEYS},
     )
     unused = _CLASSIFICATION_ONLY if entries[dataset]["task"] == "seg" else _SEGMENTATION_ONLY
     values.update({k: None for k in unused})
+    if probes.is_probe(name.schedule):  # a probe reads its own settings, and none of the training's
+        values.update({k: None for k in _PROBE_UNUSED}, probes=dict(downstream["probes"]))
     return FinetuneSettings(**values)
 
 
@@ -260,9 +267,15 @@ def check_schedules(config: dict, pretrain_runs: list[str], checkpoints: dict[st
     for i, schedule in enumerate(downstream["schedules"]):
         key = f"downstream.schedules[{i}]"
         names.check_name(schedule, key)
+        if probes.is_probe(schedule):  # trains nothing: no lr curve to build
+            if schedule in custom:
+                raise ConfigError(f"config key 'downstream.custom_schedules.{schedule}': {schedule!r} names a probe; "
+                                  "name the custom schedule apart")
+            continue
         if schedule not in schedules.SCHEDULE_NAMES and schedule not in custom:
             raise ConfigError(f"config key '{key}': unknown schedule {schedule!r} (built-in: "
-                              f"{list(schedules.SCHEDULE_NAMES)}; custom: {sorted(custom)})")
+                              f"{list(schedules.SCHEDULE_NAMES)}; probes: {list(probes.PROBES)}; custom: "
+                              f"{sorted(custom)})")
         for family in families:
             for epochs in downstream["epochs"]:
                 try:
@@ -298,4 +311,11 @@ def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] 
     when not given)."""
     runs = run_names(config, pretrain_runs, checkpoints) if runs is None else runs
     folds = dataset_folds(config) if folds is None else folds
-    return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs]
+    return [names.finetune_metrics(d, r, f) for d, fs in folds.items() for r in runs for f in fs
+            if is_target(config, d, r)]
+
+
+def is_target(config: dict, dataset: str, run: str) -> bool:
+    """Whether the workflow runs `run` on `dataset` at all: probes (linear_probe, knn) classify, so a
+    segmentation dataset with a probe schedule is no target (its rows stay empty, no job fails)."""
+    return cached_registry(config).get(dataset).task == "cls" or not probes.is_probe(parse_run(run).schedule)

@@ -38,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
     """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call):
-    segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine."""
+    segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine,
+    linear_probe / knn runs in this process (downstream.probes)."""
+    from openmind_bench.downstream import probes
+    from openmind_bench.names import parse_run
+
+    if probes.is_probe(parse_run(settings.run).schedule):  # no training: one process, no torchrun
+        settings.threads = int(threads or settings.threads)
+        probes.run(settings)
+        return 0
     if is_segmentation(settings):
         from openmind_bench.downstream.nnunet.run import finetune_segmentation
 
