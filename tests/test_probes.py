@@ -20,7 +20,7 @@ from openmind_bench import config as omb_config
 from openmind_bench.aggregate import probe_histories
 from openmind_bench.aggregate.collect import read_metrics_json
 from openmind_bench.config import ConfigError
-from openmind_bench.downstream import probes, settings as run_settings, splits
+from openmind_bench.downstream import probes, settings as run_settings, splits, worker
 from openmind_bench.downstream.readers import case_table, read_dataset
 from openmind_bench.engine import checkpoint
 from openmind_bench.pretrain import trainer
@@ -139,8 +139,7 @@ def test_probe_runs_score_the_split_with_cached_features(downstream_root, tmp_pa
         s = run_settings.resolve(config, CLS, run, "test", out_dir=str(out), split=str(split),
                                  pretrained_checkpoint=str(ckpt))
         assert s.probes == SETTINGS and s.classification is None and s.schedule_config is None
-        s.threads = 1
-        assert probes.run(s) == "finished"
+        assert worker.launch(s, threads=1) == 0  # what rule finetune calls: the probe, in this process
         docs[schedule] = json.loads((out / "metrics.json").read_text())
         read_metrics_json(out / "metrics.json")  # the aggregation stage takes it
         assert (out / probes.FEATURES_FILE).exists()
@@ -157,7 +156,6 @@ def test_probe_runs_score_the_split_with_cached_features(downstream_root, tmp_pa
         raise AssertionError("features recomputed")
 
     monkeypatch.setattr(probes, "extract", no_forward)
-    s.out_dir = str(tmp_path / "results" / "downstream" / CLS / "mae__ResEncTiny__demo__knn__2" / "fold_test")
     assert probes.run(s) == "finished"
     assert json.loads((tmp_path / "results" / "downstream" / CLS / "mae__ResEncTiny__demo__knn__2" / "fold_test" /
                        "metrics.json").read_text())["cases"] == docs["knn"]["cases"]
