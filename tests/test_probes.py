@@ -149,6 +149,7 @@ def test_probe_runs_score_the_split_with_cached_features(downstream_root, tmp_pa
     assert (doc["schedule"], doc["method"], doc["architecture"], doc["fold"]) == \
         ("linear_probe", "mae", "ResEncTiny", "test")
     assert doc["training"]["probe"] == "linear_probe" and doc["training"]["feature_width"] > 0
+    assert doc["run_record"]["inputs"]["checkpoint"]["sha256"]  # what the probe was made from
     assert docs["knn"]["training"]["k"] == len(splits.read_split(str(split))["train"])  # 20 capped at the cases
 
     # a rerun reads every feature from the cache: no forward pass

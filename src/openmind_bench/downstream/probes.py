@@ -221,11 +221,11 @@ def run(settings) -> str:
     training and evaluation cases, the probe fitted on the first, `metrics.json` of the second."""
     import torch
 
-    from openmind_bench.digests import file_digest
-    from openmind_bench.downstream import classification, inference, splits
+    from openmind_bench.downstream import classification, inference, settings as run_settings, splits
     from openmind_bench.downstream.readers import read_dataset
-    from openmind_bench.engine.record import RunRecord
+    from openmind_bench.engine.record import prepare_run_dir
     from openmind_bench.engine.step import derive_seed
+    from openmind_bench.metrics import classification_document
     from openmind_bench.names import parse_run
     from openmind_bench.registry import load_registry
 
@@ -246,12 +246,16 @@ def run(settings) -> str:
     train_cases, eval_cases = splits.training_cases(settings, data, name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
+    # the record of the run's settings and inputs (sha256 of checkpoint, split, subset) beside its results,
+    # as the launcher writes it for training runs; the feature cache keeps its own key
+    record = run_settings.run_record(settings)
+    prepare_run_dir(out, record, state=("metrics.csv",), label=f"probe {name}")
     torch.manual_seed(derive_seed(settings.seed, _TAG_INIT))
     net, _, patch, loaded = classification.build_model(settings, spec, name)
     net = net.to(device)
     settings.write(out / "settings.json")
-    key = {"checkpoint_sha256": file_digest(settings.checkpoint), "patch_size": [int(p) for p in patch],
-           "spacing": settings.spacing, "transferred_tensors": len(loaded)}
+    key = {"checkpoint_sha256": record.inputs["checkpoint"]["sha256"],
+           "patch_size": [int(p) for p in patch], "spacing": settings.spacing, "transferred_tensors": len(loaded)}
     features = cached_features(out / FEATURES_FILE, key, net.backbone, [*train_cases, *eval_cases], patch,
                                settings.spacing, device)
     train_x, eval_x = features[:len(train_cases)], features[len(train_cases):]
@@ -259,15 +263,12 @@ def run(settings) -> str:
     probabilities, chosen = fit_and_predict(
         name.schedule, train_x, np.array([int(c.target) for c in train_cases]), eval_x, len(spec.labels),
         settings.probes, settings.seed, where=f"run {name} on {spec.name} fold {settings.fold}")
-    from openmind_bench.metrics import classification_document
-
     doc = classification_document(
         inference.identity(spec.name, name, settings.fold, settings.external_checkpoint),
         [c.case_id for c in eval_cases], [int(c.target) for c in eval_cases], probabilities, spec.class_names)
-    record = RunRecord.read(out)
     doc.update(training={**chosen, "patch_size": [int(p) for p in patch], "feature_seconds": round(feature_seconds, 3),
                          "seconds": round(time.time() - started, 3)},
-               run_record=record.summary() if record else None)
+               run_record=record.summary())
     inference.write(doc, out)
     log.info("%s on %s fold %s: %s, balanced accuracy %.3f", name, spec.name, settings.fold, chosen,
              doc["summary"]["balanced_accuracy"])
