@@ -61,7 +61,8 @@ def fit_seconds(cases: int, width: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="ResEncL and PrimusM at 160^3")
-    parser.add_argument("--archs", nargs="*", help="architecture presets (default: tiny ones, or the papers' with --full)")
+    parser.add_argument("--archs", nargs="*",
+                        help="architecture presets (default: tiny ones, or the papers' with --full)")
     parser.add_argument("--patch", type=int, help="cube edge (default 32, or 160 with --full)")
     parser.add_argument("--cases", type=int, help="cases of one pass (default 12: the demo set's training part; "
                                                   "100 with --full)")

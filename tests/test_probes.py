@@ -22,7 +22,6 @@ from openmind_bench.aggregate.collect import read_metrics_json
 from openmind_bench.config import ConfigError
 from openmind_bench.downstream import probes, settings as run_settings, splits, worker
 from openmind_bench.downstream.readers import case_table, read_dataset
-from openmind_bench.engine import checkpoint
 from openmind_bench.pretrain import trainer
 from openmind_bench.registry import load_registry
 
@@ -100,7 +99,8 @@ def test_probe_schedules_are_targets_of_classification_datasets_only(downstream_
     targets = run_settings.targets(config, ["mae__ResEncTiny__demo"])
     probe_targets = [t for t in targets if "_probe__" in t or "__knn__" in t]
     assert sorted(probe_targets) == [
-        f"results/downstream/{CLS}/mae__ResEncTiny__demo__{s}__2/fold_test/metrics.json" for s in ("knn", "linear_probe")]
+        f"results/downstream/{CLS}/mae__ResEncTiny__demo__{s}__2/fold_test/metrics.json"
+        for s in ("knn", "linear_probe")]
     assert "results/downstream/DemoLesionT1/mae__ResEncTiny__demo__default__2/fold_test/metrics.json" in targets
     assert not run_settings.is_target(config, "DemoLesionT1", "mae__ResEncTiny__demo__knn__2")
     with pytest.raises(ConfigError, match="custom_schedules.knn"):
@@ -168,6 +168,9 @@ def test_probe_settings_errors_name_the_key(downstream_root, tmp_path):
     resolved = probes.training_probe_config(config)  # null: the registry's first classification dataset
     assert [d["name"] for d in resolved["datasets"]] == [CLS] and resolved["every"] == 2
     assert resolved["datasets"][0]["split"] == "results/downstream/splits/DemoPatientCls.json"
+    elsewhere = _config(tmp_path / "nowhere", pretrain={"probe_every": 1})
+    with pytest.raises(ConfigError, match=r"downstream_registry'.*DemoPatientCls' has no folder"):
+        probes.training_probe_config(elsewhere)
     with pytest.raises(ConfigError, match=r"pretrain.probe_datasets\[0\]'.*seg dataset"):
         probes.training_probe_config(_config(downstream_root, pretrain={"probe_every": 1,
                                                                          "probe_datasets": ["DemoLesionT1"]}))

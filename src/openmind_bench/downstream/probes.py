@@ -291,8 +291,8 @@ def training_probe_config(config: dict) -> dict | None:
     if chosen is None:
         first = registry.names(task="cls")[:1]
         if not first:
-            raise ConfigError(f"config key 'pretrain.probe_datasets': null asks for the first classification dataset of "
-                              f"the registry {registry.path}, which has none; name one or set pretrain.probe_every: 0")
+            raise ConfigError("config key 'pretrain.probe_datasets': null asks for the first classification dataset "
+                              f"of the registry {registry.path}, which has none; name one or set pretrain.probe_every: 0")
         chosen, key = first, "downstream_registry"
     else:
         key = "pretrain.probe_datasets"
@@ -309,6 +309,9 @@ def training_probe_config(config: dict) -> dict | None:
         if spec.task != "cls":
             raise ConfigError(f"config key '{where}': probe dataset {dataset!r} is a {spec.task} dataset; "
                               "probes classify (name a classification dataset)")
+        if not config["downstream"]["build_demo"] and not spec.source.is_dir():
+            raise ConfigError(f"config key '{where}': probe dataset {dataset!r} has no folder {spec.source} "
+                              f"(registry {registry.path}, under downstream.root)")
         datasets.append({"name": dataset, "split": run_settings.split_path(config, dataset)})
     return {"every": int(section["probe_every"]), "probes": list(section["probes"]), "datasets": datasets,
             "registry": run_settings.registry_path(config), "root": config["downstream"]["root"],

@@ -103,7 +103,8 @@ def training_probe(settings: PretrainSettings, arch, network_patch, source, ctx,
     when the run has none."""
     if not (settings.probe_every and settings.probe and ctx.is_main):
         if settings.probe_every and not settings.probe and ctx.is_main:
-            log.warning("pretrain.probe_every is %s but the run names no probe dataset: no probes", settings.probe_every)
+            log.warning("pretrain.probe_every is %s but the run names no probe dataset: no probes",
+                        settings.probe_every)
         return None, None
     from openmind_bench.downstream.probes import TrainingProbe
 
