@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from openmind_bench.aggregate.ranking import dataset_ranks
 from openmind_bench.aggregate.results import RUN_KEY, run_label
@@ -294,8 +295,8 @@ def compute_hours(compute: pd.DataFrame, path: Path) -> Figure:
 def probe_curve(history: list[dict], finetune: dict[str, float], path: Path, title: str) -> Figure:
     """Balanced accuracy of the probes during one pre-training run (progress.csv rows: `history`) over
     its epochs, one line per probe dataset x probe; beside it (right panel) the balanced accuracy of
-    the fine-tuning runs of its final checkpoint (`finetune`: label -> value, e.g. 'DemoPatientCls
-    default')."""
+    the runs of its final checkpoint on the test split, fine-tuned or probed (`finetune`: label ->
+    value, e.g. 'DemoPatientCls default')."""
     from openmind_bench.downstream.probes import parse_metric_column
 
     curves: dict[str, tuple[list, list]] = {}
@@ -313,8 +314,9 @@ def probe_curve(history: list[dict], finetune: dict[str, float], path: Path, tit
     for i, (label, (xs, ys)) in enumerate(sorted(curves.items())):
         left.plot(xs, ys, marker="o", markersize=3, color=colours[i % 10], label=label)
     left.set_xlabel("pre-training epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("balanced accuracy (%)")
-    left.set_ylim(0, 100)
+    left.set_ylim(0, 103)  # a line at 100 stays visible
     left.grid(True, color="#dddddd", linewidth=0.6)
     if curves:
         left.legend(fontsize=8, loc="lower right", title="probe (out-of-fold, training cases)", title_fontsize=8)
@@ -329,7 +331,8 @@ def probe_curve(history: list[dict], finetune: dict[str, float], path: Path, tit
     right.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     right.set_xlim(-0.7, max(len(labels), 1) - 0.3)
     right.grid(True, axis="y", color="#dddddd", linewidth=0.6)
-    right.set_title("fine-tuned\n(final checkpoint, test)" if labels else "no fine-tuning\nresults yet", fontsize=9)
+    right.set_title("final checkpoint's rows\n(dataset schedule, test)" if labels else "no fine-tuning\nresults yet",
+                    fontsize=9)
     return _save(fig, path)
 
 
