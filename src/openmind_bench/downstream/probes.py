@@ -368,11 +368,11 @@ class TrainingProbe:
         row: dict = {}
         panels = None
         with preserved_random_state():
-            if self._network is None:
-                self._network = self.build_network().to(self.device)
-            self._network.load_state_dict(method.backbone.state_dict())
             for dataset in self.config["datasets"]:
                 try:
+                    if self._network is None:
+                        self._network = self.build_network().to(self.device)
+                    self._network.load_state_dict(method.backbone.state_dict())
                     row.update(self._score(dataset))
                 except Exception as e:  # noqa: BLE001 - a failed probe must not end the pre-training
                     log.warning("epoch %d: probe of %s skipped: %s: %s", epochs_done, dataset["name"],
