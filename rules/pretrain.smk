@@ -9,6 +9,8 @@ rule pretrain:
         # The preprocessing stage's training subjects and held-out subjects (validation loss).
         train=rules.select_pretrain_data.output.train,
         val=rules.select_pretrain_data.output.val,
+        # the probe datasets' splits and data (pretrain.probe_every; empty without probes)
+        probe_data=pretrain_probe_inputs,
     output:
         checkpoint=omb_names.PRETRAIN_CHECKPOINT,
     params:

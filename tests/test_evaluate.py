@@ -50,7 +50,7 @@ def _config(**overrides) -> dict:
 
 
 def test_every_schedule_epoch_and_low_data_size_applies_to_an_external_checkpoint():
-    config = _config(downstream={"low_data_n": [4]}, checkpoints=[])
+    config = _config(downstream={"low_data_n": [4], "schedules": ["default", "frozen"]}, checkpoints=[])
     entries = {"mine": {"name": "mine", "source": "/x.pth"}}
     ours = ["simclr__ResEncTiny__demo", "mae__PrimusTiny__demo"]
     runs = ft_settings.run_names(config, ours, entries)

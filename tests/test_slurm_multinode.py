@@ -38,8 +38,10 @@ OVERLAY = {
         "batch_source": "openmind_bench.pretrain.batches:template_batches",
         # runtime above the profile's --signal=USR1@600 (else the warning comes at the start)
         "resources": {"gpu": 0, "nodes": 2, "cpu_multinode": True, "cpus_per_gpu": 1, "mem_mb": 1500, "runtime": 30},
+        "probe_every": 0,  # the demo probes every epoch; this test compares weights only
     },
     "finetune": {"pretrained_runs": [RUN]},
+    "downstream": {"lora": {"pretrained_runs": None}},  # the demo's lora row names a run this overlay drops
 }
 
 

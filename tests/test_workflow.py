@@ -14,9 +14,10 @@ from conftest import registry_folders, run_snakemake
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 25,
+    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 28,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
     "fingerprint_shard": 6, "downstream_fingerprints": 3, "curate_content": 1,
+    # finetune: 3 datasets x (3 checkpoints x 2 schedules + 2 scratch) + 1 lora + 3 linear_probe runs (classification only)
     # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
     "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, "checkpoint_scores": 1,
 }
@@ -417,9 +418,9 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
     counts = _job_counts(run_snakemake(work, *configs, "-n", "all"))
     assert counts["fetch_checkpoint"] == 2 and counts["check_checkpoint"] == 2 and counts["checkpoint_scores"] == 2
     # each checkpoint x 2 schedules x 3 dataset-folds (the demo's own external entry is replaced: no hub; the
-    # demo's one lora row stays)
+    # demo's one lora row stays), + linear_probe of the 2 own and 2 external checkpoints on the classification set
     demo = {k: v for k, v in DEMO_JOBS.items() if "checkpoint" not in k and k != "demo_hub"}
-    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 18 + 1 + 2 * 2 * 3}
+    assert {k: v for k, v in counts.items() if "checkpoint" not in k} == {**demo, "finetune": 18 + 1 + 2 * 2 * 3 + 4}
 
     targets = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
     proc = run_snakemake(work, *configs, "-c2", "--keep-going", *targets)

@@ -1,10 +1,14 @@
 # Helpers of the pretrain rules (rules/pretrain.smk): input functions, run lists, targets.
 
+from openmind_bench.downstream import probes as omb_probes  # noqa: E402  (torch-free)
 from openmind_bench.pretrain import settings as omb_pretrain  # noqa: E402  (torch-free)
 
 PRETRAIN = config["pretrain"]
 # stages.pretrain off (config/evaluate.yaml): nothing is pre-trained, nor fine-tuned from this config's runs
 PRETRAIN_RUNS = omb_pretrain.run_names(PRETRAIN, list(SELECTIONS)) if config["stages"]["pretrain"] else []
+# The probes during pre-training (pretrain.probe_every): datasets, splits and settings, checked here,
+# before any job (a probe dataset that is not a usable classification set is an error naming the key)
+PRETRAIN_PROBE = omb_probes.training_probe_config(config) if PRETRAIN_RUNS else None
 # The job's resources (one node, or several through the SLURM plugin); a bad shape is a ConfigError here.
 PRETRAIN_JOB_RESOURCES = omb_pretrain.job_resources(PRETRAIN["resources"])
 
@@ -33,7 +37,16 @@ def pretrain_settings(wildcards):
         train_data=expand(selection_output.train, selection=wildcards.selection)[0],
         val_data=expand(selection_output.val, selection=wildcards.selection)[0],
         selection=wildcards.selection,
+        probe=PRETRAIN_PROBE,
     ).to_dict()
+
+
+def pretrain_probe_inputs(wildcards):
+    """The split files of the probe datasets (rule downstream_split), and the demo's downstream sets
+    when the config builds them; nothing without probes."""
+    if PRETRAIN_PROBE is None:
+        return []
+    return [d["split"] for d in PRETRAIN_PROBE["datasets"]] + downstream_data(wildcards)
 
 
 def pretrain_threads(wildcards):

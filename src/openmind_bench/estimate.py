@@ -98,7 +98,7 @@ def _classification_cases(config: dict, dataset: str, fold: str) -> tuple[int, b
 
 def jobs(config: dict) -> list[Job]:
     """Every training job of `all` for a validated config."""
-    from openmind_bench.downstream import settings as downstream_settings
+    from openmind_bench.downstream import probes, settings as downstream_settings
     from openmind_bench.pretrain import settings as pretrain_settings
 
     pre, down, fine = config["pretrain"], config["downstream"], config["finetune"]
@@ -122,6 +122,8 @@ def jobs(config: dict) -> list[Job]:
     cls = down["classification"]
     for run in downstream_settings.run_names(config, pretrain_runs, checkpoints):
         name = names.parse_run(run)
+        if probes.is_probe(name.schedule):  # no training steps: a probe costs a forward pass per case
+            continue
         arch = name.architecture or (checkpoints.get(name.checkpoint) or {}).get("architecture")
         patch = fine["patch_size"] or (pre["recommended_downstream_patch_size"] if name.pretrained
                                        else fine["scratch_patch_size"])

@@ -15,7 +15,9 @@
 - `compute.csv`: one row per run with a compute ledger (`aggregate.compute`); the Markdown table's
   Cost column sums it per row
 - `plots/`: `heatmap_{metric}.png`, `rank_stability_{metric}.png`, `bars_{metric}_{dataset}.png`,
-  `compute_hours.png` (GPU-hours per method x architecture, when there are ledgers)
+  `compute_hours.png` (GPU-hours per method x architecture, when there are ledgers),
+  `probe_curve_{pre-training run}.png` (its probes over the pre-training epochs beside the balanced
+  accuracy of its fine-tuning runs, for runs that probed: `pretrain.probe_every`)
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def run(
     compute=None,
     leakage: str | Path | None = None,
     trained: dict[tuple[str, str, str], float] | None = None,
+    probe_runs: dict | None = None,
 ) -> Outputs:
     """Read RESULTS.csv and write every aggregation output into `out`; `external`: {method label:
     provenance} of the external checkpoints among the runs (`collect.Collected.external`); `compute`:
     the runs' compute ledgers (`compute.ledger_table`; None: an empty compute.csv, no Cost column);
     with `leakage` (results/curation/leakage.tsv) the tables get a footnote counting the excluded images;
     `trained`: {(method, architecture, schedule): share of the network trained} (`collect.Collected.trained`),
-    the tables' trained_share / Trained column."""
+    the tables' trained_share / Trained column;
+    `probe_runs`: `probe_histories`' {pre-training run: (progress rows, fine-tuning scores)}."""
     from openmind_bench.aggregate import compute as run_cost
     # Imported here: matplotlib and scipy are slow to import and only this stage needs them.
     from openmind_bench.aggregate import plots
@@ -132,6 +136,7 @@ def run(
         written = plots.write_all(table, boot.ranks, boot.intervals, tmp)
         if len(compute):
             written.append(plots.compute_hours(compute, tmp / "compute_hours.png"))
+        written += plots.probe_curves(probe_runs or {}, tmp)
     log.info("wrote %s, %s, %s, %s and %d figures in %s", paths.table_csv.name, paths.table_md.name,
              paths.table_tex.name, paths.ranks.name, len(written), paths.plots)
     return paths
@@ -151,4 +156,38 @@ def benchmark_table(metrics, out: str | Path, *, registry: str | Path | None, bo
     collected = write_results(metrics, results_csv)
     return run(results_csv, out, registry=registry, bootstrap_samples=bootstrap_samples, seed=seed,
                external=collected.external, compute=ledger_table(metrics, collected.run_labels), leakage=leakage,
-               trained=collected.trained)
+               trained=collected.trained, probe_runs=probe_histories(metrics))
+
+
+def probe_histories(metrics) -> dict[str, tuple[list[dict], dict[str, float]]]:
+    """{pre-training run: (its progress.csv rows, {'{dataset} {schedule}': balanced accuracy of its
+    fine-tuning runs on the fixed test split})} for the pre-training runs of `metrics` (metrics.json
+    paths under results/downstream/) whose progress.csv holds probe scores."""
+    import csv
+    import json
+
+    from openmind_bench.aggregate.compute import pretrain_ledger_path
+    from openmind_bench.downstream.probes import parse_metric_column
+    from openmind_bench.names import InvalidName, parse_run
+
+    out: dict[str, tuple[list[dict], dict[str, float]]] = {}
+    unprobed: set[str] = set()
+    for path in map(Path, metrics):
+        doc = json.loads(path.read_text())
+        try:
+            name = parse_run(str(doc.get("run")))
+        except InvalidName:
+            continue
+        if name.pretrain_run is None or name.pretrain_run in unprobed:
+            continue
+        if name.pretrain_run not in out:
+            progress = pretrain_ledger_path(path, name.pretrain_run).with_name("progress.csv")
+            rows = list(csv.DictReader(progress.open())) if progress.is_file() else []
+            if not any(parse_metric_column(k) for k in (rows[0] if rows else {})):
+                unprobed.add(name.pretrain_run)
+                continue
+            out[name.pretrain_run] = (rows, {})
+        value = (doc.get("summary") or {}).get("balanced_accuracy")
+        if doc.get("task") == "cls" and str(doc.get("fold")) == "test" and value is not None and not name.low_data_n:
+            out[name.pretrain_run][1][f"{doc['dataset']} {name.schedule}"] = float(value)
+    return out

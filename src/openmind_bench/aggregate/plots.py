@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from openmind_bench.aggregate.ranking import dataset_ranks
 from openmind_bench.aggregate.results import RUN_KEY, run_label
@@ -288,3 +289,59 @@ def compute_hours(compute: pd.DataFrame, path: Path) -> Figure:
                        Patch(facecolor="white", edgecolor="black", label="fine-tuning")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, path)
+
+
+@_default_style
+def probe_curve(history: list[dict], finetune: dict[str, float], path: Path, title: str) -> Figure:
+    """Balanced accuracy of the probes during one pre-training run (progress.csv rows: `history`) over
+    its epochs, one line per probe dataset x probe; beside it (right panel) the balanced accuracy of
+    the runs of its final checkpoint on the test split, fine-tuned or probed (`finetune`: label ->
+    value, e.g. 'DemoPatientCls default')."""
+    from openmind_bench.downstream.probes import parse_metric_column
+
+    curves: dict[str, tuple[list, list]] = {}
+    for row in history:
+        for column, value in row.items():
+            parts = parse_metric_column(column)
+            if parts is None or parts[2] != "balanced_accuracy" or value in (None, "") or not np.isfinite(float(value)):
+                continue
+            xs, ys = curves.setdefault(f"{parts[0]} {parts[1]}", ([], []))
+            xs.append(int(row["epoch"]))
+            ys.append(100 * float(value))
+    fig = Figure(figsize=(8.5 + 0.05 * max([len(k) for k in finetune] or [0]), 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True, width_ratios=[3, 1])
+    colours = colormaps["tab10"].colors
+    for i, (label, (xs, ys)) in enumerate(sorted(curves.items())):
+        left.plot(xs, ys, marker="o", markersize=3, color=colours[i % 10], label=label)
+    left.set_xlabel("pre-training epoch")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_ylabel("balanced accuracy (%)")
+    left.set_ylim(0, 103)  # a line at 100 stays visible
+    left.grid(True, color="#dddddd", linewidth=0.6)
+    if curves:
+        left.legend(fontsize=8, loc="lower right", title="probe (out-of-fold, training cases)", title_fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no probe scores", ha="center", va="center", transform=left.transAxes)
+    left.set_title(f"probes during pre-training: {title}", fontsize=10)
+    labels = sorted(finetune)
+    y = [100 * float(finetune[k]) for k in labels]
+    right.scatter(range(len(labels)), y, color="black", zorder=3)
+    for xi, yi in enumerate(y):
+        right.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=8)
+    right.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    right.set_xlim(-0.7, max(len(labels), 1) - 0.3)
+    right.grid(True, axis="y", color="#dddddd", linewidth=0.6)
+    right.set_title("final checkpoint's rows\n(dataset schedule, test)" if labels else "no fine-tuning\nresults yet",
+                    fontsize=9)
+    return _save(fig, path)
+
+
+def probe_curves(runs: dict[str, tuple[list[dict], dict[str, float]]], directory: Path) -> list[Path]:
+    """probe_curve_{pre-training run}.png for every run of `runs` (run -> (progress rows, fine-tuning
+    scores)) whose progress has probe scores."""
+    written = []
+    for run, (history, finetune) in sorted(runs.items()):
+        path = directory / f"probe_curve_{file_stem(run)}.png"
+        probe_curve(history, finetune, path, run)
+        written.append(path)
+    return written

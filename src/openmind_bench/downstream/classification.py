@@ -92,11 +92,9 @@ class PooledEncoderClassifier(nn.Module):
         self.head = nn.Linear(int(width), n_classes)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.backbone, "eva"):
-            from openmind_bench.nets.primus import embed_tokens, run_eva
+        from openmind_bench.downstream.probes import pooled_features  # the probes' features are the head's input
 
-            return run_eva(self.backbone.eva, embed_tokens(self.backbone, image)).mean(dim=1)
-        return self.backbone.encoder(image)[-1].mean(dim=(2, 3, 4))
+        return pooled_features(self.backbone, image)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(image)))

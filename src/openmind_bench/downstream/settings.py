@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from openmind_bench import names, nets
 from openmind_bench.downstream import lora
 from openmind_bench.config import ConfigError
+from openmind_bench.downstream import probes
 from openmind_bench.engine.record import RunRecord
 from openmind_bench.engine.settings import JsonSettings
 from openmind_bench.names import SCRATCH, parse_run
@@ -56,6 +57,7 @@ class FinetuneSettings(JsonSettings):
     # an external checkpoint's provenance and check summary (checkpoints.settings.provenance): the
     # source, sha256 and architecture this run fine-tunes, recorded in its metrics.json; None otherwise
     external_checkpoint: dict | None
+    probes: dict | None  # config downstream.probes (linear_probe / knn runs only; None otherwise)
     threads: int = 0  # set by the launcher
 
 
@@ -126,6 +128,9 @@ def split_path(config: dict, dataset: str, low_data_n: int | None = None, seed: 
 # jobs that use them (Snakemake's params trigger compares these settings).
 _SEGMENTATION_ONLY = ("steps_per_epoch", "batch_size", "nnunet", "sliding_window_overlap")
 _CLASSIFICATION_ONLY = ("classification", "label_smoothing", "head_dropout", "amp", "amp_dtype", "keep_checkpoint")
+# What a probe run (linear_probe, knn) never reads: a change of the training protocol re-runs no probe.
+_PROBE_UNUSED = (*_SEGMENTATION_ONLY, "classification", "label_smoothing", "amp", "amp_dtype", "keep_checkpoint",
+                 "schedule_config")
 
 
 def dataset_entries(config: dict, dataset: str) -> dict:
@@ -191,13 +196,15 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
         architecture_presets={k: v for k, v in pretrain["architecture_presets"].items() if k == architecture},
         external_checkpoint=external_checkpoint,
         low_data_subset=low_data_subset, split_settings=split_settings(config),
-        nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]),
+        nnunet=dict(downstream["nnunet"]), classification=dict(downstream["classification"]), probes=None,
         **{k: section[k] for k in _SETTING_KEYS},
     )
     if name.seed is not None:  # a run of `finetune.seeds`
         values["seed"] = name.seed
     unused = _CLASSIFICATION_ONLY if entries[dataset]["task"] == "seg" else _SEGMENTATION_ONLY
     values.update({k: None for k in unused})
+    if probes.is_probe(name.schedule):  # a probe reads its own settings, and none of the training's
+        values.update({k: None for k in _PROBE_UNUSED}, probes=dict(downstream["probes"]))
     return FinetuneSettings(**values)
 
 
@@ -285,9 +292,15 @@ def check_schedules(config: dict, pretrain_runs: list[str], checkpoints: dict[st
         names.check_name(schedule, key)
         if lora.uses_lora(schedule):
             lora.check_config(downstream["lora"])
+        if probes.is_probe(schedule):  # trains nothing: no lr curve to build
+            if schedule in custom:
+                raise ConfigError(f"config key 'downstream.custom_schedules.{schedule}': {schedule!r} names a probe; "
+                                  "name the custom schedule apart")
+            continue
         if schedule not in schedules.SCHEDULE_NAMES and schedule not in custom:
             raise ConfigError(f"config key '{key}': unknown schedule {schedule!r} (built-in: "
-                              f"{list(schedules.SCHEDULE_NAMES)}; custom: {sorted(custom)})")
+                              f"{list(schedules.SCHEDULE_NAMES)}; probes: {list(probes.PROBES)}; custom: "
+                              f"{sorted(custom)})")
         for family in families:
             for epochs in downstream["epochs"]:
                 try:
@@ -334,7 +347,12 @@ def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] 
 
 
 def runs_on(config: dict, run: str, dataset: str) -> bool:
-    """Whether `run` is fine-tuned on `dataset`: everywhere, but a `lora` run only on the datasets of
-    `downstream.lora.datasets` (null = everywhere)."""
+    """Whether the workflow runs `run` on `dataset`: everywhere, but a `lora` run only on the datasets
+    of `downstream.lora.datasets` (null = everywhere), and probes (linear_probe, knn) only on
+    classification datasets (a probe classifies: a segmentation dataset with a probe schedule is no
+    target, its rows stay empty and no job fails)."""
+    schedule = parse_run(run).schedule
+    if probes.is_probe(schedule):
+        return cached_registry(config).get(dataset).task == "cls"
     chosen = config["downstream"]["lora"]["datasets"]
-    return chosen is None or not lora.uses_lora(parse_run(run).schedule) or dataset in chosen
+    return chosen is None or not lora.uses_lora(schedule) or dataset in chosen

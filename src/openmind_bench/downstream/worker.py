@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(settings: FinetuneSettings, nproc: int = 1, *, threads: int = 0) -> int:
     """Fine-tune and evaluate into `settings.out_dir` (what the rule and `openmind-bench finetune` call):
-    segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine."""
+    segmentation inside nnU-Net v2 (one GPU, as the papers), classification on the shared engine,
+    linear_probe / knn runs in this process (downstream.probes)."""
+    from openmind_bench.downstream import probes
     from openmind_bench.downstream.splits import ensure_run_subset
+    from openmind_bench.names import parse_run
 
     ensure_run_subset(settings)  # before the run's record, which holds its sha256
+    if probes.is_probe(parse_run(settings.run).schedule):  # no training: one process, no torchrun
+        settings.threads = int(threads or settings.threads)
+        probes.run(settings)
+        return 0
     if is_segmentation(settings):
         from openmind_bench.downstream.nnunet.run import finetune_segmentation
 

@@ -27,10 +27,27 @@ def run(args) -> int:
     from openmind_bench.pretrain import settings as run_settings
     from openmind_bench.pretrain.worker import launch
 
-    section: dict = {}
-    if args.config:
-        section = (yaml.safe_load(Path(args.config).read_text()) or {}).get("pretrain", {}) or {}
-    section = config.deep_update(section, config.parse_overrides(args.set))
+    raw = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    section = config.deep_update(raw.get("pretrain", {}) or {}, config.parse_overrides(args.set))
     settings = run_settings.resolve(section, args.method, args.arch, out_dir=args.out, train_data=args.train_data,
-                                    val_data=args.val_data, selection=args.selection)
+                                    val_data=args.val_data, selection=args.selection,
+                                    probe=_probe(raw, section) if section.get("probe_every") else None)
     return launch(settings, nproc=args.nproc, threads=args.threads)
+
+
+def _probe(raw: dict, section: dict) -> dict | None:
+    """The probes of `pretrain.probe_every` from the whole config (registry, splits: each made once
+    where missing, as rule downstream_split)."""
+    from openmind_bench import config
+    from openmind_bench.downstream import probes, splits
+    from openmind_bench.downstream.settings import split_settings
+
+    from openmind_bench.downstream.settings import cached_registry
+
+    full = config.validate(config.deep_update(raw, {"pretrain": section}), config.SCHEMA_PATH)
+    probe = probes.training_probe_config(full)
+    for dataset in probe["datasets"]:
+        role = cached_registry(full).get(dataset["name"]).role
+        splits.split_dataset(probe["registry"], probe["root"], dataset["name"],
+                             splits.SplitSettings(**split_settings(full, role)), split_out=dataset["split"])
+    return probe

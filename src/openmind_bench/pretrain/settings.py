@@ -17,12 +17,14 @@ from openmind_bench.engine.settings import JsonSettings
 
 # Keys of the config section that describe the workflow (which runs exist, on what resources),
 # not one run.
-_WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources")
+_WORKFLOW_KEYS = ("methods", "architectures", "selections", "resources", "probe_datasets", "probes")
 # Settings that do not shape the trained weights: a run differing only in these continues from its state.
+# (The probes run on a copy of the weights under saved random states: they shape nothing.)
 _NOT_SHAPING = ("out_dir", "threads", "num_workers", "log_every_steps", "checkpoint_every", "preemption_exit_code",
-                "max_nonfinite_steps")
+                "max_nonfinite_steps", "probe_every", "probe")
 # What a run leaves in its folder besides the final checkpoint (removed when the record differs).
-STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json", "compute.json")
+STATE = (checkpoint.LATEST, checkpoint.PREEMPTED, "progress.csv", "tensorboard", "settings.json", "compute.json",
+         "probe_curve.png", "reconstruction.png")
 
 
 def merged(config_section: dict | None) -> dict:
@@ -61,6 +63,8 @@ class PretrainSettings(JsonSettings):
     pretrain_plan: dict
     # "module:callable" taking these settings and returning the batch source (see pretrain.batches).
     batch_source: str
+    probe_every: int | None  # epochs between probe passes (0 / None: none)
+    probe: dict | None  # the probes' datasets and settings (downstream.probes.training_probe_config)
     threads: int = 0  # torch threads per process on CPU, set by the launcher; 0 = torch's default
 
     def arch(self) -> nets.Architecture:
@@ -92,10 +96,12 @@ def run_record(settings: PretrainSettings) -> RunRecord:
 
 
 def resolve(config_section: dict | None, method: str, architecture: str, *, out_dir: str,
-            train_data: str | None = None, val_data: str | None = None, selection: str = "") -> PretrainSettings:
+            train_data: str | None = None, val_data: str | None = None, selection: str = "",
+            probe: dict | None = None) -> PretrainSettings:
     """One run's settings; raises ValueError naming the problem (unknown method or architecture, a
     method without an implementation for the architecture's family, a patch the network cannot take).
-    Imports no torch: the workflow calls it for every job when it builds the DAG."""
+    `probe`: the probes' datasets and settings (`downstream.probes.training_probe_config` of the whole
+    config; None: no probes). Imports no torch: the workflow calls it for every job when it builds the DAG."""
     cfg = merged(config_section)
     arch = nets.resolve(architecture, cfg["architecture_presets"])
     arch.check_patch_size(cfg["patch_size"])
@@ -112,6 +118,7 @@ def resolve(config_section: dict | None, method: str, architecture: str, *, out_
         selection=selection,
         optimisation=cfg["optimisation"][family],
         method_settings=dict(cfg["method_settings"].get(ssl.implementation(method, family), {})),
+        probe=probe if cfg["probe_every"] else None,
     )
     return PretrainSettings.from_dict(run)
 

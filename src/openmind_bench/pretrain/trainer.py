@@ -15,6 +15,7 @@ pretrain.batches). A batch split over DDP ranks draws the masks one process woul
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -82,6 +83,36 @@ def validate(model, method, source, settings: PretrainSettings, ctx, local_batch
     return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
 
 
+def first_val_patch(source, settings: PretrainSettings, ctx, local_batch: int):
+    """(batch, seeds) of the first patch of the first validation batch, the same every epoch (the
+    validation's own call, so a loader's persistent validation workers serve it); None without one."""
+    if settings.val_steps <= 0:
+        return None
+    batches = source.val(steps=settings.val_steps, rank=ctx.rank, world_size=ctx.world_size, batch_size=local_batch,
+                         seed=derive_seed(settings.seed, _TAG_VAL_DATA))
+    if batches is None:
+        return None
+    batch = next(iter(batches))
+    n = batch["image"].shape[0]
+    first = {k: v[:1] if hasattr(v, "shape") and len(v.shape) and v.shape[0] == n else v for k, v in batch.items()}
+    return first, sample_seeds(settings.seed, _TAG_VAL_SAMPLE, 0, 0, ctx.rank * local_batch, 1)
+
+
+def training_probe(settings: PretrainSettings, arch, network_patch, source, ctx, local_batch: int):
+    """The main rank's probes (`pretrain.probe_every`) and its fixed validation patch; (None, None)
+    when the run has none."""
+    if not (settings.probe_every and settings.probe and ctx.is_main):
+        if settings.probe_every and not settings.probe and ctx.is_main:
+            log.warning("pretrain.probe_every is %s but the run names no probe dataset: no probes",
+                        settings.probe_every)
+        return None, None
+    from openmind_bench.downstream.probes import TrainingProbe
+
+    probe = TrainingProbe(settings.probe, functools.partial(arch.build, network_patch), network_patch, ctx.device,
+                          settings.out_dir)
+    return probe, functools.partial(first_val_patch, source, settings, ctx, local_batch)
+
+
 def run(settings: PretrainSettings, source: batch_sources.BatchSource | None = None) -> Outcome:
     """Pre-train (or continue pre-training) into `settings.out_dir`; see the module docstring."""
     ctx = distributed.init()
@@ -145,6 +176,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
     logger = RunLogger(out, enabled=ctx.is_main, history=history, global_step=start_epoch * steps + start_step)
     grad_clip = ssl.grad_clip(settings.method, arch.family, float(settings.optimisation.get("grad_clip", math.inf)),
                               settings.method_settings)
+    probe, val_patch = training_probe(settings, arch, network_patch, source, ctx, local_batch)
 
     def save(path: Path, epochs_done: int, step_in_epoch: int, partial_epoch=None) -> None:
         states = distributed.all_gather_object(global_rng_state(), ctx)
@@ -221,6 +253,13 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                 "epoch_seconds": round(seconds, 3),
                 "samples_per_second": round((steps - first) * settings.total_batch_size / max(seconds, 1e-9), 3),
             }
+            if probe is not None and probe.due(epoch + 1):  # main rank; the others wait at the next collective
+                scores, panels = probe(method, epoch + 1, val_patch)
+                row.update(scores)
+                if panels is not None:
+                    logger.image("probe/reconstruction", panels, epoch + 1)
+                log.info("epoch %d probes (%.1f s): %s", epoch + 1, scores["probe_seconds"],
+                         {k: round(v, 3) for k, v in scores.items() if k != "probe_seconds"})
             logger.epoch(row)
             if ctx.is_main:
                 log.info("epoch %d/%d: train loss %.5f, val loss %.5f, lr %.3g, %.1f s", epoch + 1, epochs,
@@ -234,6 +273,10 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
                     return preempted(stop, epochs_done, 0, None)
 
     save(final, epochs, 0)
+    if probe is not None:
+        from openmind_bench.downstream.probes import write_probe_curve
+
+        write_probe_curve(logger.history, out)
     if ctx.is_main:
         latest.unlink(missing_ok=True)
         (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
