@@ -22,7 +22,8 @@ from openmind_bench.aggregate.collect import read_metrics_json
 from openmind_bench.config import ConfigError
 from openmind_bench.downstream import probes, settings as run_settings, splits, worker
 from openmind_bench.downstream.readers import case_table, read_dataset
-from openmind_bench.pretrain import trainer
+from openmind_bench.names import probe_column
+from openmind_bench.pretrain import monitor, trainer
 from openmind_bench.registry import load_registry
 
 from test_trainer import final_weights, progress_rows, small_settings
@@ -206,18 +207,18 @@ def test_probes_during_pretraining_change_nothing_and_a_failing_probe_is_skipped
     assert reference.keys() == weights.keys()
     assert all(torch.equal(reference[k], weights[k]) for k in reference)  # bit-identical
     rows = progress_rows(probed.out_dir)
-    column = probes.metric_column(CLS, "linear_probe", "balanced_accuracy")
+    column = probe_column(CLS, "linear_probe", "balanced_accuracy")
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(0 <= float(r[column]) <= 1 for r in rows)
-    assert {probes.metric_column(CLS, "knn", "AUROC"), "probe_seconds"} <= set(rows[0])
+    assert {probe_column(CLS, "knn", "AUROC"), "probe_seconds"} <= set(rows[0])
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in progress_rows(plain.out_dir)]
     out = tmp_path / "probed"
-    assert (out / probes.PROBE_CURVE).stat().st_size > 0 and (out / probes.RECONSTRUCTION).stat().st_size > 0
-    assert not (tmp_path / "plain" / probes.PROBE_CURVE).exists()
+    assert (out / monitor.PROBE_CURVE).stat().st_size > 0 and (out / monitor.RECONSTRUCTION).stat().st_size > 0
+    assert not (tmp_path / "plain" / monitor.PROBE_CURVE).exists()
 
     # the probe itself (a network built, the loader's draws) leaves every process-wide generator as it was
     arch = probed.arch()
     method = types.SimpleNamespace(backbone=arch.build([32, 32, 32]))
-    probe = probes.TrainingProbe(probed.probe, functools.partial(arch.build, [32, 32, 32]), [32, 32, 32],
+    probe = monitor.TrainingProbe(probed.probe, functools.partial(arch.build, [32, 32, 32]), [32, 32, 32],
                                  torch.device("cpu"), tmp_path)
     np.random.seed(5)
     torch.manual_seed(5)
@@ -246,7 +247,7 @@ def test_probes_during_pretraining_change_nothing_and_a_failing_probe_is_skipped
 def test_aggregation_plots_probe_curves_beside_the_fine_tuning_score(tmp_path):
     pretrain = tmp_path / "results" / "pretrain" / "mae__ResEncTiny__demo"
     pretrain.mkdir(parents=True)
-    column = probes.metric_column(CLS, "linear_probe", "balanced_accuracy")
+    column = probe_column(CLS, "linear_probe", "balanced_accuracy")
     with (pretrain / "progress.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["epoch", "train_loss", column])
         writer.writeheader()

@@ -115,7 +115,9 @@ def test_dry_run_full_config_has_every_method_on_both_architectures(tmp_path, re
       "pretrain": {"selections": ["demo"]}},
      "config key 'selections[1].name': 'demo' is also the name of selections[0]"),
     ({"downstream": {"schedules": ["sawtoth"]}}, "config key 'downstream.schedules[0]': unknown schedule 'sawtoth'"),
-    ({"downstream": {"build_demo": False, "root": "absent"}}, "has no folder absent/Dataset901_DemoLesionT1"),
+    # the demo probes DemoPatientCls during pre-training: its folder is the first one checked
+    ({"downstream": {"build_demo": False, "root": "absent"}},
+     "config key 'pretrain.probe_datasets[0]': probe dataset 'DemoPatientCls' has no folder absent/DemoPatientCls"),
 ])
 def test_bad_config_stops_with_key_named(tmp_path, repo, overrides, key):
     work = _workdir(tmp_path, repo, overrides)
@@ -137,7 +139,7 @@ def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo
 
 
 @pytest.mark.slow
-# the whole demo (24 fine-tuning jobs) and a dozen Snakemake runs: ~7 min alone on 2 cores, ~17 under load
+# the whole demo (28 fine-tuning jobs) and a dozen Snakemake runs: ~7 min alone on 2 cores, ~17 under load
 @pytest.mark.timeout(1800)
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
@@ -174,7 +176,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert set(dwi_maps.image_id) <= set(stored.image_id)
     # scratch (ResEnc, Primus) + simclr on ResEnc, mae on Primus and the hub-served MAE (ResEnc) x {default,
     # frozen} on the three demo downstream sets, per-case metrics each
-    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 24
+    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 28  # + 1 lora, 3 linear_probe
     # `all` ends in the benchmark tables, the external checkpoint's rows marked, its source listed
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
     assert {"scratch", "simclr", "mae", "demo-hub-mae"} <= set(table.method)
@@ -226,13 +228,13 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     # and the MAE ResEnc run's way through the hub: export, fetch, check, its six fine-tuning runs, its scores
     scores = {"checkpoint_scores": 1, "benchmark_table_of_config": 1}
     assert jobs_after({"pretrain": {"epochs": 3}}) == {
-        "all": 1, "pretrain": 5, "finetune": 18, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
+        "all": 1, "pretrain": 5, "finetune": 22, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
     # the sliding-window overlap: every segmentation run (classification has no sliding window)
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 16, **scores}
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 17, **scores}
 
     # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
-    # (16 of 24), not classification; a manual quality score the gather, not the shards
-    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 16, **scores}
+    # (17 of 28, the lora run among them), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 17, **scores}
     manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
     assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
     # a registry edit re-runs the jobs that read the edited values: test subjects on OpenNeuro leave

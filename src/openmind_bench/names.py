@@ -77,6 +77,18 @@ WILDCARDS = {
 }
 
 
+# ---- probes during pre-training: progress.csv columns and TensorBoard tags of their scores
+def probe_column(dataset: str, probe: str, metric: str) -> str:
+    """progress.csv column and TensorBoard tag of one probe score."""
+    return f"probe/{dataset}/{probe}/{metric}"
+
+
+def parse_probe_column(column: str) -> tuple[str, str, str] | None:
+    """(dataset, probe, metric) of a `probe_column`; None for any other column."""
+    parts = column.split("/")
+    return tuple(parts[1:]) if len(parts) == 4 and parts[0] == "probe" else None
+
+
 class InvalidName(ValueError):
     """A run or name part that does not follow the naming rules (the message names the key)."""
 

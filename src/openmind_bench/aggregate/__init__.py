@@ -167,8 +167,7 @@ def probe_histories(metrics) -> dict[str, tuple[list[dict], dict[str, float]]]:
     import json
 
     from openmind_bench.aggregate.compute import pretrain_ledger_path
-    from openmind_bench.downstream.probes import parse_metric_column
-    from openmind_bench.names import InvalidName, parse_run
+    from openmind_bench.names import InvalidName, parse_probe_column, parse_run
 
     out: dict[str, tuple[list[dict], dict[str, float]]] = {}
     unprobed: set[str] = set()
@@ -183,7 +182,7 @@ def probe_histories(metrics) -> dict[str, tuple[list[dict], dict[str, float]]]:
         if name.pretrain_run not in out:
             progress = pretrain_ledger_path(path, name.pretrain_run).with_name("progress.csv")
             rows = list(csv.DictReader(progress.open())) if progress.is_file() else []
-            if not any(parse_metric_column(k) for k in (rows[0] if rows else {})):
+            if not any(parse_probe_column(k) for k in (rows[0] if rows else {})):
                 unprobed.add(name.pretrain_run)
                 continue
             out[name.pretrain_run] = (rows, {})

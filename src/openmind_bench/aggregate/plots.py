@@ -297,12 +297,12 @@ def probe_curve(history: list[dict], finetune: dict[str, float], path: Path, tit
     its epochs, one line per probe dataset x probe; beside it (right panel) the balanced accuracy of
     the runs of its final checkpoint on the test split, fine-tuned or probed (`finetune`: label ->
     value, e.g. 'DemoPatientCls default')."""
-    from openmind_bench.downstream.probes import parse_metric_column
+    from openmind_bench.names import parse_probe_column
 
     curves: dict[str, tuple[list, list]] = {}
     for row in history:
         for column, value in row.items():
-            parts = parse_metric_column(column)
+            parts = parse_probe_column(column)
             if parts is None or parts[2] != "balanced_accuracy" or value in (None, "") or not np.isfinite(float(value)):
                 continue
             xs, ys = curves.setdefault(f"{parts[0]} {parts[1]}", ([], []))

@@ -106,7 +106,7 @@ def training_probe(settings: PretrainSettings, arch, network_patch, source, ctx,
             log.warning("pretrain.probe_every is %s but the run names no probe dataset: no probes",
                         settings.probe_every)
         return None, None
-    from openmind_bench.downstream.probes import TrainingProbe
+    from openmind_bench.pretrain.monitor import TrainingProbe
 
     probe = TrainingProbe(settings.probe, functools.partial(arch.build, network_patch), network_patch, ctx.device,
                           settings.out_dir)
@@ -274,7 +274,7 @@ def _run(settings: PretrainSettings, source, ctx: distributed.Context) -> Outcom
 
     save(final, epochs, 0)
     if probe is not None:
-        from openmind_bench.downstream.probes import write_probe_curve
+        from openmind_bench.pretrain.monitor import write_probe_curve
 
         write_probe_curve(logger.history, out)
     if ctx.is_main:
