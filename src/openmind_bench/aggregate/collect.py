@@ -130,28 +130,26 @@ def _metric_value(value, where: str, path: Path) -> float | None:
 
 
 def _low_data_n(doc: dict, run: str | None, path: Path) -> int | None:
-    value = doc.get("low_data_n")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise CollectError(f"{path}: field 'low_data_n' must be a positive integer, got {value!r}")
-    try:
-        from_name = parse_run(run).low_data_n if run else None
-    except InvalidName:
-        from_name = None  # a run name of another shape: only quoted in messages
-    if value is not None and from_name is not None and value != from_name:
-        raise CollectError(f"{path}: field 'low_data_n' is {value} but the run name {run!r} says n={from_name}")
-    return value if value is not None else from_name
+    return _run_name_number(doc, run, path, "low_data_n", 1, "n={}")
 
 
 def _seed(doc: dict, run: str | None, path: Path) -> int | None:
-    value = doc.get("seed")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise CollectError(f"{path}: field 'seed' must be a non-negative integer, got {value!r}")
+    return _run_name_number(doc, run, path, "seed", 0, "s{}")
+
+
+def _run_name_number(doc: dict, run: str | None, path: Path, key: str, minimum: int, spelled: str) -> int | None:
+    """The field `key` (an integer >= minimum), checked against the run name's (`names.RunName.{key}`,
+    spelled there as `spelled`); files written before the field existed: the run name's value."""
+    value = doc.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise CollectError(f"{path}: field '{key}' must be a {kind} integer, got {value!r}")
     try:
-        from_name = parse_run(run).seed if run else None
+        from_name = getattr(parse_run(run), key) if run else None
     except InvalidName:
-        from_name = None
+        from_name = None  # a run name of another shape: only quoted in messages
     if value is not None and from_name is not None and value != from_name:
-        raise CollectError(f"{path}: field 'seed' is {value} but the run name {run!r} says s{from_name}")
+        raise CollectError(f"{path}: field '{key}' is {value} but the run name {run!r} says {spelled.format(from_name)}")
     return value if value is not None else from_name
 
 
