@@ -4,8 +4,6 @@ against an independent count, a counter that fails, a preempted and resumed run,
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from openmind_bench.engine import ledger as engine_ledger
 from openmind_bench.engine.step import derive_seed, sample_seeds
 from openmind_bench.pretrain import trainer
 from openmind_bench.pretrain.batches import TemplateBatches
-from test_trainer import small_settings
+from test_trainer import sigterm_at, small_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,13 +73,7 @@ def test_a_flop_counter_that_fails_leaves_the_field_empty_and_the_run_finishes(t
 
 
 def test_a_preempted_run_adds_its_segments(tmp_path):
-    class SignalAtStep(TemplateBatches):
-        def train(self, *, epoch, first_step, **kwargs):
-            for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
-                if (epoch, step) == (1, 0):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
+    SignalAtStep = sigterm_at(epoch=1, step=0)
     s = small_settings(tmp_path / "run", "mae", epochs=2, steps_per_epoch=3)
     assert trainer.run(s, SignalAtStep(s)).status == "preempted"
     first = read_ledger(s.out_dir)

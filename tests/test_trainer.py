@@ -41,6 +41,21 @@ SMALL = {
 }
 
 
+def sigterm_at(epoch: int, step: int) -> type:
+    """A template batch source that sends this process SIGTERM as it yields (epoch, step), 0-based:
+    a preemption at a chosen place in the run."""
+
+    class SignalAtStep(TemplateBatches):
+        def train(self, *, epoch: int, first_step: int, **kwargs):
+            for at, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
+                if (epoch, at) == place:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    place = (epoch, step)
+    return SignalAtStep
+
+
 def small_settings(out_dir: Path, method: str = "mae", arch: str = "ResEncTiny", **overrides):
     section = omb_config.deep_update(json.loads(json.dumps(SMALL)), overrides)
     settings = run_settings.resolve(section, method, arch, out_dir=str(out_dir))
@@ -174,13 +189,7 @@ def test_sigterm_mid_epoch_checkpoints_then_resumes_exactly(tmp_path):
     """SIGTERM arriving at step 2 of epoch 2: the run checkpoints that step and returns; resumed, it
     ends exactly where an uninterrupted run ends (the template source can seek)."""
 
-    class SignalAtStep(TemplateBatches):
-        def train(self, *, epoch, first_step, **kwargs):
-            for step, batch in enumerate(super().train(epoch=epoch, first_step=first_step, **kwargs), first_step):
-                if (epoch, step) == (1, 1):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
+    SignalAtStep = sigterm_at(epoch=1, step=1)
     reference = small_settings(tmp_path / "reference", "simmim_anon", "PrimusTiny", epochs=3, steps_per_epoch=4)
     assert trainer.run(reference).status == "finished"
     s = small_settings(tmp_path / "stopped", "simmim_anon", "PrimusTiny", epochs=3, steps_per_epoch=4)

@@ -82,26 +82,24 @@ STEPS_PER_EPOCH = int(_DOWNSTREAM["steps_per_epoch"])
 # Sawtooth's whole-net warm-up (`sawtooth_trainer.py`, stage 'warmup_all'), Frozen's poly phase
 # (`PretrainedTrainer_Primus_frozenEnc`); the other phase changes keep it (decoder warm-up ->
 # decoder poly, warm-up -> poly), so the momentum carries on. Valley (no public trainer) as Sawtooth.
+_WHOLE_WARMUP_THEN_POLY = (
+    ("warmup", ALL, "linear_warmup", "whole", None, False),
+    ("train", ALL, "poly", REST, None, False),
+)
 TEMPLATES: dict[str, tuple[tuple[str, frozenset, str, str, str | None, bool], ...]] = {
     "default": (("train", ALL, "poly", REST, None, False),),
     "frozen": (
         ("decoder_warmup", DECODER, "linear_warmup", "decoder", None, False),
         ("train_decoder", DECODER, "poly", REST, None, True),
     ),
-    "warmup": (
-        ("warmup", ALL, "linear_warmup", "whole", None, False),
-        ("train", ALL, "poly", REST, None, False),
-    ),
+    "warmup": _WHOLE_WARMUP_THEN_POLY,
     "valley": (
         ("decoder", DECODER, "poly", "decoder", "decoder", False),
         ("warmup", ALL, "linear_warmup", "whole", None, True),
         ("train", ALL, "poly", REST, None, False),
     ),
-    # the encoder trains through LoRA adapters only (downstream.lora narrows its group to them)
-    "lora": (
-        ("warmup", ALL, "linear_warmup", "whole", None, False),
-        ("train", ALL, "poly", REST, None, False),
-    ),
+    # warmup's curve; the encoder trains through LoRA adapters only (downstream.lora narrows its group to them)
+    "lora": _WHOLE_WARMUP_THEN_POLY,
     # classification (not a segmentation schedule): the `whole` warm-up is the classification config's
     "cosine": (
         ("warmup", ALL, "warmstart", "whole", None, False),
