@@ -68,7 +68,7 @@ def assert_exact_transfer(source, arch_name: str, weights: dict, patch=PATCH, ch
 
 
 @pytest.mark.parametrize("arch_name", ["ResEncTiny", "PrimusTiny"])
-@pytest.mark.parametrize("prefix", ["", "module.", "module._orig_mod."])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
 def test_nnssl_layout_with_wrapper_prefixes(tmp_path, arch_name, prefix):
     weights = pretrained_checkpoint(tmp_path / "ckpt.pth", arch_name, prefix=prefix)
     moved = assert_exact_transfer(tmp_path / "ckpt.pth", arch_name, weights)
@@ -162,7 +162,7 @@ def _unknown_class(plan):
 BAD = {
     "not a torch file": (lambda p: p.write_bytes(b"not a checkpoint at all"), "not a readable torch file"),
     "pickle needing code": (lambda p: torch.save({"network_weights": {}, "init_args": argparse.Namespace(a=1)}, p),
-                            "weights_only=True\\) refuses it.*run code"),
+                            "weights_only=True\\) refuses it.*argparse.Namespace.*run code"),
     "no network weights": (lambda p: torch.save({"state_dict": {}}, p), "has no network_weights"),
     "unknown architecture class": (lambda p: pretrained_checkpoint(p, "ResEncTiny", plan_edit=_unknown_class),
                                    "architecture class 'SwinUNETR'"),
@@ -244,7 +244,9 @@ def test_export_round_trip_and_model_card(tiny_run, tmp_path):
     assert config["architecture"] == {"class": "ResidualEncoderUNet", "family": "cnn",
                                       "constructor": "residual_encoder_unet", "preset": "ResEncTiny"}
     card = (out / "README.md").read_text()
-    assert "pre-trained with mae (openmind data)" in card and "1 of 1 epochs x 1 steps" in card
+    assert "\n# ResEncTiny pre-trained with mae (openmind data)\n" in card
+    assert "A ResidualEncoderUNet (cnn) backbone" in card and "on the `openmind` selection" in card
+    assert "1 of 1 epochs x 1 steps" in card
     assert "| ResEncTiny | sawtooth | D1 | DSC | 0.6000 | 2 |" in card and "0.1000" not in card
 
     # An exported folder is an external checkpoint with identical transferred tensors.
@@ -285,11 +287,12 @@ def test_check_checkpoint_cli_writes_the_report(tmp_path):
 
 
 def full_size_checkpoint(path: Path, arch_name: str, *, plan: bool = True, plan_beside: bool = False,
-                         nnssl_plan: bool = False) -> None:
+                         nnssl_plan: bool = False, prefix: str = "") -> None:
     """A full-size backbone at the papers' 160^3, distinct values per tensor, saved like ours; or as
     nnssl writes it (`nnssl_plan`: no openmind_bench entry in the plan, as the published models and
     SSL3D submissions), with the plan in adaptation_plan.json beside it (`plan_beside`, the published
-    layout), or with no plan at all (`plan=False`, nnssl's Spark)."""
+    layout), or with no plan at all (`plan=False`, nnssl's Spark); `prefix` before every weight's key
+    (DDP's `module.`, torch.compile's `_orig_mod.`)."""
     s = run_settings.resolve({}, "mae", arch_name, out_dir=str(path.parent))
     arch = s.arch()
     with torch.device("meta"):  # skip the slow random initialisation of 100+ M parameters
@@ -297,11 +300,13 @@ def full_size_checkpoint(path: Path, arch_name: str, *, plan: bool = True, plan_
     net.to_empty(device="cpu")
     with torch.no_grad():
         for i, tensor in enumerate(net.state_dict().values()):
-            tensor.fill_((i % 97 + 1) * 1e-3)
+            tensor.fill_((i + 1) * 1e-4)  # a weight landing on another key shows
     adaptation = checkpoint.adaptation_plan(arch, net, s)
     if nnssl_plan or plan_beside:
         del adaptation["architecture_plans"]["openmind_bench"]
-    state = {"network_weights": net.state_dict(), "trainer_name": "openmind_bench:mae"}
+    ours = plan and not (nnssl_plan or plan_beside)
+    state = {"network_weights": {prefix + k: v for k, v in net.state_dict().items()},
+             "trainer_name": "openmind_bench:mae" if ours else "BaseMAETrainer"}
     if plan and not plan_beside:
         state["nnssl_adaptation_plan"] = adaptation
     torch.save(state, path)
@@ -309,19 +314,55 @@ def full_size_checkpoint(path: Path, arch_name: str, *, plan: bool = True, plan_
         path.with_name("adaptation_plan.json").write_text(json.dumps(adaptation))
 
 
-@pytest.mark.parametrize("arch_name, parameters", [("ResEncL", 102_000_000), ("PrimusM", 100_000_000)])
-def test_full_size_checkpoints_check_on_cpu(tmp_path, arch_name, parameters, capsys):
-    path = tmp_path / f"{arch_name}.pth"
-    full_size_checkpoint(path, arch_name)
+SENTINEL = -7.0  # what the fine-tuning network holds before the transfer; the checkpoint's values are > 0
+
+# (architecture, layout, full_size_checkpoint arguments, the check's format): the published folder and
+# nnssl's own file (a DDP-of-compiled prefix) with the plan as nnssl writes it, nnssl's plan-less Spark
+# (ours at full size: tests/test_checkpoint.py)
+FULL_SIZE = {
+    ("ResEncL", "published"): ({"plan_beside": True}, "published repository"),
+    ("PrimusM", "nnssl"): ({"nnssl_plan": True, "prefix": "module._orig_mod."}, "nnssl"),
+    ("ResEncL", "spark"): ({"plan": False, "prefix": "module."}, "nnssl, no adaptation plan"),
+}
+
+
+@pytest.mark.parametrize("arch_name, layout", sorted(FULL_SIZE))
+def test_full_size_checkpoints_check_and_move_exactly_encoder_and_stem(tmp_path, arch_name, layout, capsys):
+    """Full-size ResEnc-L / Primus-M at 160^3 in each format: the check passes on CPU, and the transfer
+    moves exactly the encoder and stem tensors, bit-identical, leaving every other tensor as built."""
+    kwargs, fmt = FULL_SIZE[arch_name, layout]
+    path = tmp_path / ("checkpoint_final.pth" if layout == "published" else f"{arch_name}.pth")
+    full_size_checkpoint(path, arch_name, **kwargs)
+    architecture = arch_name if layout == "spark" else None
     started = time.perf_counter()
-    report = check_checkpoint(path, channel_counts=(1, 4))
+    report = check_checkpoint(path, architecture=architecture, channel_counts=(1, 4))
     elapsed = time.perf_counter() - started
     with capsys.disabled():
-        print(f"\ncheck_checkpoint {arch_name}: {elapsed:.1f} s, {report['parameters']:,} parameters")
-    assert report["parameters"] > parameters
+        print(f"\ncheck_checkpoint {arch_name} ({layout}): {elapsed:.1f} s, {report['parameters']:,} parameters")
+    assert report["format"] == fmt and report["parameters"] > 100_000_000
     assert report["architecture"]["family"] == nets.resolve(arch_name).family
+    assert report["architecture"]["scratch_architecture"] == arch_name
     assert report["transfers"][0]["moved"] > 0 and report["transfers"][0]["unexpected"] == 0
-    assert report["pretrain_patch_size"] == [160, 160, 160]
+    assert report["pretrain_patch_size"] == (None if layout == "spark" else [160, 160, 160])
+
+    prefix = kwargs.get("prefix", "")
+    saved = {k.removeprefix(prefix): v for k, v in torch.load(path, weights_only=True)["network_weights"].items()}
+    pretrained = transfer.read_pretrained(path, architecture)
+    with torch.device("meta"):
+        net = transfer.build_network(pretrained, None, [160, 160, 160], 1, 2)
+    net.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            tensor.fill_(SENTINEL)
+    moved = set(transfer.transfer(pretrained, net, [160, 160, 160]))
+    after = net.state_dict()
+    prefixes = ("encoder.",) if arch_name.startswith("ResEnc") else ("eva.", "down_projection.")
+    assert moved == {k for k in after if k.startswith(prefixes)} and len(moved) == report["transfers"][0]["moved"]
+    assert all(torch.equal(after[k], saved[k]) for k in moved)
+    moved_storage = {after[k].data_ptr() for k in moved}  # the ResEnc decoder's references to the encoder
+    new = [k for k in after if k not in moved and after[k].data_ptr() not in moved_storage]
+    assert any(k.startswith(("decoder.", "up_projection.")) for k in new)
+    assert all(bool((after[k] == SENTINEL).all()) for k in new)
 
 
 def test_simclr_plan_whose_patch_is_the_region_not_the_crop(tmp_path):
@@ -338,3 +379,22 @@ def test_simclr_plan_whose_patch_is_the_region_not_the_crop(tmp_path):
     same = check_checkpoint(tmp_path / "simclr.pth", patch_size=PATCH)["transfers"][0]["position_embedding"]
     assert same["interpolated"] is False and same["how"] == "copied"
     assert_exact_transfer(tmp_path / "simclr.pth", "PrimusTiny", weights)
+
+
+def test_the_plans_recommended_downstream_patch_is_the_fine_tuning_patch(tmp_path):
+    """A plan recommending another patch than it pre-trained on: the check (and every fine-tuning job,
+    through transfer.finetuning_patch) fine-tunes at the recommended one, unless a patch is configured."""
+    def recommends_wider(plan):
+        plan["recommended_downstream_patchsize"] = [64, 32, 32]
+        return plan
+
+    weights = pretrained_checkpoint(tmp_path / "primus.pth", "PrimusTiny", plan_edit=recommends_wider)
+    report = check_checkpoint(tmp_path / "primus.pth")
+    assert report["recommended_downstream_patch_size"] == report["finetune_patch_size"] == [64, 32, 32]
+    lpe = report["transfers"][0]["position_embedding"]
+    assert lpe["pretrain_grid"] == [4, 4, 4] and lpe["finetune_grid"] == [8, 4, 4] and lpe["interpolated"]
+    pretrained = transfer.read_pretrained(tmp_path / "primus.pth")
+    assert transfer.finetuning_patch(None, [16, 16, 16], pretrained) == [64, 32, 32]
+    assert transfer.finetuning_patch([32, 32, 32], [16, 16, 16], pretrained) == [32, 32, 32]
+    assert check_checkpoint(tmp_path / "primus.pth", patch_size=PATCH)["finetune_patch_size"] == PATCH
+    assert_exact_transfer(tmp_path / "primus.pth", "PrimusTiny", weights, patch=[64, 32, 32])

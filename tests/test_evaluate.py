@@ -161,6 +161,63 @@ def test_provenance_is_read_from_the_fetch_and_check_records(tmp_path):
     assert ckpt_settings.fetched_path(dest) == dest / "mine.pth"
 
 
+def test_an_external_runs_metrics_json_records_source_revision_sha256_and_the_check(tiny_run, tmp_path):
+    """The provenance a fine-tuning job of an external checkpoint writes into metrics.json: read from
+    its fetch (hf:// at a branch, the commit it resolved to) and its check, through the run's settings."""
+    from openmind_bench.aggregate.collect import read_metrics_json
+    from openmind_bench.downstream import inference
+    from openmind_bench.metrics import segmentation_document, write_metrics
+
+    cache = tmp_path / "hub"
+    commit = hub_cache.publish_run(tiny_run, cache, "org/tiny-mae")
+    dest = tmp_path / "results" / "checkpoints" / "tiny-mae"
+    record = fetch_checkpoint("tiny-mae", "hf://org/tiny-mae@main", dest, cache_dir=cache, offline=True)
+    report = check_checkpoint(ckpt_settings.fetched_path(dest), channel_counts=(1, 2))
+    (dest / ckpt_settings.CHECK_REPORT).write_text(json.dumps(report))
+    provenance = ckpt_settings.provenance(dest, channels=2)
+    run = "tiny-mae__default__6"
+    s = ft_settings.resolve(_config(), "DemoLesionT1", run, "test", split="s.json",
+                            pretrained_checkpoint=str(ckpt_settings.fetched_path(dest)), external_checkpoint=provenance)
+    identity = inference.identity("DemoLesionT1", parse_run(run), s.fold, s.external_checkpoint)
+    case = {"DSC": 0.5, "NSD": 0.6, "per_class": {"lesion": {"DSC": 0.5, "NSD": 0.6}}}
+    write_metrics(segmentation_document(identity, {"case1": case}, 2.0), tmp_path / "metrics.json")
+
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert (written["method"], written["architecture"]) == ("tiny-mae", "ResEncTiny")  # its scratch baseline's
+    external = written["external_checkpoint"]
+    collected = read_metrics_json(tmp_path / "metrics.json")["run"]["external_checkpoint"]  # what the tables list
+    assert (collected["source"], collected["commit"], collected["sha256"]) == (external["source"], commit,
+                                                                              record["sha256"])
+    assert (external["source"], external["kind"], external["revision"], external["commit"]) == (
+        "hf://org/tiny-mae@main", "hf", "main", commit)
+    assert external["sha256"] == record["sha256"] == record["files"]["checkpoint_final.pth"]["sha256"]
+    assert external["format"] == "published repository" and external["architecture"]["family"] == "cnn"
+    assert external["check"] == {**{k: report["transfers"][1][k] for k in ("moved", "left_new", "unexpected",
+                                                                             "in_proj_repeated")},
+                                 "input_channels": 2, "finetune_patch_size": report["finetune_patch_size"],
+                                 "pretrain_patch_size": report["pretrain_patch_size"], "position_embedding": None}
+    assert external["check"]["moved"] > 0 and external["check"]["in_proj_repeated"]
+
+
+def test_checkpoint_entries_are_checked_before_any_job_naming_their_key():
+    """Names follow the schema's pattern, are unique and are not `scratch`; sources must parse."""
+    def entries(*items):
+        return omb_config.deep_update(_config(), {"checkpoints": list(items)})
+
+    for bad in ("a__b", "my ckpt", "../x", "-x"):
+        with pytest.raises(ConfigError, match=r"'checkpoints.0.name'"):
+            omb_config.validate(entries({"name": bad, "source": "/x.pth"}), omb_config.SCHEMA_PATH)
+    good = {"name": "mine", "source": "/x.pth"}
+    assert list(ckpt_settings.configured_checkpoints(entries(good, {"name": "hub", "source": "hf://o/r"}))) == [
+        "mine", "hub"]
+    with pytest.raises(ConfigError, match=r"'checkpoints\[1\].name': 'mine' is also the name of checkpoints\[0\]"):
+        ckpt_settings.configured_checkpoints(entries(good, {"name": "mine", "source": "hf://o/r"}))
+    with pytest.raises(ConfigError, match=r"'checkpoints\[0\].name': 'scratch' names the from-scratch"):
+        ckpt_settings.configured_checkpoints(entries({"name": "scratch", "source": "/x.pth"}))
+    with pytest.raises(ConfigError, match=r"'checkpoints\[0\].source'.*'web'.*needs a sha256"):
+        ckpt_settings.configured_checkpoints(entries({"name": "web", "source": "https://example.org/c.pth"}))
+
+
 @pytest.mark.parametrize("spec, entry", [
     ("hf://AnonRes/ResEncL-OpenMind-MAE@abc", {"name": "ResEncL-OpenMind-MAE",
                                                "source": "hf://AnonRes/ResEncL-OpenMind-MAE@abc"}),

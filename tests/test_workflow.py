@@ -451,6 +451,15 @@ def test_external_checkpoints_are_fetched_and_checked_before_any_fine_tuning(tmp
         assert proc.returncode != 0 and key in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
+def _assert_waits_for_its_check(dry_run: str, checked: bool) -> None:
+    """A fine-tuning job of an external checkpoint has the checkpoint's check.json among its inputs;
+    before the check has run, Snakemake plans it with an input still to be determined."""
+    job = next(block for block in dry_run.split("rule finetune:")[1:]
+               if "results/downstream/ATL/spark__sawtooth__150/fold_test/metrics.json" in block.split("rule ")[0])
+    inputs = job.split("output:")[0]
+    assert ("results/checkpoints/spark/check.json" in inputs) if checked else ("<TBD>" in inputs), job
+
+
 def test_evaluate_overlay_scores_external_checkpoints_with_one_scratch_baseline_per_architecture(tmp_path, repo):
     """config/evaluate.yaml over the full registry, with a published-layout ResEnc-L, an nnssl-layout
     Primus-M and a plan-less nnssl Spark (ResEnc-L) checkpoint, all full size: no OpenMind data or
@@ -487,6 +496,7 @@ def test_evaluate_overlay_scores_external_checkpoints_with_one_scratch_baseline_
     proc = run_snakemake(work, *configs, "-n", "all")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _job_counts(proc) == {**fixed, "finetune": 3 * per_checkpoint * pairs}  # scratch: after the checks
+    _assert_waits_for_its_check(proc.stdout + proc.stderr, checked=False)
 
     checks = [f"results/checkpoints/{e['name']}/check.json" for e in entries]
     proc = run_snakemake(work, *configs, "-c2", *checks, timeout=900)
@@ -499,6 +509,7 @@ def test_evaluate_overlay_scores_external_checkpoints_with_one_scratch_baseline_
     assert _job_counts(proc) == {**{k: v for k, v in fixed.items() if "checkpoint" not in k or "scores" in k},
                                  "finetune": (3 * per_checkpoint + scratch_runs) * pairs}
     out = proc.stdout + proc.stderr
+    _assert_waits_for_its_check(out, checked=True)
     assert "results/downstream/ATL/scratch__PrimusM__150__n10/fold_test/metrics.json" in out
     assert "results/downstream/ATL/spark__sawtooth__150/fold_test/metrics.json" in out
     for rule in ("fetch_dataset", "index_dataset", "preprocess_shard", "pretrain", "select_pretrain_data"):

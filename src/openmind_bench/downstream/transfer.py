@@ -101,11 +101,15 @@ def finetuning_patch(patch_size, scratch_patch_size, pretrained: "Pretrained | N
 
 
 def _strip_wrappers(weights: dict) -> dict:
+    """Keys without the wrappers' prefixes, in whatever order they nest (DDP of a compiled network
+    saves `module._orig_mod.`, a compiled DDP module `_orig_mod.module.`)."""
     out = {}
     for key, value in weights.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = None
+        while stripped != key:
+            stripped = key
+            for prefix in _WRAPPER_PREFIXES:
+                key = key.removeprefix(prefix)
         out[key] = value
     return out
 
