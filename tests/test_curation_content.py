@@ -131,6 +131,8 @@ def test_duplicate_clusters_are_connected_components():
     assert by.loc["ds1_s1_a", "cluster"] == by.loc["ds2_s1_c", "cluster"] == by.loc["ds1_s2_b", "cluster"] == 0
     assert by.loc["ds3_s1_d", "cluster"] == 1 and by.loc["ds1_s1_a", "size"] == 3
     assert by.loc["ds2_s1_c", "datasets"] == "ds1;ds2" and by.loc["ds2_s1_c", "nearest"] == "ds1_s1_a"
+    assert by.loc["ds1_s2_b", "subjects"] == "ds1/sub-s1;ds1/sub-s2;ds2/sub-s1"
+    assert by.loc["ds1_s2_b", "sessions"] == "ds1/sub-s1/ses-DEFAULT;ds1/sub-s2/ses-DEFAULT;ds2/sub-s1/ses-DEFAULT"
     assert by.loc["ds3_s2_e", "distance"] == pytest.approx(0.04, abs=2e-3)
     assert by.loc["ds1_s1_a", "max_distance"] >= by.loc["ds1_s1_a", "distance"]
 
