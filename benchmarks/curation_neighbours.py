@@ -7,10 +7,16 @@
 - `--fingerprint`: seconds per image of `curation.fingerprint.fingerprint` on a 256^3 float32 volume
   at 1 mm (a head-sized ellipsoid with texture), the preprocessed image it reads.
 - `--balance`: seconds the pulp budget with balance bounds takes on a synthetic table of N images.
+- `--demo`: the thresholds against the demo's ground truth (curation.validation): the demo built with its
+  planted duplicates and a planted downstream test case (DemoPatientCls), every 3D image preprocessed as
+  the demo config does (2 mm) and fingerprinted; distances per kind of pair (planted duplicates, one
+  subject's other contrasts and sessions, other subjects), precision and recall of the planted duplicates
+  at `curation.duplicate_distance` and of the planted test case at `curation.leakage_distance`.
 
     python benchmarks/curation_neighbours.py --search [--n 114000] [--dim 511] [--threads 2]
     python benchmarks/curation_neighbours.py --fingerprint
     python benchmarks/curation_neighbours.py --balance [--n 114000]
+    python benchmarks/curation_neighbours.py --demo
 """
 
 from __future__ import annotations
@@ -94,11 +100,72 @@ def balance_cost(n: int) -> None:
     print(f"balanced budget over {n} images: {took:.1f} s, {len(chosen)} chosen, sex shares {share}")
 
 
+def demo_thresholds() -> None:
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    from openmind_bench import config
+    from openmind_bench.curation.fingerprint import FingerprintSettings
+    from openmind_bench.curation.fingerprints import read_tables, run_downstream_fingerprints
+    from openmind_bench.curation.validation import (demo_images, fingerprint_files, kind_summary, pair_table,
+                                                    precision_recall)
+    from openmind_bench.demo import build_demo
+    from openmind_bench.demo.builder import leak_source
+    from openmind_bench.demo.downstream import build_downstream
+    from openmind_bench.downstream.splits import SplitSettings, split_dataset
+    from openmind_bench.preprocess.image import PreprocessSettings
+    from openmind_bench.registry import load_registry
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = yaml.safe_load((repo / "config/demo.yaml").read_text())
+    settings = PreprocessSettings(spacing=tuple(demo["preprocess"]["spacing"]))
+    curation = config.section("curation")
+    name, registry = "DemoPatientCls", repo / "config/downstream_demo.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_downstream(tmp / "sets", seed=0)
+        spec = load_registry(registry, tmp / "sets").get(name)
+        split = tmp / "split.json"
+        split_dataset(registry, tmp / "sets", name, SplitSettings(test_fraction=demo["downstream"]["test_fraction"],
+                                                                  folds=demo["downstream"]["folds"]), split_out=split)
+        leak = leak_source(split, spec.source, name, spec.modalities[0])
+        truth = build_demo(tmp / "mirror", seed=0, leak=leak)
+        copy = truth["planted_leak"]["copy"]
+        images = demo_images(truth)
+        if copy not in set(images.path):  # the ground truth lists the copy apart, as `planted_leak`
+            images = pd.concat([images, pd.DataFrame([{"path": copy, "dataset": copy.split("/")[0],
+                                                       "subject": copy.split("/")[1][4:], "session": "",
+                                                       "modality": leak["modality"]}])], ignore_index=True)
+        t0 = time.perf_counter()
+        vectors = fingerprint_files([tmp / "mirror" / p for p in images.path], settings)
+        took = (time.perf_counter() - t0) / len(images)
+        pairs = pair_table(images, vectors, truth["planted_duplicates"])
+        print(f"{len(images)} demo 3D images at {settings.spacing} mm, {took:.2f} s each to preprocess and fingerprint")
+        with pd.option_context("display.width", 120):
+            print(kind_summary(pairs).round(4).to_string())
+        print("duplicates:", precision_recall(pairs, curation["duplicate_distance"]))
+        run_downstream_fingerprints(split, name, spec.source, tmp / "down.parquet", tmp / "down.tsv", settings,
+                                    FingerprintSettings())
+        cases, case_vectors = read_tables([tmp / "down.parquet"])
+        d = np.linalg.norm(vectors[:, None, :] - case_vectors[None, :, :], axis=2)
+        leaked = (images.path == copy).to_numpy()[:, None] & (cases.case == leak["case"]).to_numpy()[None, :] \
+            & (cases.channel.astype(int) == 0).to_numpy()[None, :]
+        found = d <= curation["leakage_distance"]
+        tp = int((found & leaked).sum())
+        print(f"leakage: {len(cases)} test-case images of {name}; planted copy at {d[leaked].min():.4f}, nearest "
+              f"other pair at {d[~leaked].min():.4f}; at {curation['leakage_distance']}: found {int(found.sum())}, "
+              f"precision {tp}/{int(found.sum())}, recall {tp}/{int(leaked.sum())}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--search", action="store_true")
     p.add_argument("--fingerprint", action="store_true")
     p.add_argument("--balance", action="store_true")
+    p.add_argument("--demo", action="store_true")
     p.add_argument("--n", type=int, default=114000)
     p.add_argument("--dim", type=int, default=None, help="default: the fingerprint's dimension")
     p.add_argument("--radius", type=float, default=0.1)
@@ -112,6 +179,8 @@ def main() -> None:
         fingerprint_cost()
     if args.balance:
         balance_cost(args.n)
+    if args.demo:
+        demo_thresholds()
 
 
 if __name__ == "__main__":

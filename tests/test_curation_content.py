@@ -131,6 +131,8 @@ def test_duplicate_clusters_are_connected_components():
     assert by.loc["ds1_s1_a", "cluster"] == by.loc["ds2_s1_c", "cluster"] == by.loc["ds1_s2_b", "cluster"] == 0
     assert by.loc["ds3_s1_d", "cluster"] == 1 and by.loc["ds1_s1_a", "size"] == 3
     assert by.loc["ds2_s1_c", "datasets"] == "ds1;ds2" and by.loc["ds2_s1_c", "nearest"] == "ds1_s1_a"
+    assert by.loc["ds1_s2_b", "subjects"] == "ds1/sub-s1;ds1/sub-s2;ds2/sub-s1"
+    assert by.loc["ds1_s2_b", "sessions"] == "ds1/sub-s1/ses-DEFAULT;ds1/sub-s2/ses-DEFAULT;ds2/sub-s1/ses-DEFAULT"
     assert by.loc["ds3_s2_e", "distance"] == pytest.approx(0.04, abs=2e-3)
     assert by.loc["ds1_s1_a", "max_distance"] >= by.loc["ds1_s1_a", "distance"]
 
@@ -434,3 +436,115 @@ def test_each_subject_has_an_anatomy_of_its_own():
     assert truth_a != truth_b and not np.array_equal(a.brain, b.brain)
     assert abs(int(a.brain.sum()) - int(inside.sum())) < 0.25 * inside.sum()  # scaled by at most 6% per axis
     assert (a.t1_brain[~a.brain] == 0).all()
+
+
+def test_balance_bounds_only_the_empty_pick_meets_are_an_error_naming_the_columns():
+    # each column's bounds are feasible alone; together (every woman is scanned on GE, which may hold at
+    # most 40%, women at least 60%) only the empty pick meets them: an error, not a relaxed pick
+    images = pd.DataFrame({"dataset": "ds1", "modality": "T1w", "sex": ["F"] * 6 + ["M"] * 6,
+                           "manufacturer": ["GE"] * 6 + ["Siemens"] * 6, "quality_score": 2.0})
+    balance = [{"column": "sex", "groups": {"F": [0.6, 1.0]}}, {"column": "manufacturer", "groups": {"GE": [0.0, 0.4]}}]
+    with pytest.raises(BalanceError, match=r"selection 'x'.*no non-empty pick.*\['sex', 'manufacturer'\]"):
+        solve_budget(images, np.ones(12), weights(images.quality_score, 3.0), 12, balance=balance,
+                     what="selection 'x'")
+    # and through a selection: the same error, before anything is written
+    with pytest.raises(BalanceError, match="no non-empty pick"):
+        from openmind_bench.curation.select import Selection
+
+        Selection("x", budget={"unit": "voxels", "limit": 1e9, "unscored_weight": 3.0, "balance": balance}).apply(
+            images.assign(image_id=[f"i{k}" for k in range(12)], subject=[str(k) for k in range(12)], session="",
+                          shape="10x10x10"))
+
+
+# ------------------------------------------------------------------ the thresholds on the demo's ground truth
+
+# the planted pairs and the nearest non-duplicates of each kind (measured on the whole demo with
+# benchmarks/curation_neighbours.py --demo): one subject's other contrasts (ds990002 sub-02 FLAIR lies
+# nearest its T1w) and session, other subjects in the same contrast
+DEMO_NEGATIVES = ["ds990002/sub-02/anat/sub-02_FLAIR.nii.gz", "ds990001/sub-01/ses-02/anat/sub-01_ses-02_T1w.nii.gz",
+                  "ds990001/sub-01/ses-01/anat/sub-01_ses-01_T2w.nii.gz", "ds990001/sub-04/ses-01/anat/sub-04_ses-01_T1w.nii.gz",
+                  "ds990003/sub-03/anat/sub-03_T1w.nii.gz", "ds990002/sub-04/anat/sub-04_FLAIR.nii.gz"]
+
+
+def test_demo_planted_duplicates_found_with_full_precision_and_recall(demo_mirror, demo_truth, repo):
+    import yaml
+
+    from openmind_bench.curation.validation import PLANTED, demo_images, fingerprint_files, pair_table, precision_recall
+    from openmind_bench.preprocess.image import PreprocessSettings
+
+    planted = demo_truth["planted_duplicates"]
+    assert {p["original"].split("/")[0] for p in planted} == {"ds990001", "ds990002", "ds990003"} and len(planted) == 5
+    only = {p[k] for p in planted for k in ("original", "copy")} | set(DEMO_NEGATIVES)
+    images = demo_images(demo_truth, only)
+    assert len(images) == len(only)
+    spacing = yaml.safe_load((repo / "config/demo.yaml").read_text())["preprocess"]["spacing"]
+    vectors = fingerprint_files([demo_mirror / p for p in images.path], PreprocessSettings(spacing=tuple(spacing)))
+    pairs = pair_table(images, vectors, planted)
+    threshold = config.section("curation")["duplicate_distance"]
+    assert precision_recall(pairs, threshold) | {"threshold": 0} == {
+        "threshold": 0, "found": 5, "planted": 5, "true_positives": 5, "precision": 1.0, "recall": 1.0}
+    # a margin on both sides: the copies well inside, every kind of non-duplicate well outside
+    assert pairs[pairs.kind == PLANTED].distance.max() < threshold / 2
+    nearest = pairs[pairs.kind != PLANTED].groupby("kind").distance.min()
+    assert set(nearest.index) >= {"same subject, other contrast", "same subject, other session",
+                                  "other subject, same contrast"}
+    assert (nearest > 1.5 * threshold).all(), nearest
+
+
+def test_planted_test_case_is_caught_after_the_same_preprocessing(downstream_demo, repo, tmp_path):
+    from types import SimpleNamespace
+
+    from openmind_bench.curation.fingerprints import run_downstream_fingerprints
+    from openmind_bench.demo.builder import LEAK_SUBJECT, leak_source, save_leak_copy
+    from openmind_bench.downstream.splits import SplitSettings, split_dataset
+    from openmind_bench.preprocess.image import PreprocessSettings
+    from openmind_bench.preprocess.shard import preprocess_row
+    from openmind_bench.registry import load_registry
+
+    root, _ = downstream_demo
+    registry, name = repo / "config/downstream_demo.yaml", "DemoPatientCls"
+    spec = load_registry(registry, root).get(name)
+    split = tmp_path / "split.json"
+    doc = split_dataset(registry, root, name, SplitSettings(test_fraction=0.25, folds=3), split_out=split)
+    leak = leak_source(split, spec.source, name, spec.modalities[0])
+    copy = tmp_path / "mirror" / save_leak_copy(leak, tmp_path / "mirror")
+    # the pre-training pool: the planted copy and two training cases of the same set (other subjects,
+    # the nearest non-copies there are), through the preprocessing shard's own code
+    train = [spec.source / next(f for f in sorted(doc["case_files"][c]) if f"{c}_0000." in f)
+             for c in sorted(doc["train"])[:2]]
+    settings = PreprocessSettings(spacing=(2.0, 2.0, 2.0))
+    records = []
+    for k, path in enumerate([copy, *train]):
+        subject = LEAK_SUBJECT[1] if k == 0 else f"9{k}"
+        row = SimpleNamespace(path=str(path), anat_mask="", anon_mask="", image_id=f"{LEAK_SUBJECT[0]}__sub-{subject}",
+                              subject=subject, session="", modality=leak["modality"], derived_from="")
+        _, record, write = preprocess_row(row, LEAK_SUBJECT[0], 0, tmp_path / "store", settings)
+        write()
+        records.append(record)
+    manifest = tmp_path / "shard-0.tsv"
+    pd.DataFrame(records, columns=MANIFEST_COLUMNS).to_csv(manifest, sep="\t", index=False)
+    run_fingerprint_shard(manifest, tmp_path / "pool.parquet", tmp_path / "pool_rejected.tsv", FS)
+    cases = run_downstream_fingerprints(split, name, spec.source, tmp_path / "down.parquet",
+                                        tmp_path / "down_rejected.tsv", settings, FS)
+    assert sorted(set(cases.case)) == sorted(doc["test"]) and leak["case"] in set(cases.case)
+    found = run_leakage([tmp_path / "pool.parquet"], [tmp_path / "down.parquet"], tmp_path / "leakage.tsv",
+                        threshold=config.section("curation")["leakage_distance"])
+    assert list(zip(found.image_id, found.downstream_dataset, found.case, found.channel.astype(int))) == [
+        (f"{LEAK_SUBJECT[0]}__sub-{LEAK_SUBJECT[1]}", name, leak["case"], 0)]
+    assert float(found.distance.iloc[0]) < 0.01
+
+
+def test_leakage_is_checked_against_every_registry_set_whose_data_is_present(tmp_path, repo):
+    from openmind_bench.downstream.settings import dataset_folds, leakage_datasets
+
+    root = tmp_path / "downstream"
+    for folder in ("Dataset901_DemoLesionT1", "DemoPatientCls"):  # DemoLesionT1FLAIR's data is absent
+        (root / folder).mkdir(parents=True)
+    cfg = config.validate({"downstream_registry": str(repo / "config/downstream_demo.yaml"),
+                           "downstream": {"root": str(root)}, "finetune": {"datasets": ["DemoPatientCls"]}},
+                          config.SCHEMA_PATH)
+    assert list(dataset_folds(cfg)) == ["DemoPatientCls"]
+    # a set the config does not fine-tune on still keeps its test cases out of every selection
+    assert leakage_datasets(cfg) == ["DemoLesionT1", "DemoPatientCls"]
+    cfg["curation"]["leakage"] = False
+    assert leakage_datasets(cfg) == []

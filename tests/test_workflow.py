@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import registry_folders, run_snakemake
+from openmind_bench.registry import load_registry
 
 # Jobs per rule of `snakemake -n all` on the demo config.
 DEMO_JOBS = {
@@ -78,13 +79,15 @@ def test_dry_run_names_with_dots_dashes_underscores(tmp_path, repo):
     pretrain_runs = 3 * 3  # selections x (mae on ResEncL and PrimusM, spark3d on ResEncL)
     schedules, epochs = 3, 1  # sawtooth, warmup, lora at 150 epochs
     runs = pretrain_runs * schedules * epochs + 2  # + scratch ResEncL and PrimusM
+    # every registry set with data present is checked for leakage, not only the two fine-tuned on
+    present = len(load_registry(repo / "config/downstream_datasets.yaml", work / "data/downstream").names())
     assert _job_counts(proc) == {
         "all": 1, "fetch_dataset": 2, "index_dataset": 2, "gather_index": 1, "dwi_shard": shards, "dwi_gather": 1,
         "masks_shard": shards, "merge_masks": 1,
         "quality_shard": shards, "quality_gather": 1, "preprocess_shard": shards,
-        "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": 2, "finetune": 2 * runs,
+        "select_pretrain_data": 3, "pretrain": pretrain_runs, "downstream_split": present, "finetune": 2 * runs,
         "qc_rejected": 1, "benchmark_table_of_config": 1,
-        "fingerprint_shard": shards, "downstream_fingerprints": 2, "curate_content": 1,
+        "fingerprint_shard": shards, "downstream_fingerprints": present, "curate_content": 1,
     }
     out = proc.stdout + proc.stderr
     assert "results/pretrain/mae__PrimusM__t1.v2/checkpoint_final.pt" in out
@@ -258,6 +261,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "benchmark_table.csv" in html and "ranks_bootstrap.csv" in html and ".png" in html
+    assert "Selections" in html and "summary.png" in html  # each selection's summary, side by side
 
     # `benchmark_table` gathers what exists and forces nothing
     proc = run_snakemake(work, *configs, "-c1", "benchmark_table", "--forcerun", "benchmark_table")

@@ -18,9 +18,9 @@ def fingerprint_tables(wildcards=None):
 
 
 def leakage_datasets():
-    """The downstream datasets whose test cases no selection may hold: every dataset the run fine-tunes on
-    (their data must be present for the run anyway)."""
-    return list(DOWNSTREAM_DATASET_FOLDS) if CURATION["leakage"] else []
+    """The downstream datasets whose test cases no selection may hold: every registry dataset whose data
+    is present, fine-tuned on or not (openmind_bench.downstream.settings.leakage_datasets)."""
+    return omb_finetune.leakage_datasets(config)
 
 
 def downstream_fingerprint_tables(wildcards=None):

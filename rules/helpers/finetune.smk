@@ -103,8 +103,10 @@ def finetune_threads(wildcards):
 
 
 def downstream_rejection_parts():
-    """QC parts of the downstream split jobs."""
-    return [f"results/qc/parts/downstream/{d}.tsv" for d in DOWNSTREAM_DATASET_FOLDS]
+    """QC parts of the downstream split jobs (the fine-tuned sets and, with selections to check, those
+    only checked for leakage)."""
+    checked = leakage_datasets() if OPENMIND_DATA else []
+    return [f"results/qc/parts/downstream/{d}.tsv" for d in sorted({*DOWNSTREAM_DATASET_FOLDS, *checked})]
 
 
 def zero_shot_source(wildcards):

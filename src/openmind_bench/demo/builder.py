@@ -193,6 +193,18 @@ def _save_copy(data: np.ndarray, affine: np.ndarray, path: Path, level: int) -> 
         Path(tmp).write_bytes(gzip.compress(img.to_bytes(), compresslevel=level, mtime=0))
 
 
+def save_leak_copy(leak: dict, root: str | Path) -> str:
+    """A downstream test case (`leak_source`) re-saved (origin moved, gzip level 1) under `root` as a
+    pre-training image of LEAK_SUBJECT: the curation stage must find it and keep it out of every
+    selection. Returns its path relative to `root`."""
+    dataset, subject = LEAK_SUBJECT
+    src = nib.load(str(leak["image"]))
+    data, affine = _transform("affine", np.asarray(src.dataobj), src.affine)
+    rel = f"{dataset}/sub-{subject}/anat/sub-{subject}_{leak['modality']}.nii.gz"
+    _save_copy(data, affine, Path(root) / rel, level=1)
+    return rel
+
+
 def leak_source(split_path: str | Path, source: str | Path, dataset: str, modality: str) -> dict:
     """The downstream test case the demo plants in the pre-training pool: the first test case of the
     split (sorted), its first channel (`{case}_0000.*`)."""
@@ -526,13 +538,8 @@ class DemoBuilder:
         self.truth["planted_duplicates"] = planted
 
     def plant_leak(self, leak: dict) -> None:
-        """A downstream test case re-saved (origin moved, gzip level 1) as a pre-training image of
-        LEAK_SUBJECT: the curation stage must find it and keep it out of every selection."""
-        dataset, subject = LEAK_SUBJECT
-        src = nib.load(str(leak["image"]))
-        data, affine = _transform("affine", np.asarray(src.dataobj), src.affine)
-        rel = f"{dataset}/sub-{subject}/anat/sub-{subject}_{leak['modality']}.nii.gz"
-        _save_copy(data, affine, self.root / rel, level=1)
+        """The downstream test case `leak` in the mirror (save_leak_copy), in the ground truth."""
+        rel = save_leak_copy(leak, self.root)
         self.truth["planted_leak"] = {**leak, "image": str(leak["image"]), "copy": rel}
 
     def inject(self) -> None:

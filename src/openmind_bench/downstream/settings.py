@@ -330,6 +330,18 @@ def dataset_folds(config: dict) -> dict[str, list[str]]:
     return out
 
 
+def leakage_datasets(config: dict) -> list[str]:
+    """The downstream datasets whose test cases no selection may hold (`curation.leakage`): every usable
+    registry dataset whose data is present (its folder exists, or the demo builds it), whether or not the
+    config fine-tunes on it, and every dataset it fine-tunes on. A selection (and the pre-training on it)
+    then stays the same when `finetune.datasets` changes."""
+    if not config["curation"]["leakage"]:
+        return []
+    registry = cached_registry(config)
+    present = [n for n in registry.names() if config["downstream"]["build_demo"] or registry.get(n).source.is_dir()]
+    return sorted(set(present) | set(dataset_folds(config)))
+
+
 def targets(config: dict, pretrain_runs: list[str], folds: dict[str, list[str]] | None = None,
             checkpoints: dict[str, dict] | None = None, runs: list[str] | None = None) -> list[str]:
     """Every metrics.json the config asks for (or of `runs`); `folds` as `dataset_folds(config)` (read
