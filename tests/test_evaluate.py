@@ -60,6 +60,10 @@ def test_every_schedule_epoch_and_low_data_size_applies_to_an_external_checkpoin
     assert ft_settings.scratch_runs(config, ["PrimusM"]) == ["scratch__PrimusM__6", "scratch__PrimusM__6__n4"]
     with pytest.raises(ConfigError, match=r"checkpoints\[0\].name': 'simclr' is also a pre-training method"):
         ft_settings.run_names(config, ours, {"simclr": {"name": "simclr", "source": "/x"}})
+    # an entry's own schedules narrow its runs, and only its runs
+    narrowed = ft_settings.run_names(config, ours, {"mine": {"name": "mine", "source": "/x.pth", "schedules": ["frozen"]}})
+    assert [r for r in narrowed if r.startswith("mine")] == ["mine__frozen__6", "mine__frozen__6__n4"]
+    assert [r for r in narrowed if not r.startswith("mine")] == [r for r in runs if not r.startswith("mine")]
 
 
 def test_an_external_run_needs_its_provenance_and_a_planless_one_reads_with_its_preset(tmp_path):
@@ -216,6 +220,11 @@ def test_checkpoint_entries_are_checked_before_any_job_naming_their_key():
         ckpt_settings.configured_checkpoints(entries({"name": "scratch", "source": "/x.pth"}))
     with pytest.raises(ConfigError, match=r"'checkpoints\[0\].source'.*'web'.*needs a sha256"):
         ckpt_settings.configured_checkpoints(entries({"name": "web", "source": "https://example.org/c.pth"}))
+    with pytest.raises(ConfigError, match=r"'checkpoints\[0\].schedules\[1\]': 'sawtooth' is not one of "
+                                          r"downstream.schedules"):
+        ckpt_settings.configured_checkpoints(entries({**good, "schedules": ["default", "sawtooth"]}))
+    with pytest.raises(ConfigError, match=r"'checkpoints.0.schedules'"):  # the schema: at least one
+        omb_config.validate(entries({**good, "schedules": []}), omb_config.SCHEMA_PATH)
 
 
 @pytest.mark.parametrize("spec, entry", [

@@ -15,11 +15,12 @@ from openmind_bench.registry import load_registry
 DEMO_JOBS = {
     "all": 1, "demo_mirror": 1, "fetch_dataset": 3, "index_dataset": 3, "gather_index": 1, "dwi_shard": 6, "dwi_gather": 1, "masks_shard": 6,
     "merge_masks": 1, "quality_shard": 6, "quality_gather": 1, "preprocess_shard": 6,
-    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 28,
+    "select_pretrain_data": 2, "pretrain": 5, "demo_downstream": 1, "downstream_split": 3, "finetune": 25,
     "qc_rejected": 1, "benchmark_table_of_config": 1,
     "fingerprint_shard": 6, "downstream_fingerprints": 3, "curate_content": 1,
-    # finetune: 3 datasets x (3 checkpoints x 2 schedules + 2 scratch) + 1 lora + 3 linear_probe runs (classification only)
-    # the demo's MAE run served from a local hub cache and evaluated as an external checkpoint
+    # finetune: 3 datasets x (2 checkpoints x 2 schedules + 2 scratch) + 1 lora + 3 linear_probe runs (classification
+    # only); the demo's MAE run served from a local hub cache and evaluated as an external checkpoint: 3 default runs
+    # (its entry's schedules: default and linear_probe)
     "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, "checkpoint_scores": 1,
 }
 # A second config: selection names with '.', '-' and '_', two methods x the papers' architectures
@@ -142,7 +143,7 @@ def test_registry_dataset_name_that_is_a_path_is_a_registry_error(tmp_path, repo
 
 
 @pytest.mark.slow
-# the whole demo (28 fine-tuning jobs) and a dozen Snakemake runs: ~7 min alone on 2 cores, ~17 under load
+# the whole demo (25 fine-tuning jobs) and a dozen Snakemake runs: ~7 min alone on 2 cores, ~17 under load
 @pytest.mark.timeout(1800)
 def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path, repo, demo_mirror, demo_truth):
     # the demo as shipped, with 2 x 10 instead of 6 x 100 nnU-Net iterations: this test is about the
@@ -177,9 +178,9 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     assert set(dwi_maps.derived_from) == set(dwi_scans.image_id)
     stored = pd.concat([pd.read_csv(p, sep="\t") for p in (work / "results/preprocessed").rglob("shard-*.tsv")])
     assert set(dwi_maps.image_id) <= set(stored.image_id)
-    # scratch (ResEnc, Primus) + simclr on ResEnc, mae on Primus and the hub-served MAE (ResEnc) x {default,
-    # frozen} on the three demo downstream sets, per-case metrics each
-    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 28  # + 1 lora, 3 linear_probe
+    # scratch (ResEnc, Primus) + simclr on ResEnc and mae on Primus x {default, frozen} + the hub-served MAE
+    # (ResEnc) x default on the three demo downstream sets, + lora and linear_probe runs, per-case metrics each
+    assert len(list((work / "results/downstream").rglob("metrics.json"))) == 25
     # `all` ends in the benchmark tables, the external checkpoint's rows marked, its source listed
     table = pd.read_csv(work / "results/benchmark/benchmark_table.csv")
     assert {"scratch", "simclr", "mae", "demo-hub-mae"} <= set(table.method)
@@ -188,7 +189,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     # ... read back through huggingface_hub from the demo's hub cache, at the commit placed there
     commit = (work / "results/demo_hub/models--openmind-demo--ResEncTiny-demo-MAE/refs/main").read_text()
     assert f"commit `{commit}`" in (work / "results/benchmark/benchmark_table.md").read_text()
-    external = json.loads((work / "results/downstream/DemoLesionT1/demo-hub-mae__frozen__2/fold_test/metrics.json")
+    external = json.loads((work / "results/downstream/DemoLesionT1/demo-hub-mae__default__2/fold_test/metrics.json")
                           .read_text())["external_checkpoint"]
     record = json.loads((work / "results/checkpoints/demo-hub-mae/source.json").read_text())
     assert (external["kind"], external["commit"], external["sha256"]) == ("hf", commit, record["sha256"])
@@ -227,17 +228,17 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         return _job_counts(proc)
 
-    # pre-training epochs: the five pre-training runs, the twelve fine-tuning runs from the two checkpoints,
-    # and the MAE ResEnc run's way through the hub: export, fetch, check, its six fine-tuning runs, its scores
+    # pre-training epochs: the five pre-training runs, the 15 fine-tuning runs from the two checkpoints (with
+    # lora and linear_probe), and the MAE ResEnc run's way through the hub: export, fetch, check, its 4 runs, scores
     scores = {"checkpoint_scores": 1, "benchmark_table_of_config": 1}
     assert jobs_after({"pretrain": {"epochs": 3}}) == {
-        "all": 1, "pretrain": 5, "finetune": 22, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
+        "all": 1, "pretrain": 5, "finetune": 19, "demo_hub": 1, "fetch_checkpoint": 1, "check_checkpoint": 1, **scores}
     # the sliding-window overlap: every segmentation run (classification has no sliding window)
-    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 17, **scores}
+    assert jobs_after({"finetune": {"sliding_window_overlap": 0.5}}) == {"all": 1, "finetune": 15, **scores}
 
     # params carry what each job uses and nothing else: nnU-Net's steps re-run the segmentation jobs
-    # (17 of 28, the lora run among them), not classification; a manual quality score the gather, not the shards
-    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 17, **scores}
+    # (15 of 25, the lora run among them), not classification; a manual quality score the gather, not the shards
+    assert jobs_after({"downstream": {"steps_per_epoch": 5}}) == {"all": 1, "finetune": 15, **scores}
     manual = jobs_after({"quality": {"manual_scores": [{"dataset": "ds990001", "modality": "T1w", "score": 1.0}]}})
     assert manual.get("quality_gather") == 1 and "quality_shard" not in manual, manual
     # a registry edit re-runs the jobs that read the edited values: test subjects on OpenNeuro leave
@@ -253,7 +254,7 @@ def test_demo_all_runs_is_resumable_reruns_changed_settings_and_reports(tmp_path
     edited["datasets"]["DemoLesionT1FLAIR"]["labels"] = {"background": 0, "lesions": 1}  # a renamed label
     registry.write_text(yaml.safe_dump(edited))
     counts = jobs_after({})
-    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 8 and "pretrain" not in counts, counts
+    assert counts.get("downstream_split") == 1 and counts.get("finetune") == 7 and "pretrain" not in counts, counts
     registry.write_text(original)
 
     # the report holds the benchmark tables and plots

@@ -210,9 +210,9 @@ def resolve(config: dict, dataset: str, run: str, fold: str, *, split: str, out_
 
 def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dict] | None = None) -> list[str]:
     """Every fine-tuning run the config asks for: each selected pre-training run and each external
-    checkpoint (`checkpoints`: name -> config entry) x schedule x epochs, the from-scratch baselines
-    x epochs, and their low-data variants. The scratch baselines of the external checkpoints'
-    architectures are known after their checks (`scratch_runs`)."""
+    checkpoint (`checkpoints`: name -> config entry; its `schedules` where it lists them) x schedule x
+    epochs, the from-scratch baselines x epochs, and their low-data variants. The scratch baselines of
+    the external checkpoints' architectures are known after their checks (`scratch_runs`)."""
     section, downstream = config["finetune"], config["downstream"]
     checkpoints = checkpoints or {}
     chosen = pretrain_runs if section["pretrained_runs"] is None else list(section["pretrained_runs"])
@@ -239,7 +239,8 @@ def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dic
     epochs = [int(e) for e in downstream["epochs"]]
     lora_sources = downstream["lora"]["pretrained_runs"]
     runs = [f"{p}__{s}__{e}" for p in [*chosen, *checkpoints] for s in downstream["schedules"] for e in epochs
-            if not lora.uses_lora(s) or lora_sources is None or p in lora_sources]
+            if (not lora.uses_lora(s) or lora_sources is None or p in lora_sources)
+            and s in (checkpoints.get(p, {}).get("schedules") or downstream["schedules"])]
     runs = _with_low_data(config, runs) + scratch_runs(config, section["scratch_architectures"])
     for r in runs:
         parse_run(r)  # fails early on a name the rules could not take apart
