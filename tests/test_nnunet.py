@@ -232,7 +232,7 @@ def test_wrong_checkpoint_architecture_names_the_key(lesion_set, tmp_path):
 
 
 @pytest.mark.slow  # a whole nnU-Net run (preprocessing, training, prediction) and the nnU-Net command
-def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesion_set, tmp_path):
+def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesion_set, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt.pt"
     pre = pretrained_checkpoint(ckpt, "ResEncTiny")
     s = settings_for(lesion_set, "mae__ResEncTiny__demo__frozen__2", ckpt, epochs_steps=2)
@@ -241,6 +241,7 @@ def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesio
     doc = json.loads((out / "metrics.json").read_text())
     test_cases = lesion_set["split"]["test"]
     assert sorted(r["case"] for r in doc["cases"]) == sorted(test_cases) and doc["fold"] == "test"
+    assert doc["inference"] == {"sliding_window_overlap": 0.0, "test_time_mirroring": True}
     model = nnrun.model_folder(out / "nnunet", lesion_set["prepared"]["dataset_name"])
     fold = nndata.nnunet_fold(lesion_set["split"], "test")
     final = torch.load(model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -257,15 +258,25 @@ def test_frozen_run_writes_metrics_and_a_model_folder_nnunet_predicts_from(lesio
            "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path), "nnUNet_results": str(tmp_path),
            "OMP_NUM_THREADS": "1"}
     cli = Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"
-    subprocess.run([str(cli), "-i", str(images), "-o", str(tmp_path / "pred"), "-m", str(model), "-f", str(fold),
-                    "-chk", "checkpoint_final.pth", "-step_size", str(1 - s.sliding_window_overlap), "-device", "cpu",
-                    "-npp", "1", "-nps", "1"], check=True, env=env, capture_output=True)
+    command = [str(cli), "-i", str(images), "-m", str(model), "-f", str(fold), "-chk", "checkpoint_final.pth",
+               "-step_size", str(1 - s.sliding_window_overlap), "-device", "cpu", "-npp", "1", "-nps", "1"]
+    subprocess.run([*command, "-o", str(tmp_path / "pred")], check=True, env=env, capture_output=True)
+    # test_time_mirroring: false is nnU-Net's own --disable_tta
+    subprocess.run([*command, "-o", str(tmp_path / "pred_notta"), "--disable_tta"], check=True, env=env,
+                   capture_output=True)
+    cases = [c for c in lesion_set["data"].cases if c.case_id in test_cases]
+    monkeypatch.setenv("nnUNet_extTrainer", nnrun.ext_trainer_path())
+    with nndata.environment(None, None, None, 1):
+        no_tta = nnrun.predict(model, fold, cases, tmp_path / "ours_notta", nnrun.device_for(1),
+                               1 - s.sliding_window_overlap, mirroring=False)
     import nibabel as nib
 
     for case in test_cases:
         ours = np.asarray(nib.load(str(out / "predictions" / f"{case}.nii.gz")).dataobj)
         theirs = np.asarray(nib.load(str(tmp_path / "pred" / f"{case}.nii.gz")).dataobj)
         assert np.array_equal(ours, theirs), case
+        theirs = np.asarray(nib.load(str(tmp_path / "pred_notta" / f"{case}.nii.gz")).dataobj)
+        assert np.array_equal(np.asarray(nib.load(str(no_tta[case])).dataobj), theirs), case
 
     # zero-shot: the same run's model scores another dataset's test split, and the row reaches the table
     zs_spec = load_registry(lesion_set["registry"], lesion_set["root"] / "data").get("DemoZeroShot")

@@ -42,6 +42,7 @@ class FinetuneSettings(JsonSettings):
     amp: bool | None
     amp_dtype: str | None
     sliding_window_overlap: float | None
+    test_time_mirroring: bool | None
     label_smoothing: float | None
     head_dropout: float | None
     schedule_config: dict  # peak_lr / warmup_epochs / poly_exponent / custom_schedules (+ lora: lora runs)
@@ -62,15 +63,15 @@ class FinetuneSettings(JsonSettings):
 
 
 _SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed",
-                 "sliding_window_overlap", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
+                 "sliding_window_overlap", "test_time_mirroring", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
                  "keep_checkpoint", "preemption_exit_code")
 _SCHEDULE_KEYS = ("peak_lr", "warmup_epochs", "poly_exponent", "custom_schedules")
 
 
-# Settings that do not shape the trained model: `sliding_window_overlap` only shapes the evaluation,
-# which a job always runs anew (a segmentation model is predicted with the job's own value).
+# Settings that do not shape the trained model: `sliding_window_overlap` and `test_time_mirroring` only
+# shape the evaluation, which a job always runs anew (a segmentation model is predicted with the job's own values).
 _NOT_SHAPING = ("out_dir", "threads", "save_predictions", "keep_checkpoint", "preemption_exit_code",
-                "sliding_window_overlap")
+                "sliding_window_overlap", "test_time_mirroring")
 
 
 def run_record(settings: FinetuneSettings) -> RunRecord:
@@ -126,7 +127,7 @@ def split_path(config: dict, dataset: str, low_data_n: int | None = None, seed: 
 
 # Fields only one engine reads: the other task's jobs get None, so a change of them re-runs only the
 # jobs that use them (Snakemake's params trigger compares these settings).
-_SEGMENTATION_ONLY = ("steps_per_epoch", "batch_size", "nnunet", "sliding_window_overlap")
+_SEGMENTATION_ONLY = ("steps_per_epoch", "batch_size", "nnunet", "sliding_window_overlap", "test_time_mirroring")
 _CLASSIFICATION_ONLY = ("classification", "label_smoothing", "head_dropout", "amp", "amp_dtype", "keep_checkpoint")
 # What a probe run (linear_probe, knn) never reads: a change of the training protocol re-runs no probe.
 _PROBE_UNUSED = (*_SEGMENTATION_ONLY, "classification", "label_smoothing", "amp", "amp_dtype", "keep_checkpoint",

@@ -106,6 +106,12 @@ def device_for(threads: int):
     return torch.device("cpu")
 
 
+def _inference_settings(settings) -> dict:
+    """The evaluation's own settings, which the run record leaves out (they shape no model)."""
+    return {"sliding_window_overlap": float(settings.sliding_window_overlap),
+            "test_time_mirroring": bool(settings.test_time_mirroring)}
+
+
 def predict(model_dir: str | Path, fold: int, cases: list, out_dir: str | Path, device, tile_step_size: float = 0.5,
             mirroring: bool = True, inputs: list | None = None) -> dict[str, Path]:
     """nnU-Net's predictor on `cases` (readers.Case; `inputs`: each case's files in the model's
@@ -203,10 +209,11 @@ def finetune_segmentation(settings, threads: int = 1) -> str:
             trainer.run_training()
             del trainer
         predictions = predict(folder, fold, eval_cases, out / "predictions", device,
-                              1.0 - float(settings.sliding_window_overlap))
+                              1.0 - float(settings.sliding_window_overlap), bool(settings.test_time_mirroring))
     doc = score(spec, eval_cases, predictions, inference.identity(spec.name, name, settings.fold,
                                                                             settings.external_checkpoint))
-    doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused)
+    doc.update(engine="nnunetv2", run_record=record.summary(), training_reused=reused,
+               inference=_inference_settings(settings))
     trained = fold_dir / TRAINED_PARAMETERS
     if trained.is_file():  # written by the trainer (models of earlier versions have none)
         doc["trained_parameters"] = _json(trained)
@@ -273,10 +280,12 @@ def zero_shot(settings, registry, threads: int = 1) -> str:
     os.environ["nnUNet_extTrainer"] = _path_list(os.environ.get("nnUNet_extTrainer"), ext_trainer_path())
     with nndata.environment(None, None, source_dir / "nnunet", threads):
         predictions = predict(model, fold, cases, out / "predictions", device_for(threads),
-                              1.0 - float(settings.sliding_window_overlap), inputs=inputs)
+                              1.0 - float(settings.sliding_window_overlap), bool(settings.test_time_mirroring),
+                              inputs=inputs)
     doc = score(spec, cases, predictions, inference.identity(spec.name, parse_run(settings.run), settings.fold,
                                                                      settings.external_checkpoint))
-    doc.update(engine="nnunetv2", zero_shot_from=source.name, zero_shot_channels=list(spec.zero_shot_inputs))
+    doc.update(engine="nnunetv2", zero_shot_from=source.name, zero_shot_channels=list(spec.zero_shot_inputs),
+               inference=_inference_settings(settings))
     inference.write(doc, out)
     return "finished"
 
