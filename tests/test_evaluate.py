@@ -64,6 +64,10 @@ def test_every_schedule_epoch_and_low_data_size_applies_to_an_external_checkpoin
     narrowed = ft_settings.run_names(config, ours, {"mine": {"name": "mine", "source": "/x.pth", "schedules": ["frozen"]}})
     assert [r for r in narrowed if r.startswith("mine")] == ["mine__frozen__6", "mine__frozen__6__n4"]
     assert [r for r in narrowed if not r.startswith("mine")] == [r for r in runs if not r.startswith("mine")]
+    with pytest.raises(ConfigError, match=r"'checkpoints\[0\].schedules\[1\]': 'sawtooth' is not one of "
+                                          r"downstream.schedules \['default', 'frozen'\]"):
+        ft_settings.run_names(config, ours, {"mine": {"name": "mine", "source": "/x.pth",
+                                                      "schedules": ["frozen", "sawtooth"]}})
 
 
 def test_an_external_run_needs_its_provenance_and_a_planless_one_reads_with_its_preset(tmp_path):
@@ -220,9 +224,6 @@ def test_checkpoint_entries_are_checked_before_any_job_naming_their_key():
         ckpt_settings.configured_checkpoints(entries({"name": "scratch", "source": "/x.pth"}))
     with pytest.raises(ConfigError, match=r"'checkpoints\[0\].source'.*'web'.*needs a sha256"):
         ckpt_settings.configured_checkpoints(entries({"name": "web", "source": "https://example.org/c.pth"}))
-    with pytest.raises(ConfigError, match=r"'checkpoints\[0\].schedules\[1\]': 'sawtooth' is not one of "
-                                          r"downstream.schedules"):
-        ckpt_settings.configured_checkpoints(entries({**good, "schedules": ["default", "sawtooth"]}))
     with pytest.raises(ConfigError, match=r"'checkpoints.0.schedules'"):  # the schema: at least one
         omb_config.validate(entries({**good, "schedules": []}), omb_config.SCHEMA_PATH)
 

@@ -139,7 +139,8 @@ def test_tables_while_another_run_holds_the_lock(tmp_path):
     finally:
         if run.poll() is None:
             _stop_group(run)
-    assert not list((work / ".snakemake/locks").iterdir())
+    locks = work / ".snakemake/locks"  # snakemake >= 9.17 removes the folder with its last lock
+    assert not locks.exists() or not list(locks.iterdir())
     assert not [p for p in (work / "results/benchmark").iterdir() if p.name.startswith(".")]  # no temporaries
 
 

@@ -30,10 +30,6 @@ def configured_checkpoints(config: dict) -> dict[str, dict]:
             parse_source(entry["source"], name=name, revision=entry.get("revision"), sha256=entry.get("sha256"))
         except (CheckpointSourceError, ValueError) as e:
             raise ConfigError(f"config key 'checkpoints[{i}].source': {e}") from None
-        for j, schedule in enumerate(entry.get("schedules") or []):
-            if schedule not in config["downstream"]["schedules"]:
-                raise ConfigError(f"config key 'checkpoints[{i}].schedules[{j}]': {schedule!r} is not one of "
-                                  f"downstream.schedules {list(config['downstream']['schedules'])}")
         out[name], position[name] = dict(entry), i
     return out
 

@@ -228,6 +228,11 @@ def run_names(config: dict, pretrain_runs: list[str], checkpoints: dict[str, dic
             raise ConfigError(f"config key 'checkpoints[{i}].name': {name!r} is also a pre-training method of this "
                               "config; name the checkpoint apart")
     check_schedules(config, chosen, checkpoints)
+    for i, entry in enumerate(checkpoints.values()):  # in config order
+        for j, schedule in enumerate(entry.get("schedules") or []):
+            if schedule not in downstream["schedules"]:
+                raise ConfigError(f"config key 'checkpoints[{i}].schedules[{j}]': {schedule!r} is not one of "
+                                  f"downstream.schedules {list(downstream['schedules'])}")
     unknown = sorted(set(downstream["lora"]["pretrained_runs"] or []) - {*chosen, *checkpoints})
     if unknown:
         raise ConfigError(f"config key 'downstream.lora.pretrained_runs': {unknown} are neither pre-training runs "
