@@ -62,9 +62,9 @@ class FinetuneSettings(JsonSettings):
     threads: int = 0  # set by the launcher
 
 
-_SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed",
-                 "sliding_window_overlap", "test_time_mirroring", "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions",
-                 "keep_checkpoint", "preemption_exit_code")
+_SETTING_KEYS = ("patch_size", "scratch_patch_size", "spacing", "seed", "sliding_window_overlap", "test_time_mirroring",
+                 "label_smoothing", "head_dropout", "amp", "amp_dtype", "save_predictions", "keep_checkpoint",
+                 "preemption_exit_code")
 _SCHEDULE_KEYS = ("peak_lr", "warmup_epochs", "poly_exponent", "custom_schedules")
 
 
